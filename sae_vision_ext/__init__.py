@@ -1,0 +1,63 @@
+"""sae_vision_ext: SAELens and TransformerLens workflows for vision transformers.
+
+``import sae_vision_ext as sve`` is cheap: torch, TransformerLens and the model libraries load on
+first use of a name below (PEP 562 lazy attributes), never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "HookedViT": "sae_vision_ext.models",
+    "HookedViTConfig": "sae_vision_ext.models",
+    "ViTAdapter": "sae_vision_ext.models",
+    "list_adapters": "sae_vision_ext.models",
+    "list_embedded_models": "sae_vision_ext.models",
+    "register_adapter": "sae_vision_ext.models",
+    "register_loader": "sae_vision_ext.models",
+    "make_shapes": "sae_vision_ext.data.shapes",
+    "SHAPES": "sae_vision_ext.data.shapes",
+}
+
+if TYPE_CHECKING:
+    from .data.shapes import SHAPES, make_shapes
+    from .models import (
+        HookedViT,
+        HookedViTConfig,
+        ViTAdapter,
+        list_adapters,
+        list_embedded_models,
+        register_adapter,
+        register_loader,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sae_vision_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [
+    "SHAPES",
+    "HookedViT",
+    "HookedViTConfig",
+    "ViTAdapter",
+    "__version__",
+    "list_adapters",
+    "list_embedded_models",
+    "make_shapes",
+    "register_adapter",
+    "register_loader",
+]

@@ -1,0 +1,1 @@
+"""Image data: the procedural shapes set and preprocessing helpers."""

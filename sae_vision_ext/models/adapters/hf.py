@@ -1,0 +1,279 @@
+"""Hugging Face ``transformers`` vision encoders: ViT, CLIP, DINOv2 (with or without registers), SigLIP.
+
+One layer mapping serves all of them (attribute spellings of transformers 4.x and 5.x are both
+listed, see ``_compat.first_attr``); each model class differs only in embeddings, final norm,
+pooling and head, which the small subclasses below state. ``HookedViT.forward`` returns the tensor
+that matters for each class: ``logits`` for classifiers, ``image_embeds`` for
+``CLIPVisionModelWithProjection``, ``pooler_output`` otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..._compat import first_attr
+from ..components import BlockParts, SeparateQKV, act_fn_name
+from ..config import HookedViTConfig
+from .base import ViTAdapter, register_adapter, register_loader, unsupported
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _hf_layer_parts(layer: nn.Module) -> BlockParts:
+    attn = first_attr(layer, "self_attn", "attention.attention", "attention")
+    mlp_fc1 = first_attr(layer, "mlp.fc1", "intermediate.dense", default=None)
+    if mlp_fc1 is None:
+        raise unsupported(f"HF MLP type {type(getattr(layer, 'mlp', None)).__name__} (SwiGLU)", layer)
+    n_heads = first_attr(attn, "num_heads", "num_attention_heads")
+    d_head = first_attr(attn, "head_dim", "attention_head_size")
+    ls1, ls2 = getattr(layer, "layer_scale1", None), getattr(layer, "layer_scale2", None)
+    return BlockParts(
+        ln1=first_attr(layer, "layer_norm1", "layernorm_before", "norm1"),
+        qkv=SeparateQKV(
+            first_attr(attn, "q_proj", "query"), first_attr(attn, "k_proj", "key"), first_attr(attn, "v_proj", "value")
+        ),
+        out_proj=first_attr(layer, "self_attn.out_proj", "attention.o_proj", "attention.output.dense"),
+        ln2=first_attr(layer, "layer_norm2", "layernorm_after", "norm2"),
+        fc1=mlp_fc1,
+        act=first_attr(layer, "mlp.activation_fn", "intermediate.intermediate_act_fn"),
+        fc2=first_attr(layer, "mlp.fc2", "output.dense"),
+        n_heads=n_heads,
+        d_head=d_head,
+        attn_scale=float(first_attr(attn, "scaling", "scale", default=d_head**-0.5)),
+        ls1=ls1,
+        ls2=ls2,
+        block=layer,
+    )
+
+
+class _HFAdapter(ViTAdapter):
+    """Shared HF logic; subclasses name their classes and state embeddings, pooling and head."""
+
+    class_names: ClassVar[tuple[str, ...]] = ()
+    default_mean: ClassVar[tuple[float, ...]] = (0.5, 0.5, 0.5)
+    default_std: ClassVar[tuple[float, ...]] = (0.5, 0.5, 0.5)
+    base_attrs: ClassVar[tuple[str, ...]] = ("vision_model",)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        if "transformers" not in sys.modules:
+            return False
+        return type(module).__name__ in cls.class_names and type(module).__module__.startswith("transformers.")
+
+    @property
+    def base(self) -> nn.Module:
+        """The module holding ``embeddings`` and the layers (the model itself in transformers 5)."""
+        m = self.module
+        for attr in self.base_attrs:
+            inner = getattr(m, attr, None)
+            if isinstance(inner, nn.Module) and hasattr(inner, "embeddings"):
+                return inner
+        return m
+
+    @property
+    def hf_config(self) -> Any:
+        return getattr(self.base, "config", self.module.config)
+
+    def _layers(self) -> nn.ModuleList:
+        return first_attr(self.base, "encoder.layers", "encoder.layer", "layers")
+
+    def blocks(self) -> list[BlockParts]:
+        return [_hf_layer_parts(layer) for layer in self._layers()]
+
+    def config(self) -> HookedViTConfig:
+        c, blocks = self.hf_config, self.blocks()
+        n_reg = int(getattr(c, "num_register_tokens", 0) or 0)
+        has_cls = self.has_cls
+        size = c.image_size if isinstance(c.image_size, (tuple, list)) else (c.image_size, c.image_size)
+        return HookedViTConfig(
+            n_layers=len(blocks),
+            d_model=c.hidden_size,
+            n_heads=blocks[0].n_heads,
+            d_head=blocks[0].d_head,
+            d_mlp=blocks[0].fc1.out_features,
+            patch_size=c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0],
+            image_size=tuple(size),
+            n_prefix_tokens=int(has_cls) + n_reg,
+            has_cls_token=has_cls,
+            n_registers=n_reg,
+            in_chans=getattr(c, "num_channels", 3),
+            act_fn=act_fn_name(blocks[0].act),
+            final_norm_after_pool=self.final_norm_after_pool,
+            source=self.name,
+            extra={"hf_class": type(self.module).__name__},
+        )
+
+    has_cls: ClassVar[bool] = True
+    final_norm_after_pool: ClassVar[bool] = False
+
+    def pool(self, x: Tensor) -> Tensor:
+        return x[:, 0]
+
+    def data_config(self) -> dict[str, Any]:
+        c = self.config()
+        return {
+            "input_size": (c.in_chans, *c.image_size),
+            "mean": self.default_mean,
+            "std": self.default_std,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+        }
+
+
+@register_adapter("hf_vit")
+class HFViTAdapter(_HFAdapter):
+    class_names = ("ViTModel", "ViTForImageClassification")
+    supported_types = tuple(f"transformers.{n}" for n in class_names)
+    base_attrs = ("vit",)
+
+    def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.base.embeddings
+        x = emb.patch_embeddings(pixels)
+        tok = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return tok, emb.position_embeddings
+
+    def ln_final(self) -> nn.Module | None:
+        return self.base.layernorm
+
+    def head(self, pooled: Tensor) -> Tensor:
+        if hasattr(self.module, "classifier"):
+            return self.module.classifier(pooled)
+        pooler = getattr(self.base, "pooler", None)
+        return pooled if pooler is None else pooler.activation(pooler.dense(pooled))
+
+    def native_forward(self, pixels: Tensor) -> Tensor:
+        out = self.module(pixel_values=pixels)
+        if hasattr(out, "logits"):
+            return out.logits
+        return out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+
+
+@register_adapter("hf_clip")
+class HFCLIPAdapter(_HFAdapter):
+    class_names = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+    supported_types = tuple(f"transformers.{n}" for n in class_names)
+    default_mean = (0.48145466, 0.4578275, 0.40821073)
+    default_std = (0.26862954, 0.26130258, 0.27577711)
+    final_norm_after_pool = True
+
+    @property
+    def base(self) -> nn.Module:
+        m = self.module
+        while not hasattr(m, "embeddings"):  # 4.x nests vision_model twice for WithProjection
+            m = m.vision_model
+        return m
+
+    def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.base.embeddings
+        x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        tok = torch.cat([emb.class_embedding.reshape(1, 1, -1).expand(x.shape[0], -1, -1), x], dim=1)
+        return tok, emb.position_embedding.weight.unsqueeze(0)
+
+    def ln_pre(self) -> nn.Module | None:
+        return self.base.pre_layrnorm
+
+    def ln_final(self) -> nn.Module | None:
+        return self.base.post_layernorm
+
+    def head(self, pooled: Tensor) -> Tensor:
+        proj = getattr(self.module, "visual_projection", None)
+        return pooled if proj is None else proj(pooled)
+
+    def native_forward(self, pixels: Tensor) -> Tensor:
+        out = self.module(pixel_values=pixels)
+        return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+
+
+@register_adapter("hf_dinov2")
+class HFDinov2Adapter(_HFAdapter):
+    """DINOv2; the classifier reads CLS concatenated with the mean of patch tokens (registers excluded)."""
+
+    class_names = (
+        "Dinov2Model", "Dinov2WithRegistersModel",
+        "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification",
+    )  # fmt: skip
+    supported_types = tuple(f"transformers.{n}" for n in class_names)
+    default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+    base_attrs = ("dinov2", "dinov2_with_registers")
+
+    def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.base.embeddings
+        x = emb.patch_embeddings(pixels.to(emb.patch_embeddings.projection.weight.dtype))
+        tok = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        pos = emb.interpolate_pos_encoding(tok, pixels.shape[-2], pixels.shape[-1])
+        reg = getattr(emb, "register_tokens", None)
+        if reg is not None:  # registers sit after CLS and get no position embedding
+            tok = torch.cat([tok[:, :1], reg.expand(x.shape[0], -1, -1), tok[:, 1:]], dim=1)
+            pos = torch.cat([pos[:, :1], pos.new_zeros(1, reg.shape[1], pos.shape[-1]), pos[:, 1:]], dim=1)
+        return tok, pos
+
+    def ln_final(self) -> nn.Module | None:
+        return self.base.layernorm
+
+    def pool(self, x: Tensor) -> Tensor:
+        if not hasattr(self.module, "classifier"):
+            return x[:, 0]
+        n_prefix = 1 + int(getattr(self.hf_config, "num_register_tokens", 0) or 0)
+        return torch.cat([x[:, 0], x[:, n_prefix:].mean(dim=1)], dim=-1)
+
+    def head(self, pooled: Tensor) -> Tensor:
+        return self.module.classifier(pooled) if hasattr(self.module, "classifier") else pooled
+
+    def native_forward(self, pixels: Tensor) -> Tensor:
+        out = self.module(pixel_values=pixels)
+        return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+@register_adapter("hf_siglip")
+class HFSiglipAdapter(_HFAdapter):
+    """SigLIP: no CLS token; the pooled vector is the attention-pool head's output."""
+
+    class_names = ("SiglipVisionModel",)
+    supported_types = ("transformers.SiglipVisionModel",)
+    has_cls = False
+
+    def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.base.embeddings
+        x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        return x, emb.position_embedding.weight.unsqueeze(0)
+
+    def ln_final(self) -> nn.Module | None:
+        return self.base.post_layernorm
+
+    def pool(self, x: Tensor) -> Tensor:
+        head = getattr(self.base, "head", None)
+        return x.mean(dim=1) if head is None else head(x)
+
+    def native_forward(self, pixels: Tensor) -> Tensor:
+        out = self.module(pixel_values=pixels)
+        return out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(dim=1)
+
+
+@register_loader("hf")
+def load_hf(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """A Hub id or local folder. Picks the vision class from the config (CLIP/SigLIP -> vision tower).
+
+    ``pretrained=False`` builds the architecture from its config with random weights (the config
+    itself must be local or cached).
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name)
+    model_type = config.model_type
+    vision_classes = {
+        "clip": transformers.CLIPVisionModelWithProjection, "clip_vision_model": transformers.CLIPVisionModel,
+        "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel,
+    }  # fmt: skip
+    cls = vision_classes.get(model_type)
+    if cls is None:
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0]) if archs and hasattr(transformers, archs[0]) else transformers.AutoModel
+    if pretrained:
+        return cls.from_pretrained(name, **kwargs)
+    if model_type in ("clip", "siglip") and cls is not transformers.CLIPVisionModelWithProjection:
+        config = config.vision_config
+    return cls._from_config(config, **kwargs) if cls is not transformers.AutoModel else cls.from_config(config)

@@ -1,0 +1,224 @@
+"""Hooked building blocks shared by every adapter: norm, attention, MLP and the pre-norm block.
+
+A block holds *references* to the wrapped model's own modules (a :class:`BlockParts`), never copies,
+so the hooked forward always reads the current weights. Only :class:`HookPoint` children are
+registered as submodules; the wrapped parameters belong to ``HookedViT.wrapped``.
+
+Token order everywhere: prefix tokens first (CLS, then registers or the distillation token), then
+patches in row-major order. Hook shapes follow TransformerLens: ``hook_q/k/v/z`` are
+``[batch, pos, head_index, d_head]`` and ``hook_attn_scores``/``hook_pattern`` are
+``[batch, head_index, query_pos, key_pos]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+QKV = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def is_active(point: nn.Module) -> bool:
+    """True if ``point`` is not a bare HookPoint: it has hooks, or was replaced (e.g. by a spliced SAE).
+
+    The fast paths (``F.layer_norm``, ``F.scaled_dot_product_attention``) are taken only when every
+    hook they skip is inactive, so a hook never silently misses its activation.
+    """
+    if not isinstance(point, HookPoint):
+        return True
+    return bool(point._forward_hooks or point._backward_hooks or point._forward_pre_hooks)
+
+
+class FusedQKV:
+    """q, k, v from one fused projection ``owner.<weight>`` of shape ``[3 * n_heads * d_head, d_model]``."""
+
+    def __init__(self, owner: nn.Module, weight: str = "weight", bias: str = "bias") -> None:
+        self.owner, self.weight, self.bias = owner, weight, bias
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = F.linear(x, getattr(self.owner, self.weight), getattr(self.owner, self.bias, None))
+        q, k, v = out.chunk(3, dim=-1)
+        return q, k, v
+
+
+class SeparateQKV:
+    """q, k, v from three projection modules (Hugging Face layout)."""
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
+        self.q, self.k, self.v = q, k, v
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q(x), self.k(x), self.v(x)
+
+
+@dataclass(eq=False)
+class BlockParts:
+    """The wrapped modules one pre-norm block reads. ``None`` means 'not present' (identity)."""
+
+    ln1: nn.Module
+    qkv: QKV
+    out_proj: nn.Module
+    ln2: nn.Module
+    fc1: nn.Module
+    act: nn.Module
+    fc2: nn.Module
+    n_heads: int
+    d_head: int
+    attn_scale: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    attn_out_norm: nn.Module | None = None
+    mlp_norm: nn.Module | None = None
+    ls1: nn.Module | None = None
+    ls2: nn.Module | None = None
+    block: nn.Module | None = None
+    """The wrapped block itself (tests hook its output to check residual-stream parity)."""
+
+
+def _keep_unregistered(module: nn.Module, name: str, value: object) -> None:
+    """Store ``value`` on ``module`` without registering it as a child (no duplicate parameters)."""
+    module.__dict__[name] = value
+
+
+class HookedNorm(nn.Module):
+    """LayerNorm or RMSNorm over the last dim with ``hook_scale`` and ``hook_normalized``.
+
+    ``hook_scale`` is ``sqrt(var + eps)`` (RMS: ``sqrt(mean(x^2) + eps)``), shape ``[..., 1]``;
+    ``hook_normalized`` is the output after the affine weight and bias, as in TransformerLens.
+    """
+
+    def __init__(self, norm: nn.Module, kind: str = "LN") -> None:
+        super().__init__()
+        _keep_unregistered(self, "norm", norm)
+        self.kind = kind
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        norm = self.norm
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        eps = norm.eps
+        if self.kind == "LN" and not is_active(self.hook_scale):
+            out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        else:
+            centred = x - x.mean(-1, keepdim=True) if self.kind == "LN" else x
+            scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+            out = centred / scale
+            if weight is not None:
+                out = out * weight
+            if bias is not None:
+                out = out + bias
+        return self.hook_normalized(out)
+
+
+class HookedAttention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask), with TransformerLens hooks.
+
+    ``hook_q``/``hook_k`` are after any per-head q/k norm (the vectors whose dot product is scored).
+    When neither ``hook_attn_scores`` nor ``hook_pattern`` is active the pattern is never
+    materialised: attention runs through ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], parts: BlockParts) -> Float[Tensor, "batch pos d_model"]:
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, parts.n_heads, parts.d_head) for t in parts.qkv(x))
+        if parts.q_norm is not None:
+            q, k = parts.q_norm(q), parts.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if is_active(self.hook_attn_scores) or is_active(self.hook_pattern):
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * parts.attn_scale
+            pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        else:
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=parts.attn_scale
+            ).transpose(1, 2)
+        z = self.hook_z(z).reshape(b, n, parts.n_heads * parts.d_head)
+        if parts.attn_out_norm is not None:
+            z = parts.attn_out_norm(z)
+        return parts.out_proj(z)
+
+
+class HookedMLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with ``hook_pre`` (before the activation) and ``hook_post`` (after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], parts: BlockParts) -> Float[Tensor, "batch pos d_model"]:
+        post = self.hook_post(parts.act(self.hook_pre(parts.fc1(x))))
+        if parts.mlp_norm is not None:
+            post = parts.mlp_norm(post)
+        return parts.fc2(post)
+
+
+class HookedBlock(nn.Module):
+    """Pre-norm block ``x + ls1(attn(ln1(x)))`` then ``+ ls2(mlp(ln2(.)))``.
+
+    ``hook_attn_out`` and ``hook_mlp_out`` are after LayerScale, so
+    ``resid_mid = resid_pre + attn_out`` and ``resid_post = resid_mid + mlp_out`` exactly.
+    Dropout and drop-path are not applied: the hooked forward is the eval-mode forward.
+    """
+
+    def __init__(self, parts: BlockParts, normalization: str = "LN") -> None:
+        super().__init__()
+        _keep_unregistered(self, "parts", parts)
+        self.ln1 = HookedNorm(parts.ln1, normalization)
+        self.attn = HookedAttention()
+        self.ln2 = HookedNorm(parts.ln2, normalization)
+        self.mlp = HookedMLP()
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        parts = self.parts
+        resid_pre = self.hook_resid_pre(x)
+        attn_out = self.attn(self.ln1(resid_pre), parts)
+        if parts.ls1 is not None:
+            attn_out = parts.ls1(attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        mlp_out = self.mlp(self.ln2(resid_mid), parts)
+        if parts.ls2 is not None:
+            mlp_out = parts.ls2(mlp_out)
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+
+_ACT_NAMES = {
+    "quickgelu": "quick_gelu",
+    "quickgeluactivation": "quick_gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "siluactivation": "silu",
+    "geluactivation": "gelu",
+    "newgeluactivation": "gelu_tanh",
+    "pytorchgelutanh": "gelu_tanh",
+    "gelutanh": "gelu_tanh",
+    "gelupytorchtanh": "gelu_tanh",
+}
+
+
+def act_fn_name(act: nn.Module) -> str:
+    """TransformerLens-style name of an activation module ('gelu', 'gelu_tanh', 'quick_gelu', ...)."""
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return _ACT_NAMES.get(type(act).__name__.lower(), "other")

@@ -1,0 +1,276 @@
+"""``HookedViT``: any supported ViT behind TransformerLens hook names, with one generic forward.
+
+The wrapped module is kept as ``HookedViT.wrapped`` and its own parameters are used (no copies that
+can drift); the adapter for its family tells the generic forward where each piece lives. Outputs
+equal the wrapped model's forward (float32, max abs diff <= 1e-5 relative to the output scale;
+``tests/test_parity.py``) with and without hooks.
+
+Hook names (pos = prefix tokens first: CLS, registers, distillation; then patches row-major):
+``hook_embed``, ``hook_pos_embed``, ``ln_pre.hook_normalized`` (if the model has ``ln_pre``),
+``blocks.{l}.hook_resid_pre``, ``blocks.{l}.ln1.hook_scale|hook_normalized``,
+``blocks.{l}.attn.hook_q|hook_k|hook_v|hook_z`` ``[batch, pos, head, d_head]``,
+``blocks.{l}.attn.hook_attn_scores|hook_pattern`` ``[batch, head, query_pos, key_pos]``,
+``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid``, ``blocks.{l}.ln2.*``,
+``blocks.{l}.mlp.hook_pre|hook_post`` ``[batch, pos, d_mlp]``, ``blocks.{l}.hook_mlp_out``,
+``blocks.{l}.hook_resid_post``, ``ln_final.hook_scale|hook_normalized``, ``hook_pooled``, ``hook_out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from . import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
+from . import embedded as _embedded  # noqa: F401  (registers the "sve:" loader)
+from .adapters.base import LOADERS, ViTAdapter, adapter_for
+from .components import HookedBlock, HookedNorm
+from .config import HookedViTConfig
+
+NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
+PosSlice = int | slice | Sequence[int] | Tensor | None
+
+
+class HookedViT(HookedRootModule):
+    """A ViT exposing TransformerLens hooks; ``model(pixels)`` returns the wrapped model's output.
+
+    Build with :meth:`from_pretrained` (``"timm:..."``, ``"open_clip:..."``, ``"hf:..."``,
+    ``"sve:..."``) or :meth:`from_model`. The forward is the eval-mode forward (no dropout,
+    drop-path or patch dropout), whatever mode the wrapped module is in.
+    """
+
+    def __init__(self, module: nn.Module, model_name: str | None = None, adapter: ViTAdapter | None = None):
+        super().__init__()
+        adapter = adapter or adapter_for(module)
+        self.wrapped = module
+        self.__dict__["adapter"] = adapter  # plain attribute: its module references are `wrapped`'s own
+        self.cfg: HookedViTConfig = adapter.config()
+        self.cfg.model_name = model_name or self.cfg.model_name
+        with contextlib.suppress(StopIteration):
+            self.cfg.device = str(next(module.parameters()).device)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        ln_pre = adapter.ln_pre()
+        self.ln_pre = HookedNorm(ln_pre, self.cfg.normalization) if ln_pre is not None else None
+        self.blocks = nn.ModuleList(HookedBlock(p, self.cfg.normalization) for p in adapter.blocks())
+        ln_final = adapter.ln_final()
+        self.ln_final = HookedNorm(ln_final, self.cfg.normalization) if ln_final is not None else None
+        self.hook_pooled = HookPoint()
+        self.hook_out = HookPoint()
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, module: nn.Module, model_name: str | None = None) -> HookedViT:
+        """Wrap an already-built timm, open_clip or Hugging Face ViT (a CLIP model: its ``.visual``)."""
+        visual = getattr(module, "visual", None)
+        if isinstance(visual, nn.Module):
+            try:
+                adapter_for(module)
+            except ValueError:
+                module = visual
+        return cls(module, model_name=model_name or f"{type(module).__name__}")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        pretrained: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> HookedViT:
+        """Load ``"<source>:<name>"``; sources: ``timm``, ``open_clip``, ``hf``, ``sve`` (embedded).
+
+        ``pretrained=False`` builds the same architecture with random weights and downloads nothing.
+        Extra keyword arguments go to the source's loader (e.g. timm's ``num_classes``).
+        """
+        prefix, sep, name = model_id.partition(":")
+        if not sep or not name:
+            raise ValueError(
+                f"Model id {model_id!r} has no source prefix. Write '<source>:<name>' with source one of "
+                f"{LOADERS.names()}, e.g. 'timm:vit_base_patch16_224' or 'sve:shapes-vit'."
+            )
+        module = LOADERS.get(prefix)(name, pretrained=pretrained, **kwargs)
+        model = cls.from_model(module, model_name=model_id)
+        model.eval()
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+            model.cfg.device = str(device or model.cfg.device)
+        return model
+
+    def setup(self) -> None:
+        """TransformerLens's setup over this module's own hook points only (``wrapped`` is left alone)."""
+        self.mod_dict, self.hook_dict = {}, {}
+        for name, module in self.named_modules():
+            if name == "" or name == "wrapped" or name.startswith("wrapped."):
+                continue
+            module.name = name
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                self.hook_dict[name] = module
+        after_pool = {"ln_final.hook_scale", "ln_final.hook_normalized"} if self.cfg.final_norm_after_pool else set()
+        self._no_pos_hooks = {"hook_pooled", "hook_out"} | after_pool
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.cfg.image_size
+
+    def check_input(self, pixels: Tensor, check_finite: bool = False) -> None:
+        """Raise ``ValueError`` for a batch this model cannot take (shape, channels, size, NaN/inf)."""
+        cfg = self.cfg
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4:
+            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(
+                f"Expected images as a [batch, channels, height, width] tensor, got {shape}. "
+                "Use model.preprocess on PIL images and torch.stack the results; add a batch dim with x[None]."
+            )
+        if pixels.shape[1] != cfg.in_chans:
+            raise ValueError(f"Expected {cfg.in_chans} channels, got {pixels.shape[1]} (shape {tuple(pixels.shape)}).")
+        h, w = pixels.shape[-2:]
+        if cfg.dynamic_img_size:
+            if h % cfg.patch_size or w % cfg.patch_size:
+                raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}.")
+        elif (h, w) != tuple(cfg.image_size):
+            raise ValueError(
+                f"Image size {h}x{w} does not match the model's {cfg.image_size[0]}x{cfg.image_size[1]}. "
+                "Resize with model.preprocess (or torch.nn.functional.interpolate)."
+            )
+        if check_finite and not torch.isfinite(pixels).all():
+            raise ValueError("Input contains NaN or inf values.")
+
+    def forward(
+        self,
+        pixels: Tensor,
+        stop_at_layer: int | None = None,
+        check_finite: bool = False,
+    ) -> Tensor:
+        """The wrapped model's output; with ``stop_at_layer=L`` the residual stream before block L.
+
+        ``stop_at_layer`` follows TransformerLens: exclusive, negative counts from the end, and
+        nothing after block ``L - 1`` is computed. ``check_finite`` rejects NaN/inf pixels.
+        ``pixels`` is ``[batch, chan, height, width]``, checked by :meth:`check_input` (which gives
+        clearer errors than a type checker would).
+        """
+        self.check_input(pixels, check_finite)
+        a = self.adapter
+        tok, pos = a.embed(pixels)
+        tok = self.hook_embed(tok)
+        pos = self.hook_pos_embed(pos.expand(tok.shape[0], -1, -1))
+        x = tok + pos
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        n_run = len(self.blocks) if stop_at_layer is None else range(len(self.blocks))[:stop_at_layer].stop
+        for block in self.blocks[:n_run]:
+            x = block(x)
+        if stop_at_layer is not None:
+            return x
+        after_pool = self.cfg.final_norm_after_pool
+        if self.ln_final is not None and not after_pool:
+            x = self.ln_final(x)
+        pooled = a.pool(x)
+        if self.ln_final is not None and after_pool:
+            pooled = self.ln_final(pooled)
+        return self.hook_out(a.head(self.hook_pooled(pooled)))
+
+    # ------------------------------------------------------------------ hooks and caching
+    def _check_hook_name(self, name: str) -> None:
+        if name not in self.hook_dict:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"Unknown hook name {name!r}.{hint} This model has {len(self.hook_dict)} hook points; "
+                "list them with `sae-vision hooks MODEL` or `model.hook_dict`."
+            )
+
+    def _check_names_filter(self, names_filter: NamesFilter) -> None:
+        if isinstance(names_filter, str):
+            self._check_hook_name(names_filter)
+        elif isinstance(names_filter, Sequence):
+            for name in names_filter:
+                self._check_hook_name(name)
+
+    def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args: Any, **kwargs: Any) -> None:
+        if isinstance(name, str):
+            self._check_hook_name(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook(self, name: str | Callable[[str], bool], hook: Callable, dir: str) -> None:
+        if isinstance(name, str):
+            self._check_hook_name(name)
+        super()._enable_hook(name=name, hook=hook, dir=dir)
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NamesFilter = None,
+        return_cache_object: bool = True,
+        pos_slice: PosSlice = None,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
+        """Forward and cache activations, as TransformerLens's ``run_with_cache``.
+
+        Returns ``(output, ActivationCache)`` (a plain dict with ``return_cache_object=False``).
+        ``pos_slice`` (int, slice or index list) keeps those token positions in every cached
+        activation that has a position dimension (not ``hook_pooled``/``hook_out``).
+        ``stop_at_layer`` and ``incl_bwd`` pass through.
+        """
+        self._check_names_filter(names_filter)
+        if isinstance(names_filter, Sequence) and not isinstance(names_filter, str):
+            names_filter = list(names_filter)
+        out, cache = super().run_with_cache(
+            *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
+        )
+        if pos_slice is not None:
+            cache = {k: self._slice_positions(k, v, pos_slice, remove_batch_dim) for k, v in cache.items()}
+        if return_cache_object:
+            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+    def _slice_positions(self, name: str, t: Tensor, pos_slice: PosSlice, no_batch: bool) -> Tensor:
+        base = name.removesuffix("_grad")
+        if base in self._no_pos_hooks:
+            return t
+        if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z")):
+            dim = -3
+        elif base.endswith(("hook_attn_scores", "hook_pattern")):
+            dim = -2  # query position, as TransformerLens
+        else:
+            dim = -2
+        if isinstance(pos_slice, int):
+            pos_slice = [pos_slice]
+        if isinstance(pos_slice, slice):
+            index = torch.arange(t.shape[dim], device=t.device)[pos_slice]
+        else:
+            index = torch.as_tensor(pos_slice, device=t.device)
+        return t.index_select(t.ndim + dim, index)
+
+    def hook_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every hook name with the shape of its activation for a ``batch_size`` batch of zeros."""
+        p = next(self.wrapped.parameters())
+        x = torch.zeros(batch_size, self.cfg.in_chans, *self.cfg.image_size, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            _, cache = self.run_with_cache(x, return_cache_object=False)
+            # scores and pattern are only materialised when hooked; run_with_cache hooks all
+        return {k: tuple(v.shape) for k, v in cache.items()}
+
+    # ------------------------------------------------------------------ preprocessing
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` from the family's own config."""
+        return self.adapter.data_config()
+
+    @property
+    def preprocess(self) -> Callable[[Any], Tensor]:
+        """A torchvision transform: PIL image -> normalised ``[chan, h, w]`` tensor for this model."""
+        from ..data.transforms import transform_from_data_config
+
+        return transform_from_data_config(self.data_config)
