@@ -8,7 +8,11 @@ Shapes annotated with jaxtyping are checked at runtime in tests (beartype import
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine here reaches a hub; fail fast, never retry
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from jaxtyping import install_import_hook
 

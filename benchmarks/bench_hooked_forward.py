@@ -1,0 +1,77 @@
+"""HookedViT forward time against the native model, measured in one run.
+
+    python benchmarks/bench_hooked_forward.py [--batch 8] [--repeats 10] [--models timm,open_clip,hf]
+
+Contenders per model (random weights, float32, torch.no_grad, CPU threads as the machine has):
+native forward; HookedViT with no hooks; with the full residual cache (resid_pre/mid/post of every
+layer); with every hook cached (attention patterns materialised). Goals: no hooks <= 1.05x native,
+full residual cache <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from benchmarks._timing import interleaved_medians, markdown_table
+from sae_vision_ext import HookedViT
+
+MODELS = {
+    "timm": ("timm:vit_base_patch16_224", {}),
+    "open_clip": ("open_clip:ViT-B-32", {}),
+    "hf": ("hf_vit_base", {}),
+}
+
+
+def build(kind: str) -> HookedViT:
+    if kind == "hf":
+        import transformers
+
+        cfg = transformers.ViTConfig(image_size=224, patch_size=16, num_labels=1000)
+        return HookedViT.from_model(transformers.ViTForImageClassification(cfg).eval(), model_name="hf:vit-base")
+    model_id, kwargs = MODELS[kind]
+    return HookedViT.from_pretrained(model_id, pretrained=False, **kwargs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--models", default="timm,open_clip,hf")
+    args = p.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    rows = []
+    for kind in args.models.split(","):
+        model = build(kind).eval()
+        x = torch.randn(args.batch, 3, *model.cfg.image_size)
+        resid = lambda n: ".hook_resid_" in n
+        with torch.no_grad():
+            t = interleaved_medians(
+                {
+                    "native": lambda: model.adapter.native_forward(x),
+                    "hooked": lambda: model(x),
+                    "resid_cache": lambda: model.run_with_cache(x, names_filter=resid),
+                    "all_cache": lambda: model.run_with_cache(x),
+                },
+                repeats=args.repeats,
+            )
+        base = t["native"]
+        rows.append(
+            [
+                model.cfg.model_name,
+                args.batch,
+                f"{base * 1e3:.0f}",
+                f"{t['hooked'] * 1e3:.0f} ({t['hooked'] / base:.3f}x)",
+                f"{t['resid_cache'] * 1e3:.0f} ({t['resid_cache'] / base:.3f}x)",
+                f"{t['all_cache'] * 1e3:.0f} ({t['all_cache'] / base:.3f}x)",
+            ]
+        )
+    header = ["model", "batch", "native ms", "hooked, no hooks", "resid cache (3 per layer)", "every hook cached"]
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

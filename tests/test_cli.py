@@ -1,0 +1,41 @@
+"""The sae-vision command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_vision_ext.cli import main
+
+
+def test_models_lists_adapters_sources_and_embedded(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for word in ("timm", "open_clip", "hf_clip", "sve:shapes-vit-biased", "hf, timm, open_clip, sve"):
+        assert word in out
+
+
+def test_hooks_prints_names_with_shapes(capsys):
+    assert main(["hooks", "sve:shapes-vit"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.5.hook_resid_post  [1, 65, 128]" in out
+    assert "blocks.0.attn.hook_pattern  [1, 4, 65, 65]" in out
+
+
+def test_demo_runs_and_reports_accuracy(capsys):
+    assert main(["demo", "--n-images", "64", "--batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("classes): ")[1].split()[0])
+    assert acc > 0.7
+
+
+def test_errors_exit_2_with_message(capsys):
+    assert main(["hooks", "nosuch:model"]) == 2
+    assert "Unknown model source 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [[], ["models"], ["hooks"], ["demo"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: sae-vision" in capsys.readouterr().out
