@@ -35,6 +35,22 @@ def build(kind: str) -> HookedViT:
     return HookedViT.from_pretrained(model_id, pretrained=False, **kwargs)
 
 
+@torch.no_grad()
+def time_contenders(model: HookedViT, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    def resid(name: str) -> bool:
+        return ".hook_resid_" in name
+
+    return interleaved_medians(
+        {
+            "native": lambda: model.adapter.native_forward(x),
+            "hooked": lambda: model(x),
+            "resid_cache": lambda: model.run_with_cache(x, names_filter=resid),
+            "all_cache": lambda: model.run_with_cache(x),
+        },
+        repeats=repeats,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -46,18 +62,7 @@ def main() -> None:
     rows = []
     for kind in args.models.split(","):
         model = build(kind).eval()
-        x = torch.randn(args.batch, 3, *model.cfg.image_size)
-        resid = lambda n: ".hook_resid_" in n
-        with torch.no_grad():
-            t = interleaved_medians(
-                {
-                    "native": lambda: model.adapter.native_forward(x),
-                    "hooked": lambda: model(x),
-                    "resid_cache": lambda: model.run_with_cache(x, names_filter=resid),
-                    "all_cache": lambda: model.run_with_cache(x),
-                },
-                repeats=args.repeats,
-            )
+        t = time_contenders(model, torch.randn(args.batch, 3, *model.cfg.image_size), args.repeats)
         base = t["native"]
         rows.append(
             [

@@ -27,19 +27,19 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
     pixels = model.preprocess(images)
 
     correct, norms, cls_attn_to_self = 0, torch.zeros(cfg.n_layers), torch.zeros(cfg.n_layers)
-    names = [f"blocks.{l}.hook_resid_post" for l in range(cfg.n_layers)]
-    names += [f"blocks.{l}.attn.hook_pattern" for l in range(cfg.n_layers)]
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(cfg.n_layers)]
+    names += [f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)]
     with torch.no_grad():
         for i in tqdm(range(0, n_images, batch_size), desc="cached forward", unit="batch"):
             x = pixels[i : i + batch_size]
             logits, cache = model.run_with_cache(x, names_filter=names)
             correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
-            for l in range(cfg.n_layers):
-                norms[l] += cache[f"blocks.{l}.hook_resid_post"].norm(dim=-1).mean() * len(x)
-                cls_attn_to_self[l] += cache[f"blocks.{l}.attn.hook_pattern"][:, :, 0, 0].mean() * len(x)
+            for layer in range(cfg.n_layers):
+                norms[layer] += cache[f"blocks.{layer}.hook_resid_post"].norm(dim=-1).mean() * len(x)
+                cls_attn_to_self[layer] += cache[f"blocks.{layer}.attn.hook_pattern"][:, :, 0, 0].mean() * len(x)
     print(f"\nAccuracy on {n_images} fresh shapes images ({len(SHAPES)} classes): {correct / n_images:.3f}")
     print(f"{len(model.hook_dict)} hook points; cached {len(names)} of them per batch.\n")
     print("layer  mean |resid_post|  CLS attention to itself")
-    for l in range(cfg.n_layers):
-        print(f"{l:>5}  {norms[l] / n_images:>17.2f}  {cls_attn_to_self[l] / n_images:>23.3f}")
+    for layer in range(cfg.n_layers):
+        print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
     return 0
