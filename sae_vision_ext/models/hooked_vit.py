@@ -29,6 +29,7 @@ from transformer_lens.hook_points import HookPoint
 
 from . import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
 from . import embedded as _embedded  # noqa: F401  (registers the "sve:" loader)
+from ..saes.splice import SAESplicingMixin
 from .adapters.base import LOADERS, ViTAdapter, adapter_for
 from .components import HookedBlock, HookedNorm
 from .config import HookedViTConfig
@@ -37,12 +38,15 @@ NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
 PosSlice = int | slice | Sequence[int] | Tensor | None
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(SAESplicingMixin, HookedRootModule):
     """A ViT exposing TransformerLens hooks; ``model(pixels)`` returns the wrapped model's output.
 
     Build with :meth:`from_pretrained` (``"timm:..."``, ``"open_clip:..."``, ``"hf:..."``,
     ``"sve:..."``) or :meth:`from_model`. The forward is the eval-mode forward (no dropout,
     drop-path or patch dropout), whatever mode the wrapped module is in.
+
+    SAELens SAEs splice in with ``add_sae``, ``saes()``, ``run_with_saes``,
+    ``run_with_cache_with_saes`` and ``run_with_hooks_with_saes`` (see ``saes/splice.py``).
     """
 
     def __init__(self, module: nn.Module, model_name: str | None = None, adapter: ViTAdapter | None = None):
