@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from ..saes.splice import SAESplicingMixin
 from . import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
 from . import embedded as _embedded  # noqa: F401  (registers the "sve:" loader)
-from ..saes.splice import SAESplicingMixin
 from .adapters.base import LOADERS, ViTAdapter, adapter_for
 from .components import HookedBlock, HookedNorm
 from .config import HookedViTConfig
