@@ -1,0 +1,1 @@
+"""Harvesting activations from images: all hooks in one pass, token selection, shuffling."""

@@ -1,0 +1,98 @@
+"""Image sources for harvesting: the embedded shapes set, image folders, any torch ``Dataset``.
+
+Every source yields preprocessed tensors ``[chan, h, w]`` for one model (``model.preprocess``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class ShapesImages(Dataset):
+    """Images of the procedural shapes set rendered on demand (image ``i`` depends on seed and ``i``)."""
+
+    def __init__(self, n: int, transform: Callable[[Any], Tensor], seed: int = 0, **shape_kwargs: Any) -> None:
+        self.n, self.transform, self.seed, self.kwargs = n, transform, seed, shape_kwargs
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tensor:
+        from .shapes import render_image
+
+        img, _, _ = render_image(self.seed, i, **self.kwargs)
+        return self.transform(torch.from_numpy(img).permute(2, 0, 1))
+
+
+class FolderImages(Dataset):
+    """Every image file under ``root`` (``ImageFolder`` layout or flat), sorted by path."""
+
+    def __init__(self, root: str | Path, transform: Callable[[Any], Tensor]) -> None:
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}.")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+def open_image_source(source: str | Dataset, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
+    """``"sve:shapes"``, a folder path, a Hugging Face ``datasets`` folder saved with
+    ``save_to_disk`` (column ``image``), or a torch ``Dataset`` of images (returned as is)."""
+    if isinstance(source, Dataset):
+        return source
+    if source == "sve:shapes":
+        return ShapesImages(n_images, transform, seed=seed)
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(
+            f"Unknown image source {source!r}: not 'sve:shapes' and no such folder. "
+            "Pass 'sve:shapes', an image folder, a datasets.save_to_disk folder or a torch Dataset."
+        )
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return _HFDiskImages(path, transform)
+    return FolderImages(path, transform)
+
+
+class _HFDiskImages(Dataset):
+    def __init__(self, path: Path, transform: Callable[[Any], Tensor]) -> None:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        if "image" not in ds.column_names:
+            raise ValueError(f"Dataset at {path} has no 'image' column (columns: {ds.column_names}).")
+        self.ds, self.transform = ds, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.transform(self.ds[i]["image"].convert("RGB"))
+
+
+def image_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, epochs: int | None = 1) -> Iterator[Tensor]:
+    """Batches of preprocessed images, in order, for ``epochs`` passes (``None``: forever)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for batch in loader:
+            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+        epoch += 1

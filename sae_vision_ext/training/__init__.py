@@ -1,0 +1,1 @@
+"""Training SAELens SAEs on vision activations."""

@@ -1,0 +1,134 @@
+"""``train_saes``: one harvest stream, one SAELens training SAE per hook, saved in SAELens format.
+
+The stream is ``image batches -> HookedViT forward (all hooks, stopped after the deepest) ->
+token selection -> ShuffleBuffer -> {hook: [train_batch_size, d_in]}``, consumed by SAELens's
+``MultiSAETrainer``. Each SAE is saved with ``save_inference_model`` under
+``output_dir/<hook_name>`` (``cfg.json`` + ``sae_weights.safetensors``), loadable with plain
+``sae_lens.SAE.load_from_disk``; ``cfg.metadata`` records the model, hook, token selection, image
+geometry, dataset and this package's version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import VisionSAETrainingConfig
+
+logger = logging.getLogger(__name__)
+
+_TRAINING_CLASSES = {
+    "standard": "StandardTrainingSAE",
+    "topk": "TopKTrainingSAE",
+    "batchtopk": "BatchTopKTrainingSAE",
+    "jumprelu": "JumpReLUTrainingSAE",
+    "matryoshka_batchtopk": "MatryoshkaBatchTopKTrainingSAE",
+    "gated": "GatedTrainingSAE",
+}
+
+
+def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_size: int) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "model_name": cfg.model_name,
+        "hook_name": hook,
+        "model_class_name": "HookedViT",
+        "context_size": context_size,
+        "token_selection": cfg.token_selection,
+        "patches_per_image": cfg.patches_per_image,
+        "image_size": list(model.cfg.image_size),
+        "patch_size": model.cfg.patch_size,
+        "n_prefix_tokens": model.cfg.n_prefix_tokens,
+        "dataset": cfg.dataset,
+        "sae_vision_ext_version": __version__,
+    }
+
+
+def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metadata: dict[str, Any]):
+    """A SAELens ``TrainingSAE`` of ``cfg.architecture`` for one hook (per-layer overrides applied)."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture])
+    config_cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture] + "Config")
+    d_sae = cfg.for_hook(hook, "d_sae") or int(round(cfg.for_hook(hook, "expansion_factor") * d_in))
+    kwargs: dict[str, Any] = {
+        "d_in": d_in, "d_sae": d_sae, "dtype": cfg.dtype, "device": cfg.device,
+        "normalize_activations": cfg.normalize_activations, "metadata": SAEMetadata(**metadata),
+    }  # fmt: skip
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        kwargs["k"] = cfg.for_hook(hook, "k")
+    if cfg.architecture == "matryoshka_batchtopk":
+        kwargs["matryoshka_widths"] = [d_sae // 4, d_sae // 2, d_sae]
+    if cfg.architecture in ("standard", "gated"):
+        kwargs["l1_coefficient"] = cfg.for_hook(hook, "l1_coefficient")
+    if cfg.architecture == "jumprelu":
+        kwargs["l0_coefficient"] = cfg.for_hook(hook, "l1_coefficient")
+    return cls(config_cls(**kwargs))
+
+
+def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]) -> tuple[Iterator[dict], int]:
+    """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image."""
+    from ..activations.harvest import ShuffleBuffer, harvest, token_positions
+    from ..data.sources import image_batches, open_image_source
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
+    keep = token_positions(
+        model.cfg.n_prefix_tokens, model.cfg.has_cls_token, model.cfg.n_registers, model.cfg.n_ctx, cfg.token_selection
+    )
+    per_image = len(keep)
+    if cfg.patches_per_image is not None:
+        n_patch = int((keep >= model.cfg.n_prefix_tokens).sum())
+        per_image = per_image - n_patch + min(n_patch, cfg.patches_per_image)
+    batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
+    stream = harvest(model, (b.to(cfg.device) for b in batches), hooks, cfg.token_selection,
+                     cfg.patches_per_image, gen)  # fmt: skip
+    return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
+
+
+def train_saes(cfg: VisionSAETrainingConfig, model: Any = None) -> dict[str, Any]:
+    """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference)."""
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    from ..activations.harvest import resolve_hook_names
+    from ..models import HookedViT
+
+    torch.manual_seed(cfg.seed)
+    model = model or HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
+    model.eval()
+    hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    widths = model.hook_shapes(batch_size=1)
+    stream, per_image = activation_stream(cfg, model, hooks)
+    saes = {h: build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image)) for h in hooks}
+    out = Path(cfg.output_dir)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.training_tokens,
+        train_batch_size_samples=cfg.train_batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.effective_lr_end,
+        lr_scheduler_name=cfg.lr_scheduler_name,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        device=cfg.device,
+        n_checkpoints=cfg.n_checkpoints,
+        checkpoint_path=str(out / "checkpoints") if cfg.n_checkpoints else None,
+        logger=LoggingConfig(log_to_wandb=cfg.log_to_wandb, wandb_project=cfg.wandb_project),
+        n_batches_for_norm_estimate=min(100, max(1, cfg.training_tokens // cfg.train_batch_size // 10)),
+    )
+    trained = MultiSAETrainer(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in hooks}, data_provider=stream).fit()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    result = {}
+    for hook, sae in trained.items():
+        sae.save_inference_model(out / hook)
+        result[hook] = SAE.load_from_disk(out / hook, device=cfg.device)
+        logger.info("saved %s to %s", hook, out / hook)
+    return result
