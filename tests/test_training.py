@@ -70,7 +70,7 @@ def test_trained_saes_explain_held_out_activations(trained):
 
 
 def test_saved_in_saelens_format_loadable_without_this_package(trained):
-    cfg, saes = trained
+    cfg, _saes = trained
     path = f"{cfg.output_dir}/blocks.1.hook_resid_post"
     script = (
         "import sys, json; from sae_lens import SAE\n"

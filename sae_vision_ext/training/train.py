@@ -57,7 +57,7 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
 
     cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture])
     config_cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture] + "Config")
-    d_sae = cfg.for_hook(hook, "d_sae") or int(round(cfg.for_hook(hook, "expansion_factor") * d_in))
+    d_sae = cfg.for_hook(hook, "d_sae") or round(cfg.for_hook(hook, "expansion_factor") * d_in)
     kwargs: dict[str, Any] = {
         "d_in": d_in, "d_sae": d_sae, "dtype": cfg.dtype, "device": cfg.device,
         "normalize_activations": cfg.normalize_activations, "metadata": SAEMetadata(**metadata),
