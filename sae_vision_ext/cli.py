@@ -38,6 +38,23 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_saes(args: argparse.Namespace) -> int:
+    from .models.embedded import checkpoint_dir
+    from .saes.loading import RELEASES
+
+    print("Public releases (load_sae(NAME) fetches and converts them when online):")
+    for name, rel in RELEASES.items():
+        print(f"  {name:<46} {rel.format:<7} {rel.repo_id}")
+    root = checkpoint_dir() / "saes"
+    embedded = sorted(p.parent for p in root.glob("*/*/cfg.json")) if root.exists() else []
+    print("\nEmbedded SAEs (load_sae('sve:<model>/<hook>'), offline):")
+    for folder in embedded:
+        print(f"  sve:{folder.parent.name}/{folder.name}")
+    if not embedded:
+        print("  (none shipped in this build)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -60,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model id, e.g. sve:shapes-vit or timm:vit_base_patch16_224")
     p.add_argument("--random", action="store_true", help="random weights (pretrained=False): no download")
     p.set_defaults(func=_cmd_hooks)
+
+    p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
+    p.set_defaults(func=_cmd_saes)
 
     p = sub.add_parser("demo", help="run the main job on the embedded shapes model (offline)")
     p.add_argument("--model", default="sve:shapes-vit", help="embedded model to use (default: %(default)s)")

@@ -28,12 +28,18 @@ def test_demo_runs_and_reports_accuracy(capsys):
     assert acc > 0.7
 
 
+def test_saes_lists_releases(capsys):
+    assert main(["saes"]) == 0
+    out = capsys.readouterr().out
+    assert "prisma-clip-b32-topk64-cls-layer9-resid_post" in out and "osunlp/SAE_DINOv2_24K_ViT-B-14_IN1K" in out
+
+
 def test_errors_exit_2_with_message(capsys):
     assert main(["hooks", "nosuch:model"]) == 2
     assert "Unknown model source 'nosuch'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", [[], ["models"], ["hooks"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["models"], ["hooks"], ["saes"], ["demo"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -1,0 +1,167 @@
+"""Shared checkpoint formats: ViT-Prisma and saev files written here, checked against each format's
+own encoding formula (written out independently below), through load_sae and plain SAELens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_native, images
+from sae_lens import SAE
+
+from sae_vision_ext import HookedViT
+from sae_vision_ext.saes import loading
+from sae_vision_ext.saes.loading import RELEASES, load_sae, prisma_disk_converter, saev_disk_converter
+
+D_IN, D_SAE = 32, 96
+
+
+def weights(seed: int = 0, enc_bias: float = 0.0) -> OrderedDict:
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict(
+        W_enc=torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5,
+        b_enc=torch.randn(D_SAE, generator=g) * 0.1 + enc_bias,
+        W_dec=torch.randn(D_SAE, D_IN, generator=g) / D_SAE**0.5,
+        b_dec=torch.randn(D_IN, generator=g) * 0.1,
+    )
+
+
+def prisma_reference(w, x, k: int | None, layer_norm: bool):
+    mu = x.mean(-1, keepdim=True) if layer_norm else 0.0
+    xc = x - mu
+    std = xc.std(-1, keepdim=True) if layer_norm else 1.0
+    xn = xc / (std + 1e-5) if layer_norm else xc
+    pre = (xn - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if k is None:
+        acts = pre.relu()
+    else:
+        vals, idx = pre.topk(k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    out = acts @ w["W_dec"] + w["b_dec"]
+    return acts, (out * std + mu if layer_norm else out)
+
+
+def saev_reference(w, x, k: int | None):
+    pre = x @ w["W_enc"] + w["b_enc"]
+    if k is None:
+        acts = pre.relu()
+    else:
+        vals, idx = pre.topk(k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, idx, vals)  # negative values kept
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+def write_prisma(folder: Path, w, k: int | None, layer_norm: bool, file: str = "n_images_2600058.pt") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "d_in": D_IN, "expansion_factor": D_SAE // D_IN, "hook_point_layer": 1, "layer_subtype": "hook_resid_post",
+        "activation_fn_str": "topk" if k else "relu", "activation_fn_kwargs": {"k": k} if k else {},
+        "normalize_activations": "layer_norm" if layer_norm else None, "cls_token_only": True,
+        "use_patches_only": False, "model_name": "open-clip:laion/CLIP-ViT-B-32", "context_size": 50,
+        "architecture": "standard",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.save(w, folder / file)
+    return folder
+
+
+def write_saev(file: Path, w, activation: str = "TopK", top_k: int = 8, schema: int | None = 2) -> Path:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {"d_vit": D_IN, "exp_factor": D_SAE // D_IN, "n_reinit_samples": 10, "seed": 0}
+    if schema is None:
+        header = cfg
+    else:
+        params = {"top_k": top_k} if activation != "Relu" else {}
+        header = {"schema": schema, "cfg": {**cfg, "activation": {"cls": activation, "params": params}},
+                  "commit": "abc", "lib": "1.0"}  # fmt: skip
+    with open(file, "wb") as fd:
+        fd.write((json.dumps(header) + "\n").encode())
+        torch.save(w, fd)
+    return file
+
+
+@pytest.mark.parametrize(("k", "layer_norm"), [(8, True), (None, False), (None, True)])
+def test_prisma_matches_its_formula(tmp_path, k, layer_norm):
+    w = weights()
+    folder = write_prisma(tmp_path / "prisma", w, k, layer_norm)
+    x = torch.randn(20, D_IN) * 3 + 1
+    ref_acts, ref_out = prisma_reference(w, x, k, layer_norm)
+    for sae in (load_sae(folder), SAE.load_from_disk(folder, converter=prisma_disk_converter)):
+        acts = sae.encode(x)
+        torch.testing.assert_close(acts, ref_acts, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(acts), ref_out, atol=1e-5, rtol=1e-5)
+        assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+        assert sae.cfg.metadata.token_selection == "cls" and sae.cfg.metadata.source_format == "vit_prisma"
+
+
+@pytest.mark.parametrize(("activation", "schema"), [("TopK", 2), ("BatchTopK", 2), ("Relu", 2), ("Relu", None)])
+def test_saev_matches_its_formula_including_negative_topk(tmp_path, activation, schema):
+    w = weights(enc_bias=-2.0)  # most pre-activations negative: TopK must keep negative values
+    file = write_saev(tmp_path / "saev" / "sae.pt", w, activation, top_k=8, schema=schema)
+    x = torch.randn(20, D_IN)
+    k = None if activation == "Relu" else 8
+    ref_acts, ref_out = saev_reference(w, x, k)
+    if k:
+        assert (ref_acts < 0).any(), "the test must exercise negative top-k values"
+    for sae in (load_sae(file.parent, hook_name="blocks.0.hook_resid_post"),
+                SAE.load_from_disk(file, converter=saev_disk_converter)):  # fmt: skip
+        acts = sae.encode(x)
+        torch.testing.assert_close(acts, ref_acts, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(acts), ref_out, atol=1e-5, rtol=1e-5)
+    assert load_sae(file, hook_name="blocks.0.hook_resid_post").cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+
+
+def test_signed_topk_saves_and_reloads_in_saelens_format(tmp_path):
+    sae = load_sae(write_saev(tmp_path / "s" / "sae.pt", weights(enc_bias=-2.0)))
+    sae.save_model(tmp_path / "converted")
+    again = load_sae(tmp_path / "converted")
+    x = torch.randn(5, D_IN)
+    torch.testing.assert_close(again.encode(x), sae.encode(x))
+    assert json.loads((tmp_path / "converted" / "cfg.json").read_text())["architecture"] == "signed_topk"
+
+
+def test_pickled_objects_need_explicit_opt_in(tmp_path):
+    folder = tmp_path / "pickled"
+    write_prisma(folder, weights(), 8, True)
+    torch.save({"cfg": argparse.Namespace(d_in=D_IN), "state_dict": weights()}, folder / "n_images_2600058.pt")
+    with pytest.raises(ValueError, match=r"weights_only=True.*allow_pickle=True"):
+        load_sae(folder)
+    assert load_sae(folder, allow_pickle=True).cfg.d_sae == D_SAE
+
+
+def test_prisma_sae_splices_into_a_model(tmp_path):
+    model = HookedViT.from_model(build_native("open_clip_tok"), model_name="open-clip:laion/CLIP-ViT-B-32")
+    sae = load_sae(write_prisma(tmp_path / "p", weights(), 8, True))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.run_with_saes(x, saes=[sae], use_error_term=True), model(x),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        assert not torch.allclose(model.run_with_saes(x, saes=[sae]), model(x))
+
+
+def test_release_registry_fetches_through_the_hub_converter(tmp_path, monkeypatch):
+    folder = write_prisma(tmp_path / "hub", weights(), 8, True)
+    asked = []
+    monkeypatch.setattr(loading, "_download", lambda repo, filename, force=False: asked.append(repo) or folder)
+    name = "prisma-clip-b32-topk64-cls-layer9-resid_post"
+    sae = load_sae(name)
+    assert asked == ["Prisma-Multimodal/sae-top_k-64-cls_only-layer_9-hook_resid_post"]
+    assert sae.cfg.metadata.hook_name == "blocks.9.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "open-clip:laion/CLIP-ViT-B-32"  # from the checkpoint's config
+    assert {"saev-clip-b16-in1k", "saev-dinov2-b14-in1k"} <= set(RELEASES.names())
+
+
+def test_offline_hub_error_and_unknown_references(tmp_path):
+    with pytest.raises(ValueError, match="Could not fetch .* Are you offline"):
+        load_sae("saev:osunlp/SAE_CLIP_24K_ViT-B-16_IN1K")
+    with pytest.raises(ValueError, match="is not a path, a known release"):
+        load_sae("no/such/thing")
+    with pytest.raises(ValueError, match="No embedded SAE 'sve:shapes-vit/blocks.99.hook_resid_post'"):
+        load_sae("sve:shapes-vit/blocks.99.hook_resid_post")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ValueError, match="Cannot tell the SAE format"):
+        load_sae(tmp_path / "junk")
