@@ -156,11 +156,11 @@ def test_release_registry_fetches_through_the_hub_converter(tmp_path, monkeypatc
 
 
 def test_offline_hub_error_and_unknown_references(tmp_path):
-    with pytest.raises(ValueError, match="Could not fetch .* Are you offline"):
+    with pytest.raises(ValueError, match=r"Could not fetch .* Are you offline"):
         load_sae("saev:osunlp/SAE_CLIP_24K_ViT-B-16_IN1K")
     with pytest.raises(ValueError, match="is not a path, a known release"):
         load_sae("no/such/thing")
-    with pytest.raises(ValueError, match="No embedded SAE 'sve:shapes-vit/blocks.99.hook_resid_post'"):
+    with pytest.raises(ValueError, match=r"No embedded SAE 'sve:shapes-vit/blocks\.99\.hook_resid_post'"):
         load_sae("sve:shapes-vit/blocks.99.hook_resid_post")
     (tmp_path / "junk").mkdir()
     with pytest.raises(ValueError, match="Cannot tell the SAE format"):
