@@ -38,6 +38,59 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONFIG_FLAGS = {
+    "model_name": str, "hook_names": str, "dataset": str, "n_images": int, "token_selection": str,
+    "architecture": str, "k": int, "expansion_factor": float, "training_tokens": int, "train_batch_size": int,
+    "lr": float, "output_dir": str, "cache_dir": str, "cache_dtype": str, "device": str, "seed": int,
+}  # fmt: skip
+
+
+def _training_config(args: argparse.Namespace):
+    from .training.config import VisionSAETrainingConfig
+
+    base = VisionSAETrainingConfig.from_file(args.config).to_dict() if args.config else {}
+    for key in _CONFIG_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    if args.layers:
+        base["layers"] = [int(v) for v in args.layers.split(",")]
+    return VisionSAETrainingConfig.from_dict(base)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .activations.cache import CacheSettings, build_cache, dataset_fingerprint
+    from .activations.harvest import resolve_hook_names
+    from .data.sources import open_image_source
+    from .models import HookedViT
+
+    cfg = _training_config(args)
+    if cfg.cache_dir is None:
+        raise ValueError("Give --cache-dir (or cache_dir in the config) for `sae-vision cache`.")
+    model = HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
+    dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
+    settings = CacheSettings(
+        model_name=cfg.model_name, hook_names=tuple(resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)),
+        dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
+        n_images=min(cfg.n_images, len(dataset)), token_selection=cfg.token_selection,
+        patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype, images_per_shard=cfg.images_per_shard,
+        seed=cfg.seed,
+    )  # fmt: skip
+    folder = build_cache(model, dataset, settings, cfg.cache_dir, cfg.num_workers, cfg.image_batch_size)
+    print(f"cache ready: {folder}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training.train import train_saes
+
+    cfg = _training_config(args)
+    saes = train_saes(cfg)
+    for hook in saes:
+        print(f"saved {hook} -> {cfg.output_dir}/{hook}")
+    return 0
+
+
 def _cmd_saes(args: argparse.Namespace) -> int:
     from .models.embedded import checkpoint_dir
     from .saes.loading import RELEASES
@@ -77,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model id, e.g. sve:shapes-vit or timm:vit_base_patch16_224")
     p.add_argument("--random", action="store_true", help="random weights (pretrained=False): no download")
     p.set_defaults(func=_cmd_hooks)
+
+    for name, func, text in (("cache", _cmd_cache, "harvest activations into the on-disk cache (resumable)"),
+                             ("train", _cmd_train, "train one SAE per hook and save in SAELens format")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML or JSON VisionSAETrainingConfig; flags below override it")
+        p.add_argument("--layers", help="comma-separated layers for an all_* hook group, e.g. 0,3,5")
+        for key, typ in _CONFIG_FLAGS.items():
+            p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
     p.set_defaults(func=_cmd_saes)

@@ -72,6 +72,12 @@ class VisionSAETrainingConfig:
     """SAE dtype."""
     seed: int = 0
     """Seed for SAE initialisation, shuffling and patch subsampling."""
+    cache_dir: str | None = None
+    """Harvest once into an on-disk cache under this folder and train from it (``None``: harvest live)."""
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the activation cache (float16/bfloat16 halve disk and read volume)."""
+    images_per_shard: int = 256
+    """Images per cache shard (the unit of resumption)."""
     output_dir: str = "runs/sae"
     """Each SAE is saved in SAELens format under ``output_dir/<hook_name>``."""
     n_checkpoints: int = 0

@@ -87,6 +87,19 @@ def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]
     if cfg.patches_per_image is not None:
         n_patch = int((keep >= model.cfg.n_prefix_tokens).sum())
         per_image = per_image - n_patch + min(n_patch, cfg.patches_per_image)
+    if cfg.cache_dir is not None:
+        from ..activations.cache import CacheSettings, dataset_fingerprint, open_or_build_cache
+
+        settings = CacheSettings(
+            model_name=cfg.model_name, hook_names=tuple(hooks),
+            dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
+            n_images=min(cfg.n_images, len(dataset)), token_selection=cfg.token_selection,
+            patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype,
+            images_per_shard=cfg.images_per_shard, seed=cfg.seed,
+        )  # fmt: skip
+        cached = open_or_build_cache(model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers,
+                                     image_batch_size=cfg.image_batch_size)  # fmt: skip
+        return cached.batches(cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None), per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
     stream = harvest(model, (b.to(cfg.device) for b in batches), hooks, cfg.token_selection,
                      cfg.patches_per_image, gen)  # fmt: skip

@@ -1,0 +1,212 @@
+"""On-disk activation cache: sharded, checksummed, memory-mapped, resumable, keyed by its settings.
+
+Layout under ``root/<key>/`` where ``key`` is a hash of the settings in ``metadata.json`` (model id,
+hooks, token selection, patch subsampling, dtype, dataset fingerprint, image count, images per
+shard, seed), so identical settings reuse a cache and different settings never collide::
+
+    metadata.json             settings, plus token counts and "complete": true when finished
+    shard_00000.safetensors   one tensor per hook, [n_tokens, d], in the cache dtype
+    shard_00000.json          {"n_tokens", "n_images", "sha256"}: written last, marks the shard complete
+
+Shard ``i`` holds images ``[i * images_per_shard, (i + 1) * images_per_shard)`` in dataset order,
+so a killed run resumes at the first shard without a ``.json`` and redoes nothing else. Each shard
+is written to a temporary name and renamed; its checksum is verified when read. Readers open
+shards through safetensors (memory-mapped), visit them in a seeded random order and mix tokens
+in a :class:`~sae_vision_ext.activations.harvest.ShuffleBuffer`.
+
+Compared with SAELens's ``CacheActivationsRunner``: that writes a Hugging Face ``datasets`` table
+of token activations for one hook per run from a text dataset; this writes every hook from one
+image pass, keeps image order for resumption, and checks shard integrity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .harvest import ShuffleBuffer, TokenSelection, harvest
+
+logger = logging.getLogger(__name__)
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything that determines a cache's content (hashed into its directory name)."""
+
+    model_name: str
+    hook_names: tuple[str, ...]
+    dataset_fingerprint: str
+    n_images: int
+    token_selection: TokenSelection = "all"
+    patches_per_image: int | None = None
+    dtype: CacheDtype = "float32"
+    images_per_shard: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Unknown cache dtype {self.dtype!r}; valid: {tuple(_DTYPES)}.")
+        if self.images_per_shard <= 0 or self.n_images <= 0:
+            raise ValueError(f"n_images and images_per_shard must be positive, got {self.n_images}, "
+                             f"{self.images_per_shard}.")  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_images // self.images_per_shard)
+
+
+def dataset_fingerprint(source: Any, n_images: int, seed: int) -> str:
+    """A stable id of an image source: the shapes set's seed, or a hash of a folder's file list."""
+    if isinstance(source, str) and source == "sve:shapes":
+        return f"sve:shapes/seed={seed}"
+    path = Path(str(source))
+    if isinstance(source, (str, Path)) and path.exists():
+        h = hashlib.sha256()
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
+        return f"folder:{h.hexdigest()[:16]}"
+    fp = getattr(source, "fingerprint", None)
+    if fp is None:
+        raise ValueError(
+            f"Cannot fingerprint a {type(source).__name__}: give it a `fingerprint` string attribute "
+            "(anything that changes when its images change) so caches of different data never collide."
+        )
+    return str(fp)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fd:
+        for chunk in iter(lambda: fd.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | Path, num_workers: int = 0,
+                image_batch_size: int = 64, progress: bool = True) -> Path:  # fmt: skip
+    """Write (or finish) the cache for ``settings`` under ``root``; return its directory.
+
+    ``dataset`` yields preprocessed image tensors (see ``data.sources.open_image_source``). Complete
+    shards are kept; the rest are written. Safe to interrupt at any point.
+    """
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    folder = Path(root) / settings.key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / "metadata.json"
+    if not meta_path.exists():
+        meta_path.write_text(json.dumps({"settings": asdict(settings), "complete": False}, indent=2))
+    dtype = _DTYPES[settings.dtype]
+    gen = torch.Generator().manual_seed(settings.seed)
+    todo = [i for i in range(settings.n_shards) if not (folder / f"shard_{i:05d}.json").exists()]
+    bar = tqdm(total=settings.n_shards, initial=settings.n_shards - len(todo), desc=f"cache {settings.key}",
+               unit="shard", disable=not progress)  # fmt: skip
+    t0, tokens = time.perf_counter(), 0
+    for shard in todo:
+        start = shard * settings.images_per_shard
+        stop = min(start + settings.images_per_shard, settings.n_images, len(dataset))
+        gen.manual_seed(settings.seed * 1_000_003 + shard)  # subsampling depends on the shard only
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=image_batch_size, num_workers=num_workers)
+        device = next(model.parameters()).device
+        parts: dict[str, list[Tensor]] = {h: [] for h in settings.hook_names}
+        batches = ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in loader)
+        for chunk in harvest(model, batches, list(settings.hook_names), settings.token_selection,
+                             settings.patches_per_image, gen):  # fmt: skip
+            for h, t in chunk.items():
+                parts[h].append(t.to("cpu", dtype))
+        tensors = {h: torch.cat(v).contiguous() for h, v in parts.items()}
+        n_tokens = next(iter(tensors.values())).shape[0]
+        tmp = folder / f".shard_{shard:05d}.safetensors.tmp"
+        final = folder / f"shard_{shard:05d}.safetensors"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, final)
+        record = {"n_tokens": n_tokens, "n_images": stop - start, "sha256": _sha256(final)}
+        tmp_json = folder / f".shard_{shard:05d}.json.tmp"
+        tmp_json.write_text(json.dumps(record))
+        os.replace(tmp_json, folder / f"shard_{shard:05d}.json")
+        tokens += n_tokens
+        bar.update(1)
+        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    records = [json.loads((folder / f"shard_{i:05d}.json").read_text()) for i in range(settings.n_shards)]
+    meta = {"settings": asdict(settings), "complete": True, "n_tokens": sum(r["n_tokens"] for r in records),
+            "n_images": sum(r["n_images"] for r in records), "n_shards": settings.n_shards}  # fmt: skip
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+class CachedActivations:
+    """Reads a complete cache: ``batches(batch_size)`` yields shuffled ``{hook: [batch, d]}`` (float32)."""
+
+    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+        self.folder = Path(folder)
+        meta_path = self.folder / "metadata.json"
+        if not meta_path.exists():
+            raise ValueError(f"{self.folder} is not an activation cache (no metadata.json).")
+        self.metadata = json.loads(meta_path.read_text())
+        if not self.metadata.get("complete"):
+            raise ValueError(f"Cache {self.folder} is incomplete; rerun build_cache (it resumes) to finish it.")
+        self.settings = self.metadata["settings"]
+        self.hook_names: list[str] = list(self.settings["hook_names"])
+        self.verify = verify
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.metadata["n_tokens"])
+
+    def load_shard(self, i: int) -> dict[str, Tensor]:
+        """Shard ``i`` as float32 tensors (checksum verified unless ``verify=False``)."""
+        from safetensors import safe_open
+
+        path = self.folder / f"shard_{i:05d}.safetensors"
+        record = json.loads((self.folder / f"shard_{i:05d}.json").read_text())
+        if self.verify and _sha256(path) != record["sha256"]:
+            raise ValueError(f"Checksum mismatch in {path}: the shard is corrupt. Delete it and its .json, "
+                             "then rerun build_cache to rewrite it.")  # fmt: skip
+        with safe_open(str(path), framework="pt") as f:
+            return {h: f.get_tensor(h).float() for h in self.hook_names}
+
+    def batches(self, batch_size: int, buffer_tokens: int = 65_536, seed: int = 0,
+                epochs: int | None = 1) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+        """Shuffled training batches: shards in a seeded random order per epoch, tokens mixed in a buffer."""
+        gen = torch.Generator().manual_seed(seed)
+        n_shards = int(self.metadata["n_shards"])
+
+        def shards() -> Iterator[dict[str, Tensor]]:
+            epoch = 0
+            while epochs is None or epoch < epochs:
+                for i in torch.randperm(n_shards, generator=gen).tolist():
+                    yield self.load_shard(i)
+                epoch += 1
+
+        return ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, gen)(shards())
+
+
+def open_or_build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | Path,
+                        **kwargs: Any) -> CachedActivations:  # fmt: skip
+    folder = Path(root) / settings.key
+    meta = folder / "metadata.json"
+    if not (meta.exists() and json.loads(meta.read_text()).get("complete")):
+        build_cache(model, dataset, settings, root, **kwargs)
+    return CachedActivations(folder)
