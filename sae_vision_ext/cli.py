@@ -91,6 +91,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.shapes import make_shapes
+    from .data.sources import open_image_source
+    from .models import HookedViT
+    from .saes.evaluate import evaluate_sae, format_eval_table
+    from .saes.loading import load_sae
+
+    model = HookedViT.from_pretrained(args.model)
+    labels = None
+    if args.dataset == "sve:shapes":
+        data = make_shapes(args.n_images, seed=args.seed)
+        raw, labels = data.tensors()
+        images = model.preprocess(raw)
+    else:
+        ds = open_image_source(args.dataset, model.preprocess, args.n_images, args.seed)
+        images = torch.stack([ds[i] for i in range(min(args.n_images, len(ds)))])
+    for ref in args.sae:
+        sae = load_sae(ref, hook_name=args.hook_name)
+        out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
+        metrics = evaluate_sae(model, sae, images, labels, out_path=out)
+        print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
+    return 0
+
+
 def _cmd_saes(args: argparse.Namespace) -> int:
     from .models.embedded import checkpoint_dir
     from .saes.loading import RELEASES
@@ -139,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
         for key, typ in _CONFIG_FLAGS.items():
             p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="evaluate SAEs spliced into a model (table per SAE, JSON beside)")
+    p.add_argument("--model", required=True, help="model id, e.g. sve:shapes-vit")
+    p.add_argument("--sae", action="append", required=True, help="SAE reference (repeatable): path, sve:, release")
+    p.add_argument("--dataset", default="sve:shapes", help="sve:shapes or an image folder (default: %(default)s)")
+    p.add_argument("--n-images", type=int, default=256)
+    p.add_argument("--seed", type=int, default=4242, help="image seed for sve:shapes (default: %(default)s)")
+    p.add_argument("--hook-name", default=None, help="set the SAE's hook (for checkpoints that lack it)")
+    p.add_argument("--out", default=None, help="folder for one JSON file per SAE")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
     p.set_defaults(func=_cmd_saes)

@@ -88,6 +88,10 @@ class ViTAdapter:
     def head(self, pooled: Tensor) -> Tensor:
         return pooled
 
+    def output_kind(self) -> str:
+        """``"logits"`` for classifiers, ``"embedding"`` for feature/embedding outputs (picks eval metrics)."""
+        return "embedding"
+
     def native_forward(self, pixels: Tensor) -> Tensor:
         """The wrapped module's own forward, reduced to the tensor ``HookedViT.forward`` returns."""
         raise NotImplementedError

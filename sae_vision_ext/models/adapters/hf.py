@@ -113,6 +113,9 @@ class _HFAdapter(ViTAdapter):
     def pool(self, x: Tensor) -> Tensor:
         return x[:, 0]
 
+    def output_kind(self) -> str:
+        return "logits" if hasattr(self.module, "classifier") else "embedding"
+
     def data_config(self) -> dict[str, Any]:
         c = self.config()
         return {

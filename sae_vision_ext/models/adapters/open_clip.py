@@ -139,6 +139,9 @@ class OpenClipTimmAdapter(TimmViTAdapter):
     def head(self, pooled: Tensor) -> Tensor:
         return self.module.head(super().head(pooled))
 
+    def output_kind(self) -> str:
+        return "embedding"
+
     def data_config(self) -> dict[str, Any]:
         return _open_clip_data_config(self.module, tuple(self.vit.patch_embed.img_size))
 

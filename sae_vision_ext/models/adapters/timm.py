@@ -146,6 +146,9 @@ class TimmViTAdapter(ViTAdapter):
             return (m.head(pooled[:, 0]) + m.head_dist(pooled[:, 1])) / 2
         return m.head(pooled)
 
+    def output_kind(self) -> str:
+        return "logits" if int(getattr(self.module, "num_classes", 0) or 0) > 0 else "embedding"
+
     def native_forward(self, pixels: Tensor) -> Tensor:
         return self.module(pixels)
 
