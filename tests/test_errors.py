@@ -75,3 +75,17 @@ def test_unsupported_timm_block_is_named():
 def test_lazy_package_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
         sve.NotAThing
+
+
+def test_hooked_vit_config_validation_and_round_trip():
+    from sae_vision_ext.models.config import HookedViTConfig
+
+    good = dict(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16, patch_size=4, image_size=(8, 8))
+    cfg = HookedViTConfig(**good)
+    assert HookedViTConfig.from_dict(cfg.to_dict()) == cfg and cfg.n_ctx == 5 and cfg.grid_size == (2, 2)
+    with pytest.raises(ValueError, match="n_layers must be a positive int, got 0"):
+        HookedViTConfig(**(good | {"n_layers": 0}))
+    with pytest.raises(ValueError, match="n_prefix_tokens=1 is fewer than CLS"):
+        HookedViTConfig(**(good | {"n_registers": 2}))
+    with pytest.raises(ValueError, match=r"Unknown HookedViTConfig keys \['depth'\]"):
+        HookedViTConfig.from_dict(good | {"depth": 3})

@@ -24,7 +24,7 @@ def test_config_validation_names_the_bad_value():
         VisionSAETrainingConfig(k=0)
     with pytest.raises(ValueError, match=r"per_layer\['blocks.0.hook_resid_post'\] has unknown keys \['kk'\]"):
         VisionSAETrainingConfig(per_layer={"blocks.0.hook_resid_post": {"kk": 3}})
-    with pytest.raises(ValueError, match=r"Unknown config keys \['lrr'\]"):
+    with pytest.raises(ValueError, match=r"Unknown VisionSAETrainingConfig keys \['lrr'\]"):
         VisionSAETrainingConfig.from_dict({"lrr": 1.0})
 
 

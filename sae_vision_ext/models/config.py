@@ -6,12 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .._config import ConfigMixin
+
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "other"]
 Normalization = Literal["LN", "RMS"]
 
 
 @dataclass
-class HookedViTConfig:
+class HookedViTConfig(ConfigMixin):
     """Architecture facts of a hooked ViT. Built by the adapter from the wrapped module; read-only."""
 
     n_layers: int
@@ -96,11 +98,3 @@ class HookedViTConfig:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HookedViTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown HookedViTConfig keys {sorted(unknown)}; valid: {sorted(names)}.")
-        return cls(**d)

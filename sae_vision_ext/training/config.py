@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .._config import ConfigMixin
 from ..activations.harvest import TOKEN_SELECTIONS, TokenSelection
 
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk", "gated"]
@@ -17,7 +15,7 @@ LrScheduler = Literal["constant", "cosineannealing", "cosineannealingwarmrestart
 
 
 @dataclass
-class VisionSAETrainingConfig:
+class VisionSAETrainingConfig(ConfigMixin):
     """One SAE per hook, all trained from one activation stream (one model forward per image batch)."""
 
     model_name: str = "sve:shapes-vit"
@@ -125,25 +123,3 @@ class VisionSAETrainingConfig:
     @property
     def effective_lr_end(self) -> float:
         return self.lr / 10 if self.lr_end is None else self.lr_end
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionSAETrainingConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}.")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> VisionSAETrainingConfig:
-        """Load from ``.yaml``/``.yml`` or ``.json``."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return cls.from_dict(yaml.safe_load(text) or {})
-        return cls.from_dict(json.loads(text))
