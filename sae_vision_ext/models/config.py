@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,7 +93,9 @@ class HookedViTConfig(ConfigMixin):
         """Tokens per image: prefix tokens then patches."""
         return self.n_prefix_tokens + self.n_patches
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["image_size"] = list(self.image_size)
-        return d
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HookedViTConfig:
+        """As :class:`ConfigMixin`, accepting ``image_size`` as a list (JSON has no tuples)."""
+        if "image_size" in d:
+            d = {**d, "image_size": tuple(d["image_size"])}
+        return super().from_dict(d)
