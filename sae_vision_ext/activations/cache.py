@@ -74,8 +74,8 @@ class CacheSettings:
 
 def dataset_fingerprint(source: Any, n_images: int, seed: int) -> str:
     """A stable id of an image source: the shapes set's seed, or a hash of a folder's file list."""
-    if isinstance(source, str) and source == "sve:shapes":
-        return f"sve:shapes/seed={seed}"
+    if isinstance(source, str) and source in ("sve:shapes", "sve:shapes-marker"):
+        return f"{source}/seed={seed}"
     path = Path(str(source))
     if isinstance(source, (str, Path)) and path.exists():
         h = hashlib.sha256()

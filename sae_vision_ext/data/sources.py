@@ -53,12 +53,15 @@ class FolderImages(Dataset):
 
 
 def open_image_source(source: str | Dataset, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
-    """``"sve:shapes"``, a folder path, a Hugging Face ``datasets`` folder saved with
-    ``save_to_disk`` (column ``image``), or a torch ``Dataset`` of images (returned as is)."""
+    """An image ``Dataset``: ``"sve:shapes"``, ``"sve:shapes-marker"`` (the corner marker on half of the
+    images), a folder path, a ``datasets.save_to_disk`` folder (column ``image``), or a torch
+    ``Dataset`` of images (returned as is)."""
     if isinstance(source, Dataset):
         return source
     if source == "sve:shapes":
         return ShapesImages(n_images, transform, seed=seed)
+    if source == "sve:shapes-marker":  # the spurious corner marker on half of the images, any class
+        return ShapesImages(n_images, transform, seed=seed, balanced=True)
     path = Path(source)
     if not path.exists():
         raise ValueError(

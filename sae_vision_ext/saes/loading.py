@@ -279,7 +279,7 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
         folder = checkpoint_dir() / "saes" / model / hook
         if not (folder / "cfg.json").exists():
             raise ValueError(f"No embedded SAE {ref_s!r} (looked in {folder}). `sae-vision saes` lists them.")
-        sae = SAE.load_from_disk(folder, device=device)
+        sae = SAE.load_from_disk(folder, device=device, dtype="float32")  # shipped as float16
     elif sep and prefix in ("prisma", "saev", "saelens") and not Path(ref_s).exists():
         repo, sub = _split_repo(rest)
         if prefix == "saelens":
