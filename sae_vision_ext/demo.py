@@ -1,8 +1,10 @@
 """The main job behind ``sae-vision demo``, on the embedded shapes model (no network).
 
 Stage 1 (hooked ViT): load ``sve:shapes-vit``, run a cached forward over procedural shapes images,
-report accuracy and a per-layer summary of the residual stream and attention. Later stages (SAEs,
-dashboards, circuits) extend this file.
+report accuracy and a per-layer summary of the residual stream and attention.
+Stage 2 (SAEs): load the shipped SAE of every residual layer (``sve:<model>/<hook>``), splice each
+in and report explained variance, L0, dead features and accuracy with the SAE in place of the layer.
+Later stages (dashboards, circuits) extend this file.
 """
 
 from __future__ import annotations
@@ -42,4 +44,22 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
     print("layer  mean |resid_post|  CLS attention to itself")
     for layer in range(cfg.n_layers):
         print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
+    sae_stage(model, model_id, pixels, labels)
     return 0
+
+
+def sae_stage(model, model_id: str, pixels, labels) -> None:
+    """Stage 2: evaluate the shipped SAE of every residual layer with the SAE spliced in."""
+    from .saes.evaluate import evaluate_sae
+    from .saes.loading import load_sae
+
+    name = model_id.removeprefix("sve:")
+    print(f"\nSAEs (load_sae('sve:{name}/blocks.L.hook_resid_post')), spliced one at a time, no error term:")
+    print("layer  d_sae   k    L0   explained var  dead*  accuracy (clean -> spliced)")
+    for layer in range(model.cfg.n_layers):
+        sae = load_sae(f"sve:{name}/blocks.{layer}.hook_resid_post")
+        m = evaluate_sae(model, sae, pixels, labels, batch_size=128)
+        acc = m["accuracy"]
+        print(f"{layer:>5}  {m['d_sae']:>5}  {sae.cfg.k:>3}  {m['l0']:>5.1f}  {m['explained_variance']:>13.3f}  "
+              f"{m['dead_fraction']:>4.2f}   {acc['clean']:.3f} -> {acc['spliced']:.3f}")  # fmt: skip
+    print("* dead: share of features that never fire on these images")

@@ -66,3 +66,27 @@ def test_preprocess_accepts_pil_and_tensors(clean_model, fresh):
     assert a.shape == (3, 64, 64)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, torch.from_numpy(fresh.images[0]).permute(2, 0, 1).float() / 127.5 - 1.0)
+
+
+@torch.no_grad()
+def test_embedded_saes_load_offline_and_reconstruct(clean_model):
+    import json
+
+    from sae_vision_ext.models.embedded import checkpoint_dir
+    from sae_vision_ext.saes.evaluate import evaluate_sae
+    from sae_vision_ext.saes.loading import load_sae
+
+    summary = json.loads((checkpoint_dir() / "saes" / "shapes-vit" / "summary.json").read_text())
+    data = make_shapes(192, seed=31337, balanced=True)
+    x, y = data.tensors()
+    pixels = clean_model.preprocess(x)
+    for layer in (0, 3, 5):
+        hook = f"blocks.{layer}.hook_resid_post"
+        sae = load_sae(f"sve:shapes-vit/{hook}")
+        assert sae.W_enc.dtype == torch.float32 and sae.cfg.metadata.model_name == "sve:shapes-vit"
+        m = evaluate_sae(clean_model, sae, pixels, y)
+        assert (
+            m["explained_variance"] > 0.85 and abs(m["explained_variance"] - summary[hook]["explained_variance"]) < 0.05
+        )
+        assert m["l0"] <= sae.cfg.k + 1e-6
+        assert m["accuracy"]["spliced"] > m["accuracy"]["clean"] - 0.1
