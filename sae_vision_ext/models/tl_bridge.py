@@ -125,9 +125,11 @@ def register_tl_bridge_adapters() -> list[str]:
     """Add this package's adapters to TransformerLens's factory and static table; return the names."""
     from transformer_lens.factories import architecture_adapter_factory as factory
 
+    factory.ArchitectureAdapterFactory.discover_entry_points()  # loads ours via the entry points, once
     for name, adapter in BRIDGE_ADAPTERS.items():
         factory.SUPPORTED_ARCHITECTURES.setdefault(name, adapter)
-        factory.ArchitectureAdapterFactory.register_adapter(name, adapter)
+        if factory.ArchitectureAdapterFactory._adapters.get(name) is not adapter:
+            factory.ArchitectureAdapterFactory.register_adapter(name, adapter)
     return list(BRIDGE_ADAPTERS)
 
 
