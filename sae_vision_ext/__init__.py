@@ -21,9 +21,15 @@ _LAZY: dict[str, str] = {
     "register_loader": "sae_vision_ext.models",
     "make_shapes": "sae_vision_ext.data.shapes",
     "SHAPES": "sae_vision_ext.data.shapes",
+    "VisionSAETrainingConfig": "sae_vision_ext.training.config",
+    "train_saes": "sae_vision_ext.training.train",
+    "TrainingInterrupted": "sae_vision_ext._errors",
+    "load_sae": "sae_vision_ext.saes.loading",
+    "evaluate_sae": "sae_vision_ext.saes.evaluate",
 }
 
 if TYPE_CHECKING:
+    from ._errors import TrainingInterrupted
     from .data.shapes import SHAPES, make_shapes
     from .models import (
         HookedViT,
@@ -34,6 +40,10 @@ if TYPE_CHECKING:
         register_adapter,
         register_loader,
     )
+    from .saes.evaluate import evaluate_sae
+    from .saes.loading import load_sae
+    from .training.config import VisionSAETrainingConfig
+    from .training.train import train_saes
 
 
 def __getattr__(name: str) -> Any:
@@ -53,11 +63,16 @@ __all__ = [
     "SHAPES",
     "HookedViT",
     "HookedViTConfig",
+    "TrainingInterrupted",
     "ViTAdapter",
+    "VisionSAETrainingConfig",
     "__version__",
+    "evaluate_sae",
     "list_adapters",
     "list_embedded_models",
+    "load_sae",
     "make_shapes",
     "register_adapter",
     "register_loader",
+    "train_saes",
 ]

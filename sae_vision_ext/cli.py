@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._errors import TrainingInterrupted
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import LOADERS, list_adapters, list_embedded_models
@@ -85,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.train import train_saes
 
     cfg = _training_config(args)
-    saes = train_saes(cfg)
+    saes = train_saes(cfg, resume=args.resume)
     for hook in saes:
         print(f"saved {hook} -> {cfg.output_dir}/{hook}")
     return 0
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML or JSON VisionSAETrainingConfig; flags below override it")
         p.add_argument("--layers", help="comma-separated layers for an all_* hook group, e.g. 0,3,5")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         for key, typ in _CONFIG_FLAGS.items():
             p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
         p.set_defaults(func=func)
@@ -194,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"sae-vision {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"sae-vision {args.command}: interrupted. {e}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -88,3 +88,55 @@ def test_saved_in_saelens_format_loadable_without_this_package(trained):
                    [64, 64], 8, 1, "sve:shapes", "0.1.0"]  # fmt: skip
     saved_cfg = json.loads((__import__("pathlib").Path(cfg.output_dir) / "training_config.json").read_text())
     assert VisionSAETrainingConfig.from_dict(saved_cfg) == cfg
+
+
+def _small_cfg(out, **kw) -> VisionSAETrainingConfig:
+    base = dict(model_name="sve:shapes-vit", layers=[2, 4], n_images=200, training_tokens=512 * 12,
+                train_batch_size=512, shuffle_buffer_tokens=4096, image_batch_size=50, expansion_factor=2, k=8,
+                seed=1, output_dir=str(out))  # fmt: skip
+    return VisionSAETrainingConfig(**(base | kw))
+
+
+def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from sae_lens import SAE
+    from safetensors.torch import load_file
+
+    from sae_vision_ext._errors import TrainingInterrupted
+    from sae_vision_ext.training import train as train_module
+
+    full = train_saes(_small_cfg(tmp_path / "full"))
+    sparsity = load_file(tmp_path / "full" / "blocks.2.hook_resid_post" / "sparsity.safetensors")["sparsity"]
+    assert sparsity.shape == (256,)
+
+    cfg = _small_cfg(tmp_path / "interrupted")
+    original = train_module._CountingStream.__next__
+
+    def next_then_kill(self):
+        if self.count == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered mid-run
+        return original(self)
+
+    monkeypatch.setattr(train_module._CountingStream, "__next__", next_then_kill)
+    with pytest.raises(TrainingInterrupted, match=r"checkpoint saved to .*resume=True"):
+        train_saes(cfg)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "interrupted" / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["batches_consumed"] == 5 and state["n_training_steps"] == 4  # 1 batch went to norm estimation
+    assert (
+        signal.getsignal(signal.SIGTERM) is not None
+        and not (tmp_path / "interrupted" / "blocks.2.hook_resid_post").exists()
+    )
+
+    with pytest.raises(ValueError, match="config differs"):
+        train_saes(_small_cfg(tmp_path / "interrupted", k=4), resume=True)
+    resumed = train_saes(cfg, resume=True)
+    for hook in full:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(resumed[hook], name), getattr(full[hook], name), atol=1e-5, rtol=1e-4)
+    assert not (tmp_path / "interrupted" / "checkpoints" / "latest").exists(), "finished runs leave no resumable state"
+    with pytest.raises(ValueError, match="Nothing to resume"):
+        train_saes(cfg, resume=True)
+    assert isinstance(SAE.load_from_disk(tmp_path / "interrupted" / "blocks.4.hook_resid_post"), SAE)

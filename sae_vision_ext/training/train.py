@@ -5,19 +5,32 @@ token selection -> ShuffleBuffer -> {hook: [train_batch_size, d_in]}``, consumed
 ``MultiSAETrainer``. Each SAE is saved with ``save_inference_model`` under
 ``output_dir/<hook_name>`` (``cfg.json`` + ``sae_weights.safetensors``), loadable with plain
 ``sae_lens.SAE.load_from_disk``; ``cfg.metadata`` records the model, hook, token selection, image
-geometry, dataset and this package's version.
+geometry, dataset and this package's version; ``sparsity.safetensors`` (log10 firing frequency per
+feature, as SAELens writes it) sits beside each.
+
+Interruption: SIGINT (Ctrl-C) or SIGTERM only sets a flag; the data stream raises at the next batch
+boundary, so every SAE has finished the same number of steps when ``output_dir/checkpoints/latest``
+is written (SAELens checkpoints per hook + ``state.json`` with the number of stream batches
+consumed). ``train_saes(cfg, resume=True)`` reloads weights, optimiser, schedulers, scalers and
+counters and replays the deterministic stream past the consumed batches, so a resumed run ends
+with the same SAEs as an uninterrupted one (tested).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._errors import TrainingInterrupted
 from .config import VisionSAETrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -106,15 +119,93 @@ def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]
     return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
 
 
-def train_saes(cfg: VisionSAETrainingConfig, model: Any = None) -> dict[str, Any]:
-    """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference)."""
+class _StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self, *_: Any) -> None:
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: _StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, flag.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _CountingStream:
+    """Counts batches handed out; stops cleanly at a batch boundary once a stop was requested."""
+
+    def __init__(self, stream: Iterator[dict], flag: _StopFlag, skip: int = 0) -> None:
+        self.stream, self.flag, self.count = stream, flag, 0
+        for _ in range(skip):  # replay the deterministic stream up to where the interrupted run stopped
+            next(self.stream)
+            self.count += 1
+
+    def __iter__(self) -> _CountingStream:
+        return self
+
+    def __next__(self) -> dict:
+        if self.flag.requested:
+            raise TrainingInterrupted("stop requested")
+        batch = next(self.stream)
+        self.count += 1
+        return batch
+
+
+def _trainer_class():
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    class VisionMultiSAETrainer(MultiSAETrainer):
+        """SAELens's MultiSAETrainer with loss, L0 and explained variance (means over hooks) in the bar."""
+
+        @torch.no_grad()
+        def _update_pbar(self, step_outputs: dict, pbar: Any, update_interval: int = 100) -> None:
+            if self.n_training_steps % update_interval != 0:
+                return
+            outs = list(step_outputs.values())
+            loss = sum(float(o.loss) for o in outs) / len(outs)
+            l0 = sum(float((o.feature_acts != 0).sum(-1).float().mean()) for o in outs) / len(outs)
+            ev = sum(
+                1 - float((o.sae_in - o.sae_out).pow(2).sum() / (o.sae_in - o.sae_in.mean(0)).pow(2).sum())
+                for o in outs
+            ) / len(outs)
+            pbar.set_description(f"{self.n_training_steps} steps | loss {loss:.4f} | L0 {l0:.1f} | EV {ev:.3f}")
+            pbar.update(update_interval * self.cfg.train_batch_size_samples)
+
+    return VisionMultiSAETrainer
+
+
+def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference).
+
+    Raises :class:`TrainingInterrupted` after saving a checkpoint if SIGINT/SIGTERM arrives;
+    ``resume=True`` continues from it (the config must be the same).
+    """
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+    from safetensors.torch import save_file
 
     from ..activations.harvest import resolve_hook_names
     from ..models import HookedViT
 
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoints" / "latest"
+    state = None
+    if resume:
+        if not (ckpt / "state.json").exists():
+            raise ValueError(f"Nothing to resume: no checkpoint at {ckpt}. Run without resume to start.")
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["config"] != json.loads(json.dumps(cfg.to_dict())):
+            raise ValueError(f"The config differs from the interrupted run's (saved in {ckpt / 'state.json'}); "
+                             "resume needs the same config.")  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = model or HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
     model.eval()
@@ -122,7 +213,11 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None) -> dict[str, Any
     widths = model.hook_shapes(batch_size=1)
     stream, per_image = activation_stream(cfg, model, hooks)
     saes = {h: build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image)) for h in hooks}
-    out = Path(cfg.output_dir)
+    if state is not None:
+        for h, sae in saes.items():
+            sae.load_weights_from_checkpoint(ckpt / h)
+    flag = _StopFlag()
+    provider = _CountingStream(stream, flag, skip=state["batches_consumed"] if state else 0)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.training_tokens,
         train_batch_size_samples=cfg.train_batch_size,
@@ -136,12 +231,34 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None) -> dict[str, Any
         logger=LoggingConfig(log_to_wandb=cfg.log_to_wandb, wandb_project=cfg.wandb_project),
         n_batches_for_norm_estimate=min(100, max(1, cfg.training_tokens // cfg.train_batch_size // 10)),
     )
-    trained = MultiSAETrainer(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in hooks}, data_provider=stream).fit()
+    trainer = _trainer_class()(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in hooks}, data_provider=provider)
+    if state is not None:
+        for h, t in trainer.trainers.items():
+            t.load_trainer_state(ckpt / h)
+        trainer.n_training_samples = state["n_training_samples"]
+        trainer.n_training_steps = state["n_training_steps"]
+        logger.info("resumed at %d tokens from %s", trainer.n_training_samples, ckpt)
+    with _stop_on_signals(flag):
+        try:
+            trained = trainer.fit()
+        except TrainingInterrupted:
+            for h, t in trainer.trainers.items():
+                t.save_checkpoint(h, base_path=ckpt)
+            (ckpt / "state.json").write_text(json.dumps({
+                "batches_consumed": provider.count, "n_training_steps": trainer.n_training_steps,
+                "n_training_samples": trainer.n_training_samples, "config": cfg.to_dict()}))  # fmt: skip
+            raise TrainingInterrupted(
+                f"Training interrupted after {trainer.n_training_samples} tokens; checkpoint saved to {ckpt}. "
+                "Continue with train_saes(cfg, resume=True) or `sae-vision train ... --resume`."
+            ) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     result = {}
     for hook, sae in trained.items():
         sae.save_inference_model(out / hook)
+        save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
         result[hook] = SAE.load_from_disk(out / hook, device=cfg.device)
         logger.info("saved %s to %s", hook, out / hook)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)  # the run is complete; a stale checkpoint must not be resumed later
     return result

@@ -1,0 +1,5 @@
+"""Exceptions shared across the package (no heavy imports, so the CLI can catch them cheaply)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after a complete step; a resumable checkpoint was saved."""
