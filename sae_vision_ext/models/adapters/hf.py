@@ -9,6 +9,7 @@ that matters for each class: ``logits`` for classifiers, ``image_embeds`` for
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from ..components import BlockParts, SeparateQKV, act_fn_name
 from ..config import HookedViTConfig
 from .base import ViTAdapter, register_adapter, register_loader, unsupported
 
+logger = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -117,14 +119,17 @@ class _HFAdapter(ViTAdapter):
         return "logits" if hasattr(self.module, "classifier") else "embedding"
 
     def data_config(self) -> dict[str, Any]:
+        """The family's defaults, overridden by the model's own image-processor settings when
+        ``from_pretrained("hf:...")`` found them (``module.sve_data_config``)."""
         c = self.config()
-        return {
+        cfg = {
             "input_size": (c.in_chans, *c.image_size),
             "mean": self.default_mean,
             "std": self.default_std,
             "interpolation": "bicubic",
             "crop_pct": 1.0,
         }
+        return cfg | (getattr(self.module, "sve_data_config", None) or {})
 
 
 @register_adapter("hf_vit")
@@ -275,8 +280,37 @@ def load_hf(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
     if cls is None:
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0]) if archs and hasattr(transformers, archs[0]) else transformers.AutoModel
+    if model_type in ("clip", "siglip"):  # the vision tower of a two-tower repo
+        vision = config.vision_config
+        if model_type == "clip":  # the true projection width lives in the top-level config
+            vision.projection_dim = config.projection_dim
+        config = vision
     if pretrained:
-        return cls.from_pretrained(name, **kwargs)
-    if model_type in ("clip", "siglip") and cls is not transformers.CLIPVisionModelWithProjection:
-        config = config.vision_config
-    return cls._from_config(config, **kwargs) if cls is not transformers.AutoModel else cls.from_config(config)
+        model = cls.from_pretrained(name, config=config, **kwargs)
+    else:
+        model = cls._from_config(config, **kwargs) if cls is not transformers.AutoModel else cls.from_config(config)
+    model.sve_data_config = _image_processor_config(name)
+    return model
+
+
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _image_processor_config(name: str) -> dict[str, Any] | None:
+    """Mean, std, interpolation and crop fraction from the repo's image processor, if it has one."""
+    import transformers
+
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(name)
+    except Exception as e:  # no processor config (or offline): the family's defaults apply
+        logger.info("no image processor for %s (%s); using the family's default preprocessing", name, e)
+        return None
+    cfg: dict[str, Any] = {}
+    if getattr(proc, "image_mean", None) is not None:
+        cfg["mean"], cfg["std"] = tuple(proc.image_mean), tuple(proc.image_std)
+    if getattr(proc, "resample", None) is not None:
+        cfg["interpolation"] = _RESAMPLE.get(int(proc.resample), "bicubic")
+    size, crop = dict(getattr(proc, "size", None) or {}), dict(getattr(proc, "crop_size", None) or {})
+    if "shortest_edge" in size and crop.get("height") and getattr(proc, "do_center_crop", False):
+        cfg["crop_pct"] = crop["height"] / size["shortest_edge"]
+    return cfg
