@@ -8,11 +8,17 @@ from pathlib import Path
 import torch
 
 
-def test_readme_quickstart_runs():
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    first, second = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:2]
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(first, "README.md", "exec"), namespace)
     assert namespace["cache"]["blocks.3.hook_resid_post"].shape == (16, 65, 128)
     assert namespace["resid"].shape == (16, 65, 128)
     assert not torch.allclose(namespace["ablated"], namespace["logits"])
+
+    monkeypatch.chdir(tmp_path)  # the training block writes runs/shapes; shrink it to test speed
+    exec(compile(second.replace("300_000", "12_000"), "README.md", "exec"), namespace)
+    assert len(namespace["saes"]) == 6
+    assert namespace["cache"]["blocks.3.hook_resid_post.hook_sae_acts_post"].shape == (16, 65, 512)
+    assert namespace["sae"].cfg.metadata.model_name == "sve:shapes-vit"  # the shipped one, loaded last
