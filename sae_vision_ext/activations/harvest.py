@@ -88,7 +88,7 @@ def harvest(
     """
     cfg = model.cfg
     for name in hook_names:
-        model._check_hook_name(name)
+        model.check_hook_name(name)
     deepest = deepest_block(hook_names)
     stop = None if deepest is None else deepest + 1
     for pixels in image_batches:

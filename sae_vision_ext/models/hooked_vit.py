@@ -185,7 +185,8 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         return self.hook_out(a.head(self.hook_pooled(pooled)))
 
     # ------------------------------------------------------------------ hooks and caching
-    def _check_hook_name(self, name: str) -> None:
+    def check_hook_name(self, name: str) -> None:
+        """Raise ``ValueError`` naming the closest valid hooks if ``name`` is not a hook point."""
         if name not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -196,19 +197,19 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
 
     def _check_names_filter(self, names_filter: NamesFilter) -> None:
         if isinstance(names_filter, str):
-            self._check_hook_name(names_filter)
+            self.check_hook_name(names_filter)
         elif isinstance(names_filter, Sequence):
             for name in names_filter:
-                self._check_hook_name(name)
+                self.check_hook_name(name)
 
     def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):
-            self._check_hook_name(name)
+            self.check_hook_name(name)
         super().add_hook(name, hook, *args, **kwargs)
 
     def _enable_hook(self, name: str | Callable[[str], bool], hook: Callable, dir: str) -> None:
         if isinstance(name, str):
-            self._check_hook_name(name)
+            self.check_hook_name(name)
         super()._enable_hook(name=name, hook=hook, dir=dir)
 
     def run_with_cache(

@@ -39,7 +39,7 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Metrics of ``sae`` at its hook on ``images`` (preprocessed ``[n, chan, h, w]``); JSON to ``out_path``."""
     hook = sae.cfg.metadata.hook_name
-    model._check_hook_name(hook)
+    model.check_hook_name(hook)
     n_prefix, kind = model.cfg.n_prefix_tokens, model.adapter.output_kind()
     chunks = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
 
