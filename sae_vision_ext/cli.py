@@ -61,23 +61,19 @@ def _training_config(args: argparse.Namespace):
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .activations.cache import CacheSettings, build_cache, dataset_fingerprint
+    from .activations.cache import build_cache
     from .activations.harvest import resolve_hook_names
     from .data.sources import open_image_source
     from .models import HookedViT
+    from .training.train import cache_settings
 
     cfg = _training_config(args)
     if cfg.cache_dir is None:
         raise ValueError("Give --cache-dir (or cache_dir in the config) for `sae-vision cache`.")
     model = HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
     dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
-    settings = CacheSettings(
-        model_name=cfg.model_name, hook_names=tuple(resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)),
-        dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
-        n_images=min(cfg.n_images, len(dataset)), token_selection=cfg.token_selection,
-        patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype, images_per_shard=cfg.images_per_shard,
-        seed=cfg.seed,
-    )  # fmt: skip
+    hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    settings = cache_settings(cfg, hooks, len(dataset))
     folder = build_cache(model, dataset, settings, cfg.cache_dir, cfg.num_workers, cfg.image_batch_size)
     print(f"cache ready: {folder}")
     return 0

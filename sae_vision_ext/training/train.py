@@ -86,6 +86,19 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
     return cls(config_cls(**kwargs))
 
 
+def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> Any:
+    """The ``CacheSettings`` a training config implies (the same for ``sae-vision cache`` and training)."""
+    from ..activations.cache import CacheSettings, dataset_fingerprint
+
+    return CacheSettings(
+        model_name=cfg.model_name, hook_names=tuple(hooks),
+        dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
+        n_images=min(cfg.n_images, dataset_len), token_selection=cfg.token_selection,
+        patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype,
+        images_per_shard=cfg.images_per_shard, seed=cfg.seed,
+    )  # fmt: skip
+
+
 def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]) -> tuple[Iterator[dict], int]:
     """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image."""
     from ..activations.harvest import ShuffleBuffer, harvest, token_positions
@@ -101,15 +114,9 @@ def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]
         n_patch = int((keep >= model.cfg.n_prefix_tokens).sum())
         per_image = per_image - n_patch + min(n_patch, cfg.patches_per_image)
     if cfg.cache_dir is not None:
-        from ..activations.cache import CacheSettings, dataset_fingerprint, open_or_build_cache
+        from ..activations.cache import open_or_build_cache
 
-        settings = CacheSettings(
-            model_name=cfg.model_name, hook_names=tuple(hooks),
-            dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
-            n_images=min(cfg.n_images, len(dataset)), token_selection=cfg.token_selection,
-            patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype,
-            images_per_shard=cfg.images_per_shard, seed=cfg.seed,
-        )  # fmt: skip
+        settings = cache_settings(cfg, hooks, len(dataset))
         cached = open_or_build_cache(model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers,
                                      image_batch_size=cfg.image_batch_size)  # fmt: skip
         return cached.batches(cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None), per_image
