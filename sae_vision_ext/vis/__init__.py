@@ -1,0 +1,1 @@
+"""Feature visualisation: streaming statistics, top-activating patches with heatmaps, dashboards."""
