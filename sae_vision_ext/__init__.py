@@ -26,6 +26,10 @@ _LAZY: dict[str, str] = {
     "TrainingInterrupted": "sae_vision_ext._errors",
     "load_sae": "sae_vision_ext.saes.loading",
     "evaluate_sae": "sae_vision_ext.saes.evaluate",
+    "collect_feature_stats": "sae_vision_ext.vis.stats",
+    "FeatureStats": "sae_vision_ext.vis.stats",
+    "plot_top_patches": "sae_vision_ext.vis.plots",
+    "build_dashboard": "sae_vision_ext.vis.dashboard",
 }
 
 if TYPE_CHECKING:
@@ -44,6 +48,9 @@ if TYPE_CHECKING:
     from .saes.loading import load_sae
     from .training.config import VisionSAETrainingConfig
     from .training.train import train_saes
+    from .vis.dashboard import build_dashboard
+    from .vis.plots import plot_top_patches
+    from .vis.stats import FeatureStats, collect_feature_stats
 
 
 def __getattr__(name: str) -> Any:
@@ -61,17 +68,21 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SHAPES",
+    "FeatureStats",
     "HookedViT",
     "HookedViTConfig",
     "TrainingInterrupted",
     "ViTAdapter",
     "VisionSAETrainingConfig",
     "__version__",
+    "build_dashboard",
+    "collect_feature_stats",
     "evaluate_sae",
     "list_adapters",
     "list_embedded_models",
     "load_sae",
     "make_shapes",
+    "plot_top_patches",
     "register_adapter",
     "register_loader",
     "train_saes",

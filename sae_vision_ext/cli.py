@@ -90,28 +90,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data.shapes import make_shapes
-    from .data.sources import open_image_source
     from .models import HookedViT
     from .saes.evaluate import evaluate_sae, format_eval_table
     from .saes.loading import load_sae
 
     model = HookedViT.from_pretrained(args.model)
-    labels = None
-    if args.dataset == "sve:shapes":
-        data = make_shapes(args.n_images, seed=args.seed)
-        raw, labels = data.tensors()
-        images = model.preprocess(raw)
-    else:
-        ds = open_image_source(args.dataset, model.preprocess, args.n_images, args.seed)
-        images = torch.stack([ds[i] for i in range(min(args.n_images, len(ds)))])
+    images, labels, _ = _load_images(model, args.dataset, args.n_images, args.seed)
     for ref in args.sae:
         sae = load_sae(ref, hook_name=args.hook_name)
         out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
         metrics = evaluate_sae(model, sae, images, labels, out_path=out)
         print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
+    return 0
+
+
+def _load_images(model, dataset: str, n_images: int, seed: int):
+    """Preprocessed images (and labels for sve:shapes sets) for eval and dashboard commands."""
+    import torch
+
+    from .data.shapes import SHAPES, make_shapes
+    from .data.sources import open_image_source
+
+    if dataset in ("sve:shapes", "sve:shapes-marker"):
+        raw, labels = make_shapes(n_images, seed=seed, balanced=dataset.endswith("marker")).tensors()
+        return model.preprocess(raw), labels, SHAPES
+    ds = open_image_source(dataset, model.preprocess, n_images, seed)
+    return torch.stack([ds[i] for i in range(min(n_images, len(ds)))]), None, None
+
+
+def _sae_refs(spec: str, model_id: str, n_layers: int) -> list[str]:
+    """``sve`` (the shipped SAEs of an embedded model), a folder of SAE folders, or comma-separated refs."""
+    from pathlib import Path
+
+    if spec == "sve":
+        return [f"{model_id}/blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    path = Path(spec)
+    if path.is_dir() and not (path / "cfg.json").exists():
+        refs = sorted(str(p.parent) for p in path.glob("*/cfg.json"))
+        if not refs:
+            raise ValueError(f"No SAE folders (cfg.json) inside {path}.")
+        return refs
+    return spec.split(",")
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .models import HookedViT
+    from .saes.loading import load_sae
+    from .vis.dashboard import build_dashboard
+
+    model = HookedViT.from_pretrained(args.model)
+    saes = [load_sae(r) for r in _sae_refs(args.saes, args.model, model.cfg.n_layers)]
+    saes.sort(key=lambda s: s.cfg.metadata.hook_name)
+    pixels, labels, names = _load_images(model, args.dataset, args.n_images, args.seed)
+    index = build_dashboard(model, saes, pixels, args.out, labels=labels, label_names=names, top_k=args.top_k,
+                            n_feature_pages=args.feature_pages, n_image_pages=args.image_pages)  # fmt: skip
+    print(f"dashboard written: {index.resolve()}")
     return 0
 
 
@@ -135,7 +168,7 @@ def _cmd_saes(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(n_images=args.n_images, batch_size=args.batch_size, model_id=args.model)
+    return run_demo(n_images=args.n_images, batch_size=args.batch_size, model_id=args.model, out_dir=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for one JSON file per SAE")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("dashboard", help="write an offline HTML dashboard of SAE features")
+    p.add_argument("--model", required=True, help="model id, e.g. sve:shapes-vit")
+    p.add_argument("--saes", required=True, help="'sve' (shipped SAEs), a folder of SAE folders, or refs a,b,c")
+    p.add_argument("--out", required=True, help="output folder (open <out>/index.html from disk)")
+    p.add_argument("--dataset", default="sve:shapes-marker", help="image source (default: %(default)s)")
+    p.add_argument("--n-images", type=int, default=512)
+    p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--top-k", type=int, default=8, help="top images per feature")
+    p.add_argument("--feature-pages", type=int, default=16, help="feature pages per SAE")
+    p.add_argument("--image-pages", type=int, default=8)
+    p.set_defaults(func=_cmd_dashboard)
+
     p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
     p.set_defaults(func=_cmd_saes)
 
@@ -183,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="sve:shapes-vit", help="embedded model to use (default: %(default)s)")
     p.add_argument("--n-images", type=int, default=512, help="shapes images to run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: %(default)s)")
+    p.add_argument("--out", default="sae-vision-demo", help="folder for the demo's outputs (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

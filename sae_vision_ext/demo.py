@@ -4,7 +4,8 @@ Stage 1 (hooked ViT): load ``sve:shapes-vit``, run a cached forward over procedu
 report accuracy and a per-layer summary of the residual stream and attention.
 Stage 2 (SAEs): load the shipped SAE of every residual layer (``sve:<model>/<hook>``), splice each
 in and report explained variance, L0, dead features and accuracy with the SAE in place of the layer.
-Later stages (dashboards, circuits) extend this file.
+Stage 3 (visualisers): streaming feature statistics over the images and an offline HTML dashboard
+(``<out>/index.html``). Later stages (circuits) extend this file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:shapes-vit") -> int:
+def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:shapes-vit",
+             out_dir: str = "sae-vision-demo") -> int:  # fmt: skip
     import torch
     from tqdm import tqdm
 
@@ -44,11 +46,24 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
     print("layer  mean |resid_post|  CLS attention to itself")
     for layer in range(cfg.n_layers):
         print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
-    sae_stage(model, model_id, pixels, labels)
+    saes = sae_stage(model, model_id, pixels, labels)
+    dashboard_stage(model, saes, pixels, labels, out_dir)
     return 0
 
 
-def sae_stage(model, model_id: str, pixels, labels) -> None:
+def dashboard_stage(model, saes, pixels, labels, out_dir: str) -> None:
+    """Stage 3: feature statistics and the offline dashboard."""
+    from pathlib import Path
+
+    from .data.shapes import SHAPES
+    from .vis.dashboard import build_dashboard
+
+    index = build_dashboard(model, saes, pixels, Path(out_dir) / "dashboard", labels=labels, label_names=SHAPES,
+                            n_feature_pages=8, n_image_pages=6)  # fmt: skip
+    print(f"\nDashboard (open from disk, no server needed): {index.resolve()}")
+
+
+def sae_stage(model, model_id: str, pixels, labels) -> list:
     """Stage 2: evaluate the shipped SAE of every residual layer with the SAE spliced in."""
     from .saes.evaluate import evaluate_sae
     from .saes.loading import load_sae
@@ -56,10 +71,13 @@ def sae_stage(model, model_id: str, pixels, labels) -> None:
     name = model_id.removeprefix("sve:")
     print(f"\nSAEs (load_sae('sve:{name}/blocks.L.hook_resid_post')), spliced one at a time, no error term:")
     print("layer  d_sae   k    L0   explained var  dead*  accuracy (clean -> spliced)")
+    saes = []
     for layer in range(model.cfg.n_layers):
         sae = load_sae(f"sve:{name}/blocks.{layer}.hook_resid_post")
+        saes.append(sae)
         m = evaluate_sae(model, sae, pixels, labels, batch_size=128)
         acc = m["accuracy"]
         print(f"{layer:>5}  {m['d_sae']:>5}  {sae.cfg.k:>3}  {m['l0']:>5.1f}  {m['explained_variance']:>13.3f}  "
               f"{m['dead_fraction']:>4.2f}   {acc['clean']:.3f} -> {acc['spliced']:.3f}")  # fmt: skip
     print("* dead: share of features that never fire on these images")
+    return saes

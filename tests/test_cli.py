@@ -24,11 +24,20 @@ def test_hooks_prints_names_with_shapes(capsys):
     assert "108 hook points" in out
 
 
-def test_demo_runs_and_reports_accuracy(capsys):
-    assert main(["demo", "--n-images", "64", "--batch-size", "32"]) == 0
+def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
+    assert main(["demo", "--n-images", "64", "--batch-size", "32", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     acc = float(out.split("classes): ")[1].split()[0])
     assert acc > 0.7
+    assert "explained var" in out and (tmp_path / "dashboard" / "index.html").exists()
+    assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
+
+
+def test_dashboard_command(capsys, tmp_path):
+    assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path), "--n-images", "32",
+                 "--feature-pages", "1", "--image-pages", "1"]) == 0  # fmt: skip
+    assert "dashboard written" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("blocks.*/f*.html"))) == 6
 
 
 def test_saes_lists_releases(capsys):
@@ -42,7 +51,9 @@ def test_errors_exit_2_with_message(capsys):
     assert "Unknown model source 'nosuch'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", [[], ["models"], ["hooks"], ["saes"], ["demo"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["models"], ["hooks"], ["saes"], ["demo"], ["dashboard"], ["eval"], ["train"], ["cache"]]
+)
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
