@@ -10,7 +10,7 @@ import torch
 
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    first, second = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:2]
+    first, second, third = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:3]
     namespace: dict = {}
     exec(compile(first, "README.md", "exec"), namespace)
     assert namespace["cache"]["blocks.3.hook_resid_post"].shape == (16, 65, 128)
@@ -22,3 +22,7 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert len(namespace["saes"]) == 6
     assert namespace["cache"]["blocks.3.hook_resid_post.hook_sae_acts_post"].shape == (16, 65, 512)
     assert namespace["sae"].cfg.metadata.model_name == "sve:shapes-vit"  # the shipped one, loaded last
+
+    exec(compile(third, "README.md", "exec"), namespace)
+    assert (tmp_path / "f123.png").exists() and (tmp_path / "dash" / "index.html").exists()
+    assert namespace["stats"].n_images == 16
