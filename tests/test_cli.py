@@ -40,6 +40,23 @@ def test_dashboard_command(capsys, tmp_path):
     assert len(list(tmp_path.glob("blocks.*/f*.html"))) == 6
 
 
+def test_dashboard_from_a_folder_of_trained_saes(capsys, tmp_path):
+    from sae_vision_ext.saes.loading import load_sae
+
+    for layer in (2, 5):  # a training output folder holds one SAELens folder per hook
+        load_sae(f"sve:shapes-vit/blocks.{layer}.hook_resid_post").save_model(
+            tmp_path / "run" / f"blocks.{layer}.hook_resid_post"
+        )
+    small = ["--n-images", "32", "--feature-pages", "1", "--image-pages", "1"]
+    out = str(tmp_path / "dash")
+    assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", str(tmp_path / "run"), "--out", out, *small]) == 0
+    assert sorted(p.name for p in (tmp_path / "dash").glob("blocks.*")) == ["blocks.2.hook_resid_post",
+                                                                          "blocks.5.hook_resid_post"]  # fmt: skip
+    assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", str(tmp_path / "dash" / "images"), "--out",
+                 str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "No SAE folders" in capsys.readouterr().err
+
+
 def test_saes_lists_releases(capsys):
     assert main(["saes"]) == 0
     out = capsys.readouterr().out

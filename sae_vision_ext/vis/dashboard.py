@@ -142,7 +142,7 @@ def build_dashboard(
             examples = [{"value": v, "image": i, "token": t, "page": i in image_ids,
                          "label": names[int(labels[i])] if labels is not None else ""}
                         for v, i, t in s.top_examples(f)]  # fmt: skip
-            plot_top_patches(s, f, model, sae, pixels, d / f"f{f}.png", labels=[e["label"] for e in examples])
+            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae, labels=[e["label"] for e in examples])
             cos = w_dec @ w_dec[f]
             cos[f] = -2
             neighbours = [{"id": int(j), "cos": float(cos[j]), "page": int(j) in page_ids[hook]}

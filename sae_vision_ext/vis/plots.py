@@ -57,12 +57,14 @@ def _overlay(ax: Any, img: np.ndarray, heat: np.ndarray, vmax: float) -> None:
     ax.axis("off")
 
 
-def plot_top_patches(stats: FeatureStats, feature: int, model: Any, sae: Any, pixels: Tensor, path: str | Path,
+def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: str | Path, model: Any, sae: Any,
                      labels: Sequence[str] | None = None, crop_patches: int = 3) -> Path:  # fmt: skip
     """Top images of ``feature`` with its heatmap (top row) and a crop around the hottest patch (bottom).
 
-    ``pixels`` are the preprocessed images the stats were collected on (indexed by image index).
+    ``images`` are the preprocessed images the stats were collected on (indexed by image index);
+    ``model`` and ``sae`` recompute the true per-patch activations for the heatmaps.
     """
+    pixels = images
     plt = _plt()
     examples = stats.top_examples(feature)
     path = Path(path)
