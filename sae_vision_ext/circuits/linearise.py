@@ -1,0 +1,88 @@
+"""Frozen linearisation of a HookedViT with SAEs spliced at every residual layer.
+
+On a traced image the clean forward (all SAE error terms kept) is recorded; ``frozen_hooks`` then
+returns, in any later forward, the *recorded* attention patterns, LayerNorm scales (ln_pre, ln1,
+ln2, ln_final) and MLP gates (``act(u) = u · g(u)`` with ``g`` held at its recorded value: GELU
+``Φ(u)``, GELU-tanh, QuickGELU ``σ(1.702u)``, ReLU ``1[u > 0]``, SiLU ``σ(u)``). With those held
+fixed every block is affine in its input, so:
+
+- on the traced image the frozen forward equals the clean forward;
+- the residual after each layer's splice, ``x_l = Σ_f a_{l,p,f} W_dec^l[f] + b_dec^l + e_l[p]``, is
+  made a gradient leaf (``leaf_hooks``), so a target at layer ``l + 1`` (or a logit, reading
+  ``x_{L-1}``) has gradient only at its adjacent leaf;
+- gradients do not flow through patterns, scales, gates, SAE encoders or error terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def gate(act_fn: str, pre: Tensor) -> Tensor:
+    """``g(u)`` with ``act(u) = u · g(u)`` for the supported activations."""
+    if act_fn == "gelu":
+        return 0.5 * (1.0 + torch.erf(pre / 2**0.5))
+    if act_fn == "gelu_tanh":
+        return 0.5 * (1.0 + torch.tanh((2 / torch.pi) ** 0.5 * (pre + 0.044715 * pre**3)))
+    if act_fn == "quick_gelu":
+        return torch.sigmoid(1.702 * pre)
+    if act_fn == "relu":
+        return (pre > 0).to(pre.dtype)
+    if act_fn == "silu":
+        return torch.sigmoid(pre)
+    raise ValueError(f"Cannot linearise activation {act_fn!r}; supported: gelu, gelu_tanh, quick_gelu, relu, silu.")
+
+
+def frozen_names(model: Any) -> list[str]:
+    """Hooks whose clean values are recorded: patterns, LayerNorm scales, MLP pre-activations."""
+    return [n for n in model.hook_dict
+            if n.endswith(("attn.hook_pattern", "hook_scale", "mlp.hook_pre")) and ".hook_sae_" not in n]  # fmt: skip
+
+
+@torch.no_grad()
+def record(model: Any, pixels: Tensor) -> dict[str, Tensor]:
+    """The values to freeze, from the clean forward of ``pixels`` (one image: batch 1)."""
+    _, cache = model.run_with_cache(pixels, names_filter=frozen_names(model), return_cache_object=False)
+    gates = {
+        n.replace("hook_pre", "gate"): gate(model.cfg.act_fn, v) for n, v in cache.items() if n.endswith("hook_pre")
+    }
+    return {k: v for k, v in cache.items() if not k.endswith("hook_pre")} | gates
+
+
+def frozen_hooks(model: Any, frozen: dict[str, Tensor]) -> list[tuple[str, Callable]]:
+    """Forward hooks that hold patterns, scales and gates at ``frozen`` (broadcast over the batch)."""
+    hooks: list[tuple[str, Callable]] = []
+    for name, value in frozen.items():
+        if name.endswith("gate"):
+            post = name.replace("gate", "hook_post")
+            hooks.append((post, _make_gate_hook(value)))
+        else:
+            hooks.append((name, lambda t, hook, v=value: v.expand_as(t)))
+    return hooks
+
+
+def _make_gate_hook(g: Tensor) -> Callable:
+    def hook(post: Tensor, hook: Any) -> Tensor:
+        # post = act(pre); recover pre from the MLP's own hook_pre value stored in this forward
+        pre = hook.ctx["pre"]
+        return pre * g.expand_as(pre)
+
+    return hook
+
+
+def pre_capture_hooks(model: Any) -> list[tuple[str, Callable]]:
+    """Store each MLP's pre-activation on its ``hook_post`` point so the gate hook can read it."""
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        post_point = model.hook_dict[f"blocks.{layer}.mlp.hook_post"]
+
+        def capture(pre: Tensor, hook: Any, point: Any = post_point) -> Tensor:
+            point.ctx["pre"] = pre
+            return pre
+
+        hooks.append((f"blocks.{layer}.mlp.hook_pre", capture))
+    return hooks
