@@ -56,6 +56,16 @@ class AttributionGraph:
     constant: Tensor
     """Bias-only response of every node that was a target, NaN otherwise."""
     target_names: list[str] = field(default_factory=list)
+    target_classes: list[int] = field(default_factory=list)
+    """Class of each target when targets are (demeaned) class logits."""
+    weights: Tensor | None = None
+    """Target weights ``w`` for influence (softmax probability of each target's class)."""
+    n_prefix: int = 1
+    has_cls: bool = True
+    grid: tuple[int, int] = (1, 1)
+    node_mask: Tensor | None = None
+    """Kept nodes after ``prune`` (``None``: unpruned)."""
+    edge_mask: Tensor | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -63,6 +73,43 @@ class AttributionGraph:
 
     def dense(self) -> Tensor:
         return self.adjacency.to_dense()
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+        """A copy with ``node_mask``/``edge_mask`` set (see ``graph_ops.prune``)."""
+        from dataclasses import replace
+
+        from .graph_ops import prune
+
+        nodes, edges = prune(self, node_threshold, edge_threshold)
+        return replace(self, node_mask=nodes, edge_mask=edges)
+
+    def scores(self) -> dict[str, float]:
+        """Replacement and completeness, unpruned and (if pruned) pruned."""
+        from .graph_ops import scores
+
+        out = {f"{k}": v for k, v in scores(self).items()}
+        if self.node_mask is not None:
+            out |= {f"{k}_pruned": v for k, v in scores(self, self.node_mask).items()}
+        return out
+
+    def to_json(self, path: str, slug: str = "vit-graph") -> dict:
+        """circuit-tracer's graph JSON (pruned nodes and edges left out when pruned)."""
+        from .graph_ops import to_circuit_tracer_json
+
+        return to_circuit_tracer_json(self, path, slug, self.node_mask, self.edge_mask)
+
+    def aggregate_positions(self) -> tuple[list[tuple[str, int, int]], Tensor]:
+        """Token-aggregated view (as the seed paper reports): nodes ``(kind, layer, feature)`` with
+        edges summed over positions; returns the node keys and a dense matrix."""
+        node_keys = [(k, int(layer), int(f)) for k, layer, f in
+                     zip(self.node_kind, self.node_layer, self.node_feature, strict=True)]  # fmt: skip
+        keys = sorted(set(node_keys))
+        index = {k: i for i, k in enumerate(keys)}
+        node_to_key = torch.tensor([index[k] for k in node_keys])
+        a = self.adjacency.coalesce()
+        out = torch.zeros(len(keys), len(keys), dtype=a.values().dtype)
+        out.index_put_((node_to_key[a.indices()[0]], node_to_key[a.indices()[1]]), a.values(), accumulate=True)
+        return keys, out
 
 
 class _Leaves:
@@ -129,12 +176,14 @@ class Attributor:
         errors = [cache[f"blocks.{i}.hook_resid_post.hook_sae_error"][0] for i in range(L)]
         x_in = cache["blocks.0.hook_resid_pre"][0]
         n_pos = x_in.shape[0]
-        if targets is None:
-            c = int(clean_out[0].argmax())
+        target_classes: list[int] = []
+        if targets is None or isinstance(targets, int):
+            c = int(clean_out[0].argmax()) if targets is None else int(targets)
             targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1])
             targets[0, c] += 1.0
-            target_names = target_names or [f"class {c} (demeaned)"]
-        targets = targets.to(clean_out.dtype)
+            target_names = target_names or [f"class {c} (demeaned logit)"]
+            target_classes = [c]
+        targets = targets.to(clean_out.dtype).reshape(-1, clean_out.shape[-1])
 
         # ---- nodes
         kinds, layers, poss, feats, vals = (
@@ -221,11 +270,18 @@ class Attributor:
                 rows_w.append(w.detach())
         indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
         adjacency = torch.sparse_coo_tensor(indices, torch.cat(rows_w), (n, n), check_invariants=False).coalesce()
-        return AttributionGraph(
+        names = list(target_names or [f"target {i}" for i in range(len(targets))])
+        graph = AttributionGraph(
             node_kind=kinds, node_layer=torch.tensor(layers), node_pos=torch.tensor(poss),
             node_feature=torch.tensor(feats), activation=torch.tensor(vals, dtype=torch.float64), adjacency=adjacency,
-            value=value, constant=constant, target_names=list(target_names or []),
+            value=value, constant=constant, target_names=names,
+            target_classes=target_classes, n_prefix=model.cfg.n_prefix_tokens, has_cls=model.cfg.has_cls_token,
+            grid=model.cfg.grid_size,
         )  # fmt: skip
+        from .graph_ops import target_weights
+
+        graph.weights = target_weights(graph, clean_out[0] if target_classes else None)
+        return graph
 
 
 def record_with_saes(rrm: ResidualReplacementModel, pixels: Tensor) -> dict[str, Tensor]:

@@ -66,6 +66,13 @@ class ResidualReplacementModel:
         finally:
             self.model.reset_saes([self.saes[layer].cfg.metadata.hook_name for layer in layers])
 
+    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 32) -> Any:
+        """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
+        predicted class, a class id, or output direction(s)."""
+        from .attribution import Attributor
+
+        return Attributor(self, batch_size=batch_size).attribute(pixels, target)
+
     @torch.no_grad()
     def feature_acts(self, pixels: Tensor) -> list[Tensor]:
         """Each layer's SAE features on the *clean* residual stream: ``[batch, pos, d_sae]`` per layer."""
