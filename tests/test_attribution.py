@@ -112,3 +112,29 @@ def test_errors_for_batches_and_attention_pool_heads():
     saes = [s.float() for s in rrm.saes]
     with pytest.raises(ValueError, match="Attention-pool heads"):
         Attributor(ResidualReplacementModel(model, saes))
+
+
+def test_public_intervene_follows_edges_when_frozen_and_is_real_when_free(traced):
+    rrm, x, g = traced
+    A = g.dense()
+    s = next(i for i, k in enumerate(g.node_kind) if k == "feature" and g.node_layer[i] == 0)
+    p, f, a = int(g.node_pos[s]), int(g.node_feature[s]), float(g.activation[s])
+    delta = 0.5
+    base = rrm.intervene(x, [(0, p, f, a)], freeze=True)  # setting a feature to its own value changes nothing
+    torch.testing.assert_close(base["output"], base["clean_output"], atol=1e-10, rtol=1e-10)
+    moved = rrm.intervene(x, [(0, p, f, a + delta)], freeze=True)
+    targets = [t for t in range(g.n_nodes) if g.node_kind[t] == "feature" and g.node_layer[t] == 1]
+    for t in targets:
+        pt, ft = int(g.node_pos[t]), int(g.node_feature[t])
+        change = float(moved["feature_pre_acts"][1][0, pt, ft] - base["feature_pre_acts"][1][0, pt, ft])
+        assert abs(change - delta / a * float(A[t, s])) < 1e-6
+    free = rrm.intervene(x, [(0, None, f, 0.0)], freeze=False)
+    hook = "blocks.0.hook_resid_post.hook_sae_acts_post"
+    with rrm.spliced(keep_errors=True):
+        expected = rrm.model.run_with_hooks(
+            x, fwd_hooks=[(hook, lambda t, hook: t.index_fill(-1, torch.tensor([f]), 0.0))]
+        )
+    torch.testing.assert_close(free["output"], expected)
+    assert (free["feature_acts"][0][..., f] == 0).all()
+    with pytest.raises(ValueError, match="out of range"):
+        rrm.intervene(x, [(9, 0, 0, 1.0)])

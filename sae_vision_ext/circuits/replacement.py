@@ -74,6 +74,52 @@ class ResidualReplacementModel:
         return Attributor(self, batch_size=batch_size).attribute(pixels, target)
 
     @torch.no_grad()
+    def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],
+                  freeze: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Set features to values and run the model with every SAE spliced (error terms kept, so only
+        the interventions change anything).
+
+        ``interventions``: ``(layer, position or None for all positions, feature, new_value)``.
+        ``freeze=True`` holds attention patterns, LayerNorm scales and MLP gates at their clean values
+        (the linearised response, under which changes follow the attribution graph's edges exactly);
+        ``freeze=False`` gives the real model's response. Returns ``output``, ``clean_output`` and,
+        per layer, ``feature_acts`` / ``feature_pre_acts`` after the intervention.
+        """
+        from .linearise import frozen_hooks, pre_capture_hooks, record
+
+        model = self.model
+        edits: dict[int, list[tuple[int | None, int, float]]] = {}
+        for layer, pos, feat, value in interventions:
+            if not 0 <= layer < self.n_layers or not 0 <= feat < self.saes[layer].cfg.d_sae:
+                raise ValueError(f"Intervention {(layer, pos, feat, value)} is out of range.")
+            edits.setdefault(layer, []).append((pos, feat, float(value)))
+
+        def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
+            acts = acts.clone()
+            for pos, feat, value in edits[layer]:
+                acts[:, slice(None) if pos is None else pos, feat] = value
+            return acts
+
+        hooks = [(f"blocks.{layer}.hook_resid_post.hook_sae_acts_post",
+                  lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in edits]  # fmt: skip
+        with self.spliced(keep_errors=True):
+            clean = model(pixels)
+            if freeze:
+                if pixels.shape[0] != 1:
+                    raise ValueError("freeze=True intervenes on one image at a time.")
+                hooks = pre_capture_hooks(model) + frozen_hooks(model, record(model, pixels)) + hooks
+            names = [f"blocks.{layer}.hook_resid_post.hook_sae_acts_{k}" for layer in range(self.n_layers)
+                     for k in ("pre", "post")]  # fmt: skip
+            with model.hooks(fwd_hooks=hooks):
+                out, cache = model.run_with_cache(pixels, names_filter=names, return_cache_object=False)
+        return {
+            "output": out,
+            "clean_output": clean,
+            "feature_acts": [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_post"] for i in range(self.n_layers)],
+            "feature_pre_acts": [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_pre"] for i in range(self.n_layers)],
+        }
+
+    @torch.no_grad()
     def feature_acts(self, pixels: Tensor) -> list[Tensor]:
         """Each layer's SAE features on the *clean* residual stream: ``[batch, pos, d_sae]`` per layer."""
         hooks = [s.cfg.metadata.hook_name for s in self.saes]
