@@ -148,6 +148,66 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rrm(args: argparse.Namespace):
+    from .circuits.replacement import ResidualReplacementModel
+    from .models import HookedViT
+    from .saes.loading import load_sae
+
+    model = HookedViT.from_pretrained(args.model)
+    return ResidualReplacementModel(model, [load_sae(r) for r in _sae_refs(args.saes, args.model, model.cfg.n_layers)])
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    rrm = _rrm(args)
+    pixels, labels, _ = _load_images(rrm.model, args.dataset, args.n_images, args.seed)
+    rows = rrm.faithfulness(pixels, labels)
+    keys = [k for k in rows[0] if k != "n_spliced"]
+    print("layers spliced (no error terms) | " + " | ".join(keys))
+    for row in rows:
+        print(f"{row['n_spliced']:>31} | " + " | ".join(f"{row[k]:.4f}" for k in keys))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    rrm = _rrm(args)
+    model = rrm.model
+    if args.image:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            pixels = model.preprocess(im.convert("RGB"))[None]
+    else:
+        pixels, _, _ = _load_images(model, "sve:shapes", args.shapes_index + 1, args.seed)
+        pixels = pixels[args.shapes_index : args.shapes_index + 1]
+    graph = rrm.attribute(pixels, target=args.target)
+    pruned = graph.prune(args.node_threshold, args.edge_threshold)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pruned.to_json(str(out / "graph.json"), slug=Path(args.image).stem if args.image else "shapes")
+    from .circuits.graph_ops import influence, normalised_abs
+
+    infl = influence(normalised_abs(graph.adjacency), graph.weights)
+    feats = [i for i, k in enumerate(graph.node_kind) if k == "feature"]
+    top = sorted(feats, key=lambda i: -float(infl[i]))[:10]
+    summary = {
+        "target": graph.target_names, "n_nodes": graph.n_nodes, "n_edges": int(graph.adjacency._nnz()),
+        "kept_nodes": int(pruned.node_mask.sum()), "kept_edges": int(pruned.edge_mask.sum()),
+        "scores": pruned.scores(),
+        "top_features": [{"layer": int(graph.node_layer[i]), "position": int(graph.node_pos[i]),
+                          "feature": int(graph.node_feature[i]), "activation": float(graph.activation[i]),
+                          "influence": float(infl[i])} for i in top],
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"traced {graph.target_names[0]}: {graph.n_nodes} nodes, {summary['n_edges']} edges; kept "
+          f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges")  # fmt: skip
+    print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
+    print(f"graph (circuit-tracer JSON): {(out / 'graph.json').resolve()}")
+    return 0
+
+
 def _cmd_saes(args: argparse.Namespace) -> int:
     from .models.embedded import checkpoint_dir
     from .saes.loading import RELEASES
@@ -220,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-pages", type=int, default=16, help="feature pages per SAE")
     p.add_argument("--image-pages", type=int, default=8)
     p.set_defaults(func=_cmd_dashboard)
+
+    for name, func, text in (("faithfulness", _cmd_faithfulness, "replacement model vs original model"),
+                             ("trace", _cmd_trace, "attribution graph of one image")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", required=True)
+        p.add_argument("--saes", required=True, help="'sve', a folder of SAE folders (one per layer), or refs a,b,c")
+        p.add_argument("--seed", type=int, default=4242)
+        if name == "faithfulness":
+            p.add_argument("--dataset", default="sve:shapes")
+            p.add_argument("--n-images", type=int, default=256)
+        else:
+            p.add_argument("--image", default=None, help="image file (default: a shapes image)")
+            p.add_argument("--shapes-index", type=int, default=0, help="which shapes image without --image")
+            p.add_argument("--target", type=int, default=None, help="class id (default: the prediction)")
+            p.add_argument("--node-threshold", type=float, default=0.8)
+            p.add_argument("--edge-threshold", type=float, default=0.98)
+            p.add_argument("--out", required=True)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
     p.set_defaults(func=_cmd_saes)

@@ -5,7 +5,9 @@ report accuracy and a per-layer summary of the residual stream and attention.
 Stage 2 (SAEs): load the shipped SAE of every residual layer (``sve:<model>/<hook>``), splice each
 in and report explained variance, L0, dead features and accuracy with the SAE in place of the layer.
 Stage 3 (visualisers): streaming feature statistics over the images and an offline HTML dashboard
-(``<out>/index.html``). Later stages (circuits) extend this file.
+(``<out>/index.html``).
+Stage 4 (circuits): the residual replacement model's faithfulness per number of spliced layers and
+one traced attribution graph, pruned, scored and exported as circuit-tracer JSON.
 """
 
 from __future__ import annotations
@@ -48,7 +50,38 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
         print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
     saes = sae_stage(model, model_id, pixels, labels)
     dashboard_stage(model, saes, pixels, labels, out_dir)
+    circuit_stage(model, saes, pixels, labels, out_dir)
     return 0
+
+
+def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
+    """Stage 4: faithfulness of the pure replacement model and one attribution graph."""
+    from pathlib import Path
+
+    from .circuits.replacement import ResidualReplacementModel
+    from .data.shapes import SHAPES
+
+    rrm = ResidualReplacementModel(model, saes)
+    print("\nResidual replacement model (SAEs on layers 0..n-1 replace the residual stream, no error terms):")
+    print("layers spliced  top-1 agreement  KL      accuracy (clean)")
+    for row in rrm.faithfulness(pixels[:256], labels[:256]):
+        print(f"{row['n_spliced']:>14}  {row['top1_agreement']:>15.3f}  {row['kl']:.4f}  "
+              f"{row['accuracy']:.3f} ({row['accuracy_clean']:.3f})")  # fmt: skip
+    graph = rrm.attribute(pixels[:1], batch_size=64)
+    pruned = graph.prune()
+    path = Path(out_dir) / "graph.json"
+    pruned.to_json(str(path), slug="shapes-demo")
+    s = pruned.scores()
+    label = SHAPES[int(labels[0])]
+    print(
+        f"\nAttribution graph of image 0 ({label}) for {graph.target_names[0]} ({SHAPES[graph.target_classes[0]]}): "
+        f"{graph.n_nodes} nodes; pruned to {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges"
+    )
+    print(
+        f"scores: replacement {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), "
+        f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
+    )
+    print(f"graph (circuit-tracer JSON): {path.resolve()}")
 
 
 def dashboard_stage(model, saes, pixels, labels, out_dir: str) -> None:

@@ -31,6 +31,7 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert acc > 0.7
     assert "explained var" in out and (tmp_path / "dashboard" / "index.html").exists()
     assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
+    assert "Residual replacement model" in out and (tmp_path / "graph.json").exists()
 
 
 def test_dashboard_command(capsys, tmp_path):
@@ -76,3 +77,20 @@ def test_help(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     assert "usage: sae-vision" in capsys.readouterr().out
+
+
+def test_faithfulness_and_trace_commands(capsys, tmp_path):
+    import json
+
+    assert main(["faithfulness", "--model", "sve:shapes-vit", "--saes", "sve", "--n-images", "48"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("layers spliced") and len(lines) == 7
+    assert (
+        main(["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--shapes-index", "3", "--out", str(tmp_path)])
+        == 0
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["scores"]["replacement"] <= 1 and 0 < summary["scores"]["completeness_pruned"] <= 1
+    assert summary["kept_nodes"] < summary["n_nodes"] and len(summary["top_features"]) == 10
+    graph = json.loads((tmp_path / "graph.json").read_text())
+    assert len(graph["nodes"]) == summary["kept_nodes"]

@@ -66,7 +66,7 @@ class ResidualReplacementModel:
         finally:
             self.model.reset_saes([self.saes[layer].cfg.metadata.hook_name for layer in layers])
 
-    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 32) -> Any:
+    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 64) -> Any:
         """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
         predicted class, a class id, or output direction(s)."""
         from .attribution import Attributor
