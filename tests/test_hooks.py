@@ -126,3 +126,17 @@ def test_names_filter_list_and_return_dict(hooked):
     x = images()
     _out, cache = hooked.run_with_cache(x, names_filter=["hook_embed", "hook_pooled"], return_cache_object=False)
     assert isinstance(cache, dict) and set(cache) == {"hook_embed", "hook_pooled"}
+
+
+def test_run_with_cache_incl_bwd(hooked):
+    """As TransformerLens: backward from a scalar output caches every gradient as ``<name>_grad``."""
+    x = images()
+    with hooked.hooks(fwd_hooks=[("hook_out", lambda out, hook: out.pow(2).sum())]):
+        out, cache = hooked.run_with_cache(x, incl_bwd=True, names_filter=lambda n: n.endswith("hook_resid_post"))
+    name = f"blocks.{hooked.cfg.n_layers - 1}.hook_resid_post"
+    assert out.ndim == 0 and cache[name + "_grad"].shape == cache[name].shape
+    resid = cache[name].clone().requires_grad_(True)
+    expected = torch.autograd.grad(
+        hooked.run_with_hooks(x, fwd_hooks=[(name, lambda a, hook: resid)]).pow(2).sum(), resid
+    )[0]
+    torch.testing.assert_close(cache[name + "_grad"], expected, atol=1e-5, rtol=1e-4)

@@ -231,7 +231,16 @@ class Attributor:
         constant = torch.full((n,), float("nan"), dtype=torch.float64)
 
         # ---- rows: batched backward, one target per batch row
-        rows_t: list[int] = []
+        # per source layer, once: positions and features of its active features, and its node ids
+        src_pos, src_feat, src_nodes = {}, {}, {}
+        for layer in range(L):
+            keys = list(feature_index[layer])
+            src_pos[layer] = torch.tensor([k[0] for k in keys], dtype=torch.long)
+            src_feat[layer] = torch.tensor([k[1] for k in keys], dtype=torch.long)
+            src_nodes[layer] = torch.tensor([feature_index[layer][k] for k in keys] +
+                                            list(range(error_start[layer], error_start[layer] + n_pos)))  # fmt: skip
+        w_dec = [sae.W_dec.detach() for sae in rrm.saes]
+        rows_t: list[Tensor] = []
         rows_src: list[Tensor] = []
         rows_w: list[Tensor] = []
         jobs = [("feature", layer, p, f, node) for layer in range(L) for (p, f), node in feature_index[layer].items()]
@@ -251,23 +260,18 @@ class Attributor:
             grads = dict(zip(range(-1, L), grads, strict=True))
             for b, (_kind, layer, _p, _f, node) in enumerate(batch):
                 src_layer = layer - 1
-                g = grads[src_layer][b]  # [pos, d_model]
+                g = grads[src_layer][b].detach()  # [pos, d_model]
                 if src_layer == -1:
                     src = torch.arange(n_pos)
                     w = (g * x_in).sum(-1)
                 else:
-                    sae = rrm.saes[src_layer]
-                    idx = feature_index[src_layer]
-                    fw = (g @ sae.W_dec.detach().T) * acts[src_layer]  # [pos, d_sae]
-                    keys = list(idx)
-                    src = torch.tensor(
-                        [idx[k] for k in keys] + list(range(error_start[src_layer], error_start[src_layer] + n_pos))
-                    )
-                    w = torch.cat([fw[[k[0] for k in keys], [k[1] for k in keys]] if keys else fw.new_zeros(0),
-                                   (g * errors[src_layer]).sum(-1)])  # fmt: skip
+                    sp, sf = src_pos[src_layer], src_feat[src_layer]
+                    feature_w = (g[sp] * w_dec[src_layer][sf]).sum(-1) * acts[src_layer][sp, sf]
+                    src = src_nodes[src_layer]
+                    w = torch.cat([feature_w, (g * errors[src_layer]).sum(-1)])
                 rows_t.append(torch.full((len(src),), node))
                 rows_src.append(src)
-                rows_w.append(w.detach())
+                rows_w.append(w)
         indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
         adjacency = torch.sparse_coo_tensor(indices, torch.cat(rows_w), (n, n), check_invariants=False).coalesce()
         names = list(target_names or [f"target {i}" for i in range(len(targets))])
