@@ -27,7 +27,10 @@ def rrm_for(variant: str) -> ResidualReplacementModel:
     return ResidualReplacementModel(model, saes)
 
 
-@pytest.fixture(scope="module", params=["timm_cls", "timm_layerscale_deit3", "open_clip_tok", "hf_dinov2"])
+@pytest.fixture(
+    scope="module",
+    params=["timm_cls", "timm_layerscale_deit3", "open_clip_tok", "hf_dinov2", "hf_dinov2_registers_classifier"],
+)
 def traced(request):
     rrm = rrm_for(request.param)
     x = images(1).double()
