@@ -30,10 +30,14 @@ _LAZY: dict[str, str] = {
     "FeatureStats": "sae_vision_ext.vis.stats",
     "plot_top_patches": "sae_vision_ext.vis.plots",
     "build_dashboard": "sae_vision_ext.vis.dashboard",
+    "ResidualReplacementModel": "sae_vision_ext.circuits.replacement",
+    "render_graph_html": "sae_vision_ext.circuits.viewer",
 }
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
+    from .circuits.replacement import ResidualReplacementModel
+    from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
         HookedViT,
@@ -71,6 +75,7 @@ __all__ = [
     "FeatureStats",
     "HookedViT",
     "HookedViTConfig",
+    "ResidualReplacementModel",
     "TrainingInterrupted",
     "ViTAdapter",
     "VisionSAETrainingConfig",
@@ -85,5 +90,6 @@ __all__ = [
     "plot_top_patches",
     "register_adapter",
     "register_loader",
+    "render_graph_html",
     "train_saes",
 ]

@@ -187,6 +187,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pruned.to_json(str(out / "graph.json"), slug=Path(args.image).stem if args.image else "shapes")
+    from .circuits.viewer import render_graph_html
+
+    render_graph_html(pruned, out / "graph.html", rrm, pixels)
     from .circuits.graph_ops import influence, normalised_abs
 
     infl = influence(normalised_abs(graph.adjacency), graph.weights)
@@ -205,6 +208,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
           f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges")  # fmt: skip
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
     print(f"graph (circuit-tracer JSON): {(out / 'graph.json').resolve()}")
+    print(f"viewer (open from disk): {(out / 'graph.html').resolve()}")
     return 0
 
 

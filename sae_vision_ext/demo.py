@@ -82,6 +82,11 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
         f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
     )
     print(f"graph (circuit-tracer JSON): {path.resolve()}")
+    from .circuits.viewer import render_graph_html
+
+    viewer = render_graph_html(pruned, Path(out_dir) / "graph.html", rrm, pixels[:1],
+                               dashboard_dir="dashboard", title=f"image 0 ({label})")  # fmt: skip
+    print(f"graph viewer (open from disk): {viewer.resolve()}")
 
 
 def dashboard_stage(model, saes, pixels, labels, out_dir: str) -> None:

@@ -32,6 +32,7 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert "explained var" in out and (tmp_path / "dashboard" / "index.html").exists()
     assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
     assert "Residual replacement model" in out and (tmp_path / "graph.json").exists()
+    assert (tmp_path / "graph.html").exists()
 
 
 def test_dashboard_command(capsys, tmp_path):
@@ -94,3 +95,4 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     assert summary["kept_nodes"] < summary["n_nodes"] and len(summary["top_features"]) == 10
     graph = json.loads((tmp_path / "graph.json").read_text())
     assert len(graph["nodes"]) == summary["kept_nodes"]
+    assert (tmp_path / "graph.html").stat().st_size > 10_000

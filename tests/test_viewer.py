@@ -1,0 +1,40 @@
+"""The offline attribution-graph viewer, in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conftest import images
+from test_attribution import rrm_for
+from test_dashboard import _chromium
+
+from sae_vision_ext.circuits.viewer import render_graph_html
+
+
+def test_graph_viewer_renders_and_clicks(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    rrm = rrm_for("timm_cls")
+    x = images(1).double()
+    graph = rrm.attribute(x).prune(node_threshold=0.8, edge_threshold=0.9)
+    path = render_graph_html(graph, tmp_path / "graph.html", rrm, x)
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', path.read_text(), re.S)[1])
+    assert len(data["nodes"]) == int(graph.node_mask.sum()) and data["links"]
+    feature = next(n for n in data["nodes"] if n["kind"] == "feature")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=args)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.as_uri())
+        assert page.evaluate("document.querySelectorAll('circle').length") == len(data["nodes"])
+        assert page.evaluate("document.querySelectorAll('line').length") == len(data["links"])
+        page.click(f"circle[data-id='{feature['id']}']")
+        assert page.evaluate("document.getElementById('node-id').textContent") == feature["id"]
+        assert page.evaluate("document.getElementById('heat').naturalWidth") > 0
+        browser.close()
+    assert errors == []
