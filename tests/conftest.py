@@ -159,3 +159,20 @@ def one_per_adapter() -> list[str]:
     for vid, (adapter, _) in VARIANTS.items():
         seen.setdefault(adapter, vid)
     return list(seen.values())
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def launch_chromium(playwright):
+    """Debian's chromium through Playwright; fails loudly (never skips) when it is not installed."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail(
+            "BROWSER TEST NOT RUN: Debian's chromium is not installed. Install it with "
+            "`apt-get install -y chromium` (as .ci/run does) so pages are checked in a real browser."
+        )
+    return playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)

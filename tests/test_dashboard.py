@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_chromium
 
 import sae_vision_ext as sve
 from sae_vision_ext.vis.dashboard import build_dashboard
@@ -77,25 +77,13 @@ def test_rebuild_from_saved_stats_without_recomputing(built, tmp_path, monkeypat
     assert (tmp_path / "index.html").exists()
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail(
-            "BROWSER TEST NOT RUN: Debian's chromium is not installed. Install it with "
-            "`apt-get install -y chromium` (as .ci/run does) so the dashboards are checked in a real browser."
-        )
-    return path
-
-
 def test_pages_load_in_headless_chromium_with_all_images(built):
     from playwright.sync_api import sync_playwright
 
     *_, out, _ = built
     pages = [out / "index.html", *sorted(out.glob("blocks.*/*.html")), *sorted((out / "images").glob("*.html"))]
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=args)
+        browser = launch_chromium(p)
         page = browser.new_page()
         errors: list[str] = []
         page.on("console", lambda m: errors.append(f"{m.type}: {m.text}") if m.type == "error" else None)

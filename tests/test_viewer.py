@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import images
+from conftest import images, launch_chromium
 from test_attribution import rrm_for
-from test_dashboard import _chromium
 
 from sae_vision_ext.circuits.viewer import render_graph_html
 
@@ -22,10 +21,8 @@ def test_graph_viewer_renders_and_clicks(tmp_path):
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', path.read_text(), re.S)[1])
     assert len(data["nodes"]) == int(graph.node_mask.sum()) and data["links"]
     feature = next(n for n in data["nodes"] if n["kind"] == "feature")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=args)
+        browser = launch_chromium(p)
         page = browser.new_page()
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from .plots import (
     display_images,
-    feature_heatmaps,
     feature_kinds,
     plot_density_histograms,
     plot_layer_evolution,
@@ -186,10 +185,12 @@ def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_id
     img = display_images(model, x)[0]
     rows = []
     fig, axes = plt.subplots(len(saes), 4, figsize=(6.4, 1.6 * len(saes)), squeeze=False)
+    hooks = [sae.cfg.metadata.hook_name for sae in saes]
+    _, cache = model.run_with_cache(x, names_filter=hooks, return_cache_object=False)  # one forward for all SAEs
     for r, sae in enumerate(saes):
         hook = sae.cfg.metadata.hook_name
-        _, cache = model.run_with_cache(x, names_filter=hook, return_cache_object=False)
-        acts = sae.encode(cache[hook])[0].amax(0)  # [d_sae]: max over tokens
+        token_acts = sae.encode(cache[hook])[0]  # [pos, d_sae]; heatmaps below read it, no second forward
+        acts = token_acts.amax(0)  # [d_sae]: max over tokens
         top = acts.topk(3)
         feats = [{"id": int(f), "value": float(v), "page": int(f) in page_ids[hook]}
                  for v, f in zip(top.values, top.indices, strict=True)]  # fmt: skip
@@ -197,7 +198,7 @@ def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_id
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(hook.replace(".hook_", " "), fontsize=6)
         for c, feat in enumerate(feats, start=1):
-            heat = feature_heatmaps(model, sae, x, feat["id"])[0].numpy()
+            heat = token_acts[model.cfg.n_prefix_tokens :, feat["id"]].reshape(*model.cfg.grid_size).numpy()
             h, w = img.shape[:2]
             axes[r, c].imshow(img)
             axes[r, c].imshow(np.ma.masked_where(heat <= 0, heat), cmap="magma", alpha=0.6, extent=(0, w, h, 0))
