@@ -182,7 +182,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     else:
         pixels, _, _ = _load_images(model, "sve:shapes", args.shapes_index + 1, args.seed)
         pixels = pixels[args.shapes_index : args.shapes_index + 1]
-    graph = rrm.attribute(pixels, target=args.target)
+    graph = rrm.attribute(
+        pixels, target=args.target, max_feature_nodes=args.max_feature_nodes, mlp_leaves=args.mlp_leaves
+    )
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--target", type=int, default=None, help="class id (default: the prediction)")
             p.add_argument("--node-threshold", type=float, default=0.8)
             p.add_argument("--edge-threshold", type=float, default=0.98)
+            p.add_argument(
+                "--max-feature-nodes",
+                type=int,
+                default=None,
+                help="budget of feature rows, explored by influence (default: all)",
+            )
+            p.add_argument("--mlp-leaves", action="store_true", help="MLP outputs as leaf nodes (second mode)")
             p.add_argument("--out", required=True)
         p.set_defaults(func=func)
 

@@ -141,3 +141,71 @@ def test_public_intervene_follows_edges_when_frozen_and_is_real_when_free(traced
     assert (free["feature_acts"][0][..., f] == 0).all()
     with pytest.raises(ValueError, match="out of range"):
         rrm.intervene(x, [(9, 0, 0, 1.0)])
+
+
+@pytest.mark.parametrize("variant", ["timm_cls", "hf_dinov2"])
+def test_mlp_leaf_mode_is_exact_with_the_mlp_gate_left_free(variant):
+    """MLP outputs as input-less leaves: edges and the sum rule hold with the gate *not* frozen, as
+    long as every MLP output is held at its clean value."""
+    rrm = rrm_for(variant)
+    x = images(1).double()
+    att = Attributor(rrm, batch_size=5, mlp_leaves=True)
+    g = att.attribute(x)
+    kinds = g.node_kind
+    assert kinds.count("mlp") == rrm.n_layers * rrm.model.cfg.n_ctx
+    rows = ~torch.isnan(g.value)
+    torch.testing.assert_close(g.dense()[rows].sum(1) + g.constant[rows], g.value[rows], atol=1e-8, rtol=1e-8)
+    from sae_vision_ext.circuits.attribution import record_with_saes
+
+    frozen = {k: v for k, v in record_with_saes(rrm, x).items() if not k.endswith("gate")}  # gates free
+    leaves = _Leaves(rrm.n_layers, mlp=True)
+    with torch.no_grad():
+        _, pre0 = att._forward(x, frozen, leaves)
+    held = {k: v.detach() for k, v in leaves.values.items() if isinstance(k, tuple)}
+    A = g.dense()
+    layer = 1
+    for s in [i for i, k in enumerate(kinds) if k == "mlp" and g.node_layer[i] == layer][:3]:
+        p = int(g.node_pos[s])
+        moved = held[("mlp", layer)].clone()
+        moved[0, p] *= 1.5  # the MLP node's value times 1.5: targets move by 0.5 * edge
+        with torch.no_grad():
+            _, pre1 = att._forward(x, frozen, _Leaves(rrm.n_layers, held | {("mlp", layer): moved}, mlp=True))
+        for t in [i for i, k in enumerate(kinds) if k == "feature" and g.node_layer[i] == layer]:
+            pt, ft = int(g.node_pos[t]), int(g.node_feature[t])
+            change = float(pre1[layer][0, pt, ft] - pre0[layer][0, pt, ft])
+            assert abs(change - 0.5 * float(A[t, s])) < 1e-8
+    # MLP edges carry real weight, and an MLP node only feeds its own layer
+    mlp_cols = torch.tensor([k == "mlp" for k in kinds])
+    a = g.adjacency.coalesce()
+    src, dst = a.indices()[1], a.indices()[0]
+    on_mlp = mlp_cols[src]
+    assert a.values()[on_mlp].abs().sum() > 0
+    assert (g.node_layer[dst[on_mlp]] == g.node_layer[src[on_mlp]]).all()
+    assert 0 < g.scores()["mlp_share"] < 1
+
+
+def test_budgeted_exploration_follows_influence_and_keeps_rows_exact():
+    rrm = rrm_for("timm_cls")
+    x = images(1).double()
+    full = Attributor(rrm, batch_size=4).attribute(x)
+    budget = 10
+    part = Attributor(rrm, batch_size=4).attribute(x, max_feature_nodes=budget)
+    explored = [i for i, k in enumerate(part.node_kind) if k == "feature" and not torch.isnan(part.value[i])]
+    assert len(explored) == budget
+    assert part.node_kind == full.node_kind  # same nodes; only rows differ
+    A, B = full.dense(), part.dense()
+    torch.testing.assert_close(B[explored], A[explored])
+    n_features = full.node_kind.count("feature")
+    assert n_features > budget
+    unexplored = [i for i, k in enumerate(part.node_kind) if k == "feature" and i not in explored]
+    assert B[unexplored].abs().sum() == 0
+    # the first batch is the top-influence features as seen from the target rows alone
+    from sae_vision_ext.circuits.graph_ops import influence, normalised_abs
+
+    t = [i for i, k in enumerate(full.node_kind) if k == "target"]
+    only_targets = torch.zeros_like(A)
+    only_targets[t] = A[t]
+    infl = influence(normalised_abs(only_targets.to_sparse()), full.weights)
+    is_feature = torch.tensor([k == "feature" for k in full.node_kind])
+    first = infl.masked_fill(~is_feature, -1).argsort(descending=True)[:4].tolist()
+    assert set(first) <= set(explored)

@@ -96,3 +96,15 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     graph = json.loads((tmp_path / "graph.json").read_text())
     assert len(graph["nodes"]) == summary["kept_nodes"]
     assert (tmp_path / "graph.html").stat().st_size > 10_000
+
+
+def test_trace_with_budget_and_mlp_leaves(tmp_path):
+    import json
+
+    args = ["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path)]
+    assert main([*args, "--max-feature-nodes", "128", "--mlp-leaves"]) == 0
+    graph = json.loads((tmp_path / "graph.json").read_text())
+    kinds = {n["feature_type"] for n in graph["nodes"]}
+    assert "mlp output" in kinds and "cross layer transcoder" in kinds
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["scores"]["mlp_share"] < 1

@@ -113,18 +113,19 @@ class AttributionGraph:
 
 
 class _Leaves:
-    """Forward hooks that make the input residual and every layer's spliced residual gradient leaves,
-    optionally replacing their values (for bias-only and perturbation runs)."""
+    """Forward hooks that make the input residual, every layer's spliced residual (int keys ``-1..L-1``)
+    and, in MLP-leaf mode, every block's MLP output (keys ``("mlp", l)``) gradient leaves, optionally
+    replacing their values (for bias-only and perturbation runs)."""
 
-    def __init__(self, n_layers: int, replace: dict[int, Tensor] | None = None) -> None:
-        self.values: dict[int, Tensor] = {}
+    def __init__(self, n_layers: int, replace: dict[Any, Tensor] | None = None, mlp: bool = False) -> None:
+        self.values: dict[Any, Tensor] = {}
         self.replace = replace or {}
-        self.n_layers = n_layers
+        self.n_layers, self.mlp = n_layers, mlp
 
-    def hook(self, layer: int):
+    def hook(self, key: Any):
         def fn(t: Tensor, hook: Any) -> Tensor:
-            leaf = (self.replace[layer].expand_as(t) if layer in self.replace else t).detach().clone().requires_grad_()
-            self.values[layer] = leaf
+            leaf = (self.replace[key].expand_as(t) if key in self.replace else t).detach().clone().requires_grad_()
+            self.values[key] = leaf
             return leaf
 
         return fn
@@ -132,17 +133,26 @@ class _Leaves:
     def hooks(self) -> list[tuple[str, Any]]:
         out = [("blocks.0.hook_resid_pre", self.hook(-1))]
         out += [(f"blocks.{layer}.hook_resid_post.hook_sae_output", self.hook(layer)) for layer in range(self.n_layers)]
+        if self.mlp:
+            out += [(f"blocks.{layer}.hook_mlp_out", self.hook(("mlp", layer))) for layer in range(self.n_layers)]
         return out
 
 
 class Attributor:
-    """Computes attribution graphs for one ``ResidualReplacementModel`` (see the module docstring)."""
+    """Computes attribution graphs for one ``ResidualReplacementModel`` (see the module docstring).
 
-    def __init__(self, rrm: ResidualReplacementModel, batch_size: int = 32) -> None:
-        self.rrm, self.model, self.batch_size = rrm, rrm.model, batch_size
+    ``mlp_leaves=True`` is the second mode: each block's MLP output is an input-less leaf node per
+    position (kind ``mlp``), so nothing inside the MLP is linearised (its gate is not frozen) and the
+    graph shows how much of a circuit runs through MLPs rather than through attention.
+    """
+
+    def __init__(self, rrm: ResidualReplacementModel, batch_size: int = 32, mlp_leaves: bool = False) -> None:
+        self.rrm, self.model, self.batch_size, self.mlp = rrm, rrm.model, batch_size, mlp_leaves
         extra = getattr(self.model.cfg, "extra", {})
         if extra.get("global_pool") == "map" or type(self.model.adapter).__name__ == "HFSiglipAdapter":
             raise ValueError("Attention-pool heads are not linear under this linearisation; not supported yet.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
 
     def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves) -> tuple[Tensor, list[Tensor]]:
         """Frozen forward with all SAEs spliced (error terms kept); returns output and each layer's pre-acts."""
@@ -156,24 +166,37 @@ class Attributor:
         return out, [pre_acts[layer] for layer in range(self.rrm.n_layers)]
 
     def attribute(
-        self, pixels: Tensor, targets: Tensor | None = None, target_names: list[str] | None = None
+        self,
+        pixels: Tensor,
+        targets: Tensor | int | None = None,
+        target_names: list[str] | None = None,
+        max_feature_nodes: int | None = None,
     ) -> AttributionGraph:
-        """The graph for one image ``[1, chan, h, w]``. ``targets``: output directions ``[n_targets,
-        d_out]`` (default: the predicted class's logit, demeaned over classes)."""
+        """The graph for one image ``[1, chan, h, w]``.
+
+        ``targets``: output directions ``[n_targets, d_out]``, a class id, or ``None`` for the predicted
+        class (its logit demeaned over classes). ``max_feature_nodes``: budget of feature rows; ``None``
+        computes every active feature's row. With a budget, target rows come first, then features in
+        order of their influence on the targets through the rows computed so far, ``batch_size`` at a
+        time (circuit-tracer's exploration); unexplored features stay as source-only nodes.
+        """
         if pixels.shape[0] != 1:
             raise ValueError(f"attribute() traces one image; got a batch of {pixels.shape[0]}.")
+        if max_feature_nodes is not None and max_feature_nodes < 0:
+            raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
         model, rrm = self.model, self.rrm
         L = rrm.n_layers
         frozen = record_with_saes(rrm, pixels)
         with torch.no_grad():
             _, cache = model.run_with_cache_with_saes(
                 pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
-                names_filter=lambda n: n.endswith(("hook_sae_acts_post", "hook_sae_error", "hook_sae_input"))
+                names_filter=lambda n: n.endswith(("hook_sae_acts_post", "hook_sae_error", "hook_mlp_out"))
                 or n == "blocks.0.hook_resid_pre",
             )  # fmt: skip
             clean_out = model(pixels)
         acts = [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_post"][0] for i in range(L)]
         errors = [cache[f"blocks.{i}.hook_resid_post.hook_sae_error"][0] for i in range(L)]
+        mlp_out = [cache[f"blocks.{i}.hook_mlp_out"][0] for i in range(L)]
         x_in = cache["blocks.0.hook_resid_pre"][0]
         n_pos = x_in.shape[0]
         target_classes: list[int] = []
@@ -185,106 +208,115 @@ class Attributor:
             target_classes = [c]
         targets = targets.to(clean_out.dtype).reshape(-1, clean_out.shape[-1])
 
-        # ---- nodes
-        kinds, layers, poss, feats, vals = (
-            ["input"] * n_pos,
-            [-1] * n_pos,
-            list(range(n_pos)),
-            [-1] * n_pos,
-            x_in.norm(dim=-1).tolist(),
-        )
-        feature_index: list[dict[tuple[int, int], int]] = []
-        error_start = []
+        # ---- nodes: inputs; per layer [mlp leaves], features, errors; targets
+        kinds, layers, poss, feats = ["input"] * n_pos, [-1] * n_pos, list(range(n_pos)), [-1] * n_pos
+        vals = x_in.norm(dim=-1).tolist()
+
+        def add(kind: str, layer: int, pos: list[int], feat: list[int], value: list[float]) -> Tensor:
+            first = len(kinds)
+            kinds.extend([kind] * len(pos)), layers.extend([layer] * len(pos))
+            poss.extend(pos), feats.extend(feat), vals.extend(value)
+            return torch.arange(first, len(kinds))
+
+        src_pos, src_feat, src_nodes, mlp_nodes, feat_nodes = {}, {}, {}, {}, {}
         for layer in range(L):
-            nz = acts[layer].nonzero().tolist()
-            idx = {}
-            for p, f in nz:
-                idx[(p, f)] = len(kinds)
-                kinds.append("feature")
-                layers.append(layer)
-                poss.append(p)
-                feats.append(f)
-                vals.append(float(acts[layer][p, f]))
-            feature_index.append(idx)
-            error_start.append(len(kinds))
-            for p in range(n_pos):
-                kinds.append("error")
-                layers.append(layer)
-                poss.append(p)
-                feats.append(-1)
-                vals.append(float(errors[layer][p].norm()))
-        target_start = len(kinds)
+            if self.mlp:
+                mlp_nodes[layer] = add("mlp", layer, list(range(n_pos)), [-1] * n_pos,
+                                       mlp_out[layer].norm(dim=-1).tolist())  # fmt: skip
+            nz = acts[layer].nonzero()  # sorted by position, then feature
+            src_pos[layer], src_feat[layer] = nz[:, 0], nz[:, 1]
+            feat_nodes[layer] = add("feature", layer, nz[:, 0].tolist(), nz[:, 1].tolist(),
+                                    acts[layer][nz[:, 0], nz[:, 1]].tolist())  # fmt: skip
+            err = add("error", layer, list(range(n_pos)), [-1] * n_pos, errors[layer].norm(dim=-1).tolist())
+            src_nodes[layer] = torch.cat([feat_nodes[layer], err])
         clean_t = (clean_out[0] @ targets.T).tolist()
-        for i in range(len(targets)):
-            kinds.append("target")
-            layers.append(L)
-            poss.append(-1)
-            feats.append(-1)
-            vals.append(clean_t[i])
+        target_nodes = add("target", L, [-1] * len(targets), [-1] * len(targets), clean_t)
         n = len(kinds)
 
         # ---- constants: bias-only frozen forward (every source residual replaced by its bias)
-        bias_only = {-1: torch.zeros_like(x_in)} | {layer: rrm.saes[layer].b_dec.detach() for layer in range(L)}
+        bias_only: dict[Any, Tensor] = {-1: torch.zeros_like(x_in)}
+        bias_only |= {layer: rrm.saes[layer].b_dec.detach() for layer in range(L)}
+        bias_only |= {("mlp", layer): torch.zeros_like(x_in) for layer in range(L)} if self.mlp else {}
         with torch.no_grad():
-            out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only))
+            out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only, mlp=self.mlp))
         value = torch.full((n,), float("nan"), dtype=torch.float64)
         constant = torch.full((n,), float("nan"), dtype=torch.float64)
 
-        # ---- rows: batched backward, one target per batch row
-        # per source layer, once: positions and features of its active features, and its node ids
-        src_pos, src_feat, src_nodes = {}, {}, {}
-        for layer in range(L):
-            keys = list(feature_index[layer])
-            src_pos[layer] = torch.tensor([k[0] for k in keys], dtype=torch.long)
-            src_feat[layer] = torch.tensor([k[1] for k in keys], dtype=torch.long)
-            src_nodes[layer] = torch.tensor([feature_index[layer][k] for k in keys] +
-                                            list(range(error_start[layer], error_start[layer] + n_pos)))  # fmt: skip
+        # ---- one frozen forward; rows are batched vector-Jacobian products against it
+        leaves = _Leaves(L, mlp=self.mlp)
+        out, pre = self._forward(pixels, frozen, leaves)
+        seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
+        seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
+        node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
         w_dec = [sae.W_dec.detach() for sae in rrm.saes]
         rows_t: list[Tensor] = []
         rows_src: list[Tensor] = []
         rows_w: list[Tensor] = []
-        jobs = [("feature", layer, p, f, node) for layer in range(L) for (p, f), node in feature_index[layer].items()]
-        jobs += [("target", L, -1, i, target_start + i) for i in range(len(targets))]
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start : start + self.batch_size]
-            leaves = _Leaves(L)
-            out, pre = self._forward(pixels.expand(len(batch), -1, -1, -1), frozen, leaves)
-            seeds = []
-            for b, (kind, layer, p, f, node) in enumerate(batch):
-                h = pre[layer][b, p, f] if kind == "feature" else out[b] @ targets[f]
-                seeds.append(h)
-                value[node] = float(h.detach())
-                constant[node] = float(pre_b[layer][0, p, f] if kind == "feature" else out_b[0] @ targets[f])
-            grads = torch.autograd.grad(torch.stack(seeds).sum(), [leaves.values[i] for i in range(-1, L)],
-                                        allow_unused=True)  # fmt: skip
-            grads = dict(zip(range(-1, L), grads, strict=True))
-            for b, (_kind, layer, _p, _f, node) in enumerate(batch):
-                src_layer = layer - 1
-                g = grads[src_layer][b].detach()  # [pos, d_model]
-                if src_layer == -1:
-                    src = torch.arange(n_pos)
-                    w = (g * x_in).sum(-1)
-                else:
-                    sp, sf = src_pos[src_layer], src_feat[src_layer]
-                    feature_w = (g[sp] * w_dec[src_layer][sf]).sum(-1) * acts[src_layer][sp, sf]
-                    src = src_nodes[src_layer]
-                    w = torch.cat([feature_w, (g * errors[src_layer]).sum(-1)])
-                rows_t.append(torch.full((len(src),), node))
-                rows_src.append(src)
-                rows_w.append(w)
-        indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
-        adjacency = torch.sparse_coo_tensor(indices, torch.cat(rows_w), (n, n), check_invariants=False).coalesce()
-        names = list(target_names or [f"target {i}" for i in range(len(targets))])
+
+        def compute_rows(layer: int, idx: Tensor) -> None:
+            """Rows of the targets ``idx`` (indices into ``seeds[layer]``) of one layer, one VJP batch."""
+            onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)
+            onehot[torch.arange(len(idx)), idx] = 1.0
+            inputs = [leaves.values[layer - 1]] + ([leaves.values[("mlp", layer)]] if self.mlp and layer < L else [])
+            grads = torch.autograd.grad(seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)  # fmt: skip
+            g = grads[0][:, 0].detach()  # [rows, pos, d_model]
+            if layer == 0:
+                src, w = torch.arange(n_pos), (g * x_in).sum(-1)
+            else:
+                sp, sf = src_pos[layer - 1], src_feat[layer - 1]
+                used, where = sf.unique(return_inverse=True)
+                proj = g @ w_dec[layer - 1][used].T  # [rows, pos, n_used]
+                feature_w = proj[:, sp, where] * acts[layer - 1][sp, sf]
+                src = src_nodes[layer - 1]
+                w = torch.cat([feature_w, (g * errors[layer - 1]).sum(-1)], dim=1)
+            if len(inputs) == 2:
+                gm = torch.zeros_like(g) if grads[1] is None else grads[1][:, 0].detach()
+                src, w = torch.cat([src, mlp_nodes[layer]]), torch.cat([w, (gm * mlp_out[layer]).sum(-1)], dim=1)
+            nodes = node_ids[layer][idx]
+            value[nodes] = seeds[layer][idx].detach().double()
+            constant[nodes] = seeds_b[layer][idx].double()
+            rows_t.append(nodes.repeat_interleave(len(src)))
+            rows_src.append(src.repeat(len(idx)))
+            rows_w.append(w.reshape(-1))
+
+        def run(jobs: list[tuple[int, int]]) -> None:
+            """Compute rows for ``(layer, index)`` jobs, grouped by layer, ``batch_size`` per VJP."""
+            for layer in sorted({j[0] for j in jobs}, reverse=True):
+                idx = torch.tensor([j[1] for j in jobs if j[0] == layer], dtype=torch.long)
+                for start in range(0, len(idx), self.batch_size):
+                    compute_rows(layer, idx[start : start + self.batch_size])
+
+        def adjacency() -> Tensor:
+            indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
+            return torch.sparse_coo_tensor(indices, torch.cat(rows_w), (n, n), check_invariants=False).coalesce()
+
+        from .graph_ops import influence, normalised_abs, target_weights
+
+        weights = target_weights(kinds, target_classes, clean_out[0] if target_classes else None)
+        run([(L, i) for i in range(len(targets))])
+        feature_jobs = [(layer, i) for layer in range(L) for i in range(len(seeds[layer]))]
+        if max_feature_nodes is None:
+            run(feature_jobs)
+        else:
+            node_of = {int(node_ids[layer][i]): (layer, i) for layer, i in feature_jobs}
+            done: set[int] = set()
+            while len(done) < min(max_feature_nodes, len(feature_jobs)):
+                infl = influence(normalised_abs(adjacency()), weights)
+                order = [int(i) for i in infl.argsort(descending=True) if int(i) in node_of and int(i) not in done]
+                order = [i for i in order if infl[i] > 0][: min(self.batch_size, max_feature_nodes - len(done))]
+                if not order:
+                    break
+                done.update(order)
+                run([node_of[i] for i in order])
         graph = AttributionGraph(
             node_kind=kinds, node_layer=torch.tensor(layers), node_pos=torch.tensor(poss),
-            node_feature=torch.tensor(feats), activation=torch.tensor(vals, dtype=torch.float64), adjacency=adjacency,
-            value=value, constant=constant, target_names=names,
+            node_feature=torch.tensor(feats), activation=torch.tensor(vals, dtype=torch.float64),
+            adjacency=adjacency(), value=value, constant=constant,
+            target_names=list(target_names or [f"target {i}" for i in range(len(targets))]),
             target_classes=target_classes, n_prefix=model.cfg.n_prefix_tokens, has_cls=model.cfg.has_cls_token,
-            grid=model.cfg.grid_size,
+            grid=model.cfg.grid_size, weights=weights,
         )  # fmt: skip
-        from .graph_ops import target_weights
-
-        graph.weights = target_weights(graph, clean_out[0] if target_classes else None)
         return graph
 
 

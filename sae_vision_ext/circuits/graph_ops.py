@@ -13,6 +13,9 @@ to the next.
   explanation reaches the image rather than stopping at SAE errors); ``completeness`` =
   Σ_n (1 − Σ_err Â[n, err]) (I_n + w_n) / Σ_n (I_n + w_n) (how much of each node's direct input is
   explained by non-error nodes). Pruned feature nodes count as errors.
+- With MLP leaves (``Attributor(..., mlp_leaves=True)``), ``mlp_share`` = Σ_mlp I / (Σ_inputs I +
+  Σ_errors I + Σ_mlp I): the share of the explanation that ends in MLP outputs. MLP leaves count
+  neither as inputs nor as errors in ``replacement``, so it measures the attention-only path.
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ def influence(a_hat: Tensor, weights: Tensor, max_steps: int = 1000) -> Tensor:
     return total
 
 
-def target_weights(graph: Any, logits: Tensor | None = None) -> Tensor:
+def target_weights(node_kind: list[str], target_classes: list[int], logits: Tensor | None = None) -> Tensor:
     """``w``: on target nodes, ``logits``' softmax at each target's class if given, else uniform."""
-    w = torch.zeros(graph.n_nodes, dtype=torch.float64)
-    targets = [i for i, k in enumerate(graph.node_kind) if k == "target"]
-    if logits is not None and len(graph.target_classes) == len(targets):
+    w = torch.zeros(len(node_kind), dtype=torch.float64)
+    targets = [i for i, k in enumerate(node_kind) if k == "target"]
+    if logits is not None and len(target_classes) == len(targets):
         probs = torch.softmax(logits.double().flatten(), -1)
-        w[targets] = torch.stack([probs[c] for c in graph.target_classes])
+        w[targets] = torch.stack([probs[c] for c in target_classes])
         w[targets] /= w[targets].sum()
     else:
         w[targets] = 1.0 / len(targets)
@@ -106,7 +109,12 @@ def scores(graph: Any, node_mask: Tensor | None = None) -> dict[str, float]:
     if node_mask is not None:
         mass = mass * (node_mask | ~torch.tensor([k == "feature" for k in kinds]))
     completeness = float(((1 - err_in) * mass).sum() / mass.sum().clamp_min(1e-30))
-    return {"replacement": inp / max(inp + err, 1e-30), "completeness": completeness}
+    out = {"replacement": inp / max(inp + err, 1e-30), "completeness": completeness}
+    is_mlp = torch.tensor([k == "mlp" for k in kinds])
+    if is_mlp.any():
+        mlp = float(infl[is_mlp].sum())
+        out["mlp_share"] = mlp / max(inp + err + mlp, 1e-30)
+    return out
 
 
 def position_label(pos: int, n_prefix: int, has_cls: bool, grid_w: int) -> str:
@@ -124,7 +132,7 @@ def to_circuit_tracer_json(graph: Any, path: str | Path, slug: str = "vit-graph"
     """Write circuit-tracer's graph JSON (metadata, qParams, nodes, links); returns the dict.
 
     Node ids: features ``{layer}_{feature}_{pos}``, errors ``{layer}_-1_{pos}``, inputs
-    ``E_{pos}_{pos}``, targets ``{n_layers + 1}_{target}_{0}``. Positions are prompt tokens labelled
+    ``E_{pos}_{pos}``, MLP leaves ``{layer}_mlp_{pos}``, targets ``{n_layers + 1}_{target}_{0}``. Positions are prompt tokens labelled
     ``CLS``, ``reg{i}``, ``p(row,col)``. Note: circuit-tracer's frontend hides features active on more
     than 2/3 of positions, which dense vision features often are.
     """
@@ -139,6 +147,8 @@ def to_circuit_tracer_json(graph: Any, path: str | Path, slug: str = "vit-graph"
             nid, ftype, lay = f"{layer}_{feat}_{pos}", "cross layer transcoder", str(layer)
         elif kind == "error":
             nid, ftype, lay = f"{layer}_-1_{pos}", "mlp reconstruction error", str(layer)
+        elif kind == "mlp":
+            nid, ftype, lay = f"{layer}_mlp_{pos}", "mlp output", str(layer)
         elif kind == "input":
             nid, ftype, lay = f"E_{pos}_{pos}", "embedding", "E"
         else:

@@ -66,12 +66,14 @@ class ResidualReplacementModel:
         finally:
             self.model.reset_saes([self.saes[layer].cfg.metadata.hook_name for layer in layers])
 
-    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 64) -> Any:
+    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 64,
+                  max_feature_nodes: int | None = None, mlp_leaves: bool = False) -> Any:  # fmt: skip
         """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
-        predicted class, a class id, or output direction(s)."""
+        predicted class, a class id, or output direction(s). ``max_feature_nodes``: budget of feature
+        rows, explored in order of influence (``None``: all). ``mlp_leaves``: MLP outputs as leaf nodes."""
         from .attribution import Attributor
 
-        return Attributor(self, batch_size=batch_size).attribute(pixels, target)
+        return Attributor(self, batch_size, mlp_leaves).attribute(pixels, target, max_feature_nodes=max_feature_nodes)
 
     @torch.no_grad()
     def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],
