@@ -132,9 +132,9 @@ def to_circuit_tracer_json(graph: Any, path: str | Path, slug: str = "vit-graph"
     """Write circuit-tracer's graph JSON (metadata, qParams, nodes, links); returns the dict.
 
     Node ids: features ``{layer}_{feature}_{pos}``, errors ``{layer}_-1_{pos}``, inputs
-    ``E_{pos}_{pos}``, MLP leaves ``{layer}_mlp_{pos}``, targets ``{n_layers + 1}_{target}_{0}``. Positions are prompt tokens labelled
-    ``CLS``, ``reg{i}``, ``p(row,col)``. Note: circuit-tracer's frontend hides features active on more
-    than 2/3 of positions, which dense vision features often are.
+    ``E_{pos}_{pos}``, MLP leaves ``{layer}_mlp_{pos}``, targets ``{n_layers + 1}_{target}_{0}``.
+    Positions are prompt tokens labelled ``CLS``, ``reg{i}``, ``p(row,col)``. Note: circuit-tracer's
+    frontend hides features active on more than 2/3 of positions, which dense vision features often are.
     """
     n_pos = int((torch.tensor([k == "input" for k in graph.node_kind])).sum())
     tokens = labels or [position_label(p, graph.n_prefix, graph.has_cls, graph.grid[1]) for p in range(n_pos)]

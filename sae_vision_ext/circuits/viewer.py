@@ -53,8 +53,8 @@ def render_graph_html(graph: Any, path: str | Path, rrm: Any | None = None, pixe
         kind, layer, pos = graph.node_kind[i], int(graph.node_layer[i]), int(graph.node_pos[i])
         feat = int(graph.node_feature[i])
         node = {
-            "id": {"feature": f"{layer}_{feat}_{pos}", "error": f"{layer}_-1_{pos}", "input": f"E_{pos}", "mlp": f"{layer}_mlp_{pos}",
-                   "target": f"T_{i}"}[kind],
+            "id": {"feature": f"{layer}_{feat}_{pos}", "error": f"{layer}_-1_{pos}", "input": f"E_{pos}",
+                   "mlp": f"{layer}_mlp_{pos}", "target": f"T_{i}"}[kind],
             "kind": kind, "layer": layer, "col": layer + 1, "influence": float(infl[i]),
             "activation": float(graph.activation[i]),
             "label": graph.target_names[i - graph.node_kind.index("target")] if kind == "target"
