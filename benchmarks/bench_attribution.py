@@ -1,0 +1,147 @@
+"""Attribution graphs: our batched rows against a per-target Jacobian baseline, and graph time as
+tokens and layers grow.
+
+Part 1 (same image, same SAEs, ``sve:shapes-vit`` with its shipped SAEs): the baseline computes each
+target's row RRM-style, one ``torch.func.jacrev`` of the target pre-activation with respect to the
+source layer's residual per target (a full frozen forward each). Ours computes every row of the
+graph from one frozen forward with batched vector-Jacobian products. Reported: per-row seconds,
+their ratio, and the largest edge difference over the sampled targets.
+
+Part 2: graph time on a ViT-B/16-sized random timm model with random TopK SAEs, for 50 / 197
+tokens (image 112 / 224) and 4 / 8 / 12 layers, with a ``max_feature_nodes`` budget (a full ViT-B
+graph has ~75k active features).
+
+    python -m benchmarks.bench_attribution [--targets 48] [--budget 128] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks._timing import markdown_table
+
+
+def _shapes_rrm():
+    import sae_vision_ext as sve
+    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+
+    model = sve.HookedViT.from_pretrained("sve:shapes-vit")
+    saes = [sve.load_sae(f"sve:shapes-vit/blocks.{layer}.hook_resid_post").float() for layer in range(6)]
+    pixels = model.preprocess(sve.make_shapes(1, seed=11).tensors()[0])
+    return ResidualReplacementModel(model, saes), pixels
+
+
+def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, errors) -> torch.Tensor:
+    """Baseline: one target's incoming edges from ``jacrev`` of its pre-activation (one full frozen
+    forward per target), in the graph's source order (active features of ``layer - 1``, errors)."""
+    from torch.func import jacrev
+
+    from sae_vision_ext.circuits.linearise import frozen_hooks, pre_capture_hooks
+
+    model = rrm.model
+    src_hook = f"blocks.{layer - 1}.hook_resid_post.hook_sae_output"
+
+    def h(x_src: torch.Tensor) -> torch.Tensor:
+        box = {}
+        hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
+        hooks += [(src_hook, lambda t, hook: x_src[None].expand_as(t)),
+                  (f"blocks.{layer}.hook_resid_post.hook_sae_acts_pre", lambda t, hook: box.setdefault("pre", t))]  # fmt: skip
+        with rrm.spliced(keep_errors=True), model.hooks(fwd_hooks=hooks):
+            model(pixels, stop_at_layer=layer + 1)
+        return box["pre"][0, pos, feat]
+
+    x0 = torch.zeros_like(errors[layer - 1])
+    g = jacrev(h)(x0)  # the map is affine under freezing: the Jacobian does not depend on x0
+    sp, sf = acts[layer - 1].nonzero().unbind(1)
+    w_dec = rrm.saes[layer - 1].W_dec.detach()
+    feature_w = (g[sp] * w_dec[sf]).sum(-1) * acts[layer - 1][sp, sf]
+    return torch.cat([feature_w, (g * errors[layer - 1]).sum(-1)])
+
+
+def part1(name: str, rrm, pixels, n_targets: int, budget: int | None) -> list[object]:
+    from sae_vision_ext.circuits.attribution import Attributor, record_with_saes
+
+    t0 = time.perf_counter()
+    graph = Attributor(rrm, batch_size=64).attribute(pixels, max_feature_nodes=budget)
+    ours = time.perf_counter() - t0
+    n_rows = int((~torch.isnan(graph.value)).sum())
+    frozen = record_with_saes(rrm, pixels)
+    with torch.no_grad():
+        acts = [a[0] for a in rrm.feature_acts(pixels)]
+        _, cache = rrm.model.run_with_cache_with_saes(pixels, saes=rrm.saes, use_error_term=True,
+                                                      names_filter=lambda n: n.endswith("hook_sae_error"))  # fmt: skip
+    errors = [cache[f"blocks.{i}.hook_resid_post.hook_sae_error"][0] for i in range(rrm.n_layers)]
+    dense = graph.dense()
+    gen = torch.Generator().manual_seed(0)
+    candidates = [i for i, k in enumerate(graph.node_kind)
+                  if k == "feature" and graph.node_layer[i] > 0 and not torch.isnan(graph.value[i])]  # fmt: skip
+    picks = [candidates[int(j)] for j in torch.randperm(len(candidates), generator=gen)[:n_targets]]
+    worst, t0 = 0.0, time.perf_counter()
+    for t in picks:
+        layer, pos, feat = int(graph.node_layer[t]), int(graph.node_pos[t]), int(graph.node_feature[t])
+        row = jacobian_row(rrm, pixels, frozen, layer, pos, feat, acts, errors).detach()
+        src = [i for i, k in enumerate(graph.node_kind) if graph.node_layer[i] == layer - 1 and k != "mlp"]
+        worst = max(worst, float((dense[t, src].float() - row).abs().max()))
+    baseline = (time.perf_counter() - t0) / len(picks)
+    per_row = ours / n_rows
+    return [name, n_rows, f"{per_row * 1e3:.2f}", f"{baseline * 1e3:.1f}", f"{baseline / per_row:.1f}x",
+            f"{worst:.1e}"]  # fmt: skip
+
+
+def _random_vit_b(depth: int, img_size: int, seed: int = 0):
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    import sae_vision_ext as sve
+    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+
+    torch.manual_seed(seed)
+    model = sve.HookedViT.from_pretrained("timm:vit_base_patch16_224", pretrained=False, depth=depth,
+                                          img_size=img_size)  # fmt: skip
+    saes = []
+    for layer in range(depth):
+        meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")
+        sae = TopKSAE(TopKSAEConfig(d_in=768, d_sae=3072, k=32, metadata=meta))
+        with torch.no_grad():
+            sae.W_enc.normal_(0, 0.05)
+        saes.append(sae)
+    pixels = torch.randn(1, 3, img_size, img_size)
+    return ResidualReplacementModel(model, saes), pixels
+
+
+def part2(budget: int, quick: bool) -> list[list[object]]:
+    rows = []
+    settings = [(112, 4), (224, 4)] if quick else [(112, 4), (112, 8), (112, 12), (224, 4), (224, 8), (224, 12)]
+    for img, depth in settings:
+        rrm, pixels = _random_vit_b(depth, img)
+        t0 = time.perf_counter()
+        graph = rrm.attribute(pixels, batch_size=32, max_feature_nodes=budget)
+        dt = time.perf_counter() - t0
+        n_rows = int((~torch.isnan(graph.value)).sum())
+        rows.append([f"ViT-B/16 random, {depth} layers, {rrm.model.cfg.n_ctx} tokens", graph.n_nodes,
+                     graph.node_kind.count("feature"), n_rows, f"{dt:.1f}", f"{dt / n_rows * 1e3:.0f}"])  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", type=int, default=48, help="targets sampled for the Jacobian baseline")
+    p.add_argument("--budget", type=int, default=128, help="max_feature_nodes for part 2")
+    p.add_argument("--quick", action="store_true", help="part 2 at 4 layers only")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    header = ["graph", "rows", "ours ms/row", "jacrev ms/row", "speed-up", "max |edge diff|"]
+    rrm, pixels = _shapes_rrm()
+    rows = [part1("sve:shapes-vit + shipped SAEs, 6 layers, 65 tokens, all rows", rrm, pixels, args.targets, None)]
+    rrm, pixels = _random_vit_b(4, 224)
+    rows.append(part1(f"ViT-B/16 random, 4 layers, 197 tokens, {args.budget} rows", rrm, pixels, 8, args.budget))
+    print(markdown_table(header, rows) + "\n")
+    header = ["model", "nodes", "active features", "rows (budget + targets)", "graph s", "ms/row"]
+    print(markdown_table(header, part2(args.budget, args.quick)))
+
+
+if __name__ == "__main__":
+    main()
