@@ -48,7 +48,8 @@ def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, err
         box = {}
         hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
         hooks += [(src_hook, lambda t, hook: x_src[None].expand_as(t)),
-                  (f"blocks.{layer}.hook_resid_post.hook_sae_acts_pre", lambda t, hook: box.setdefault("pre", t))]  # fmt: skip
+                  (f"blocks.{layer}.hook_resid_post.hook_sae_acts_pre",
+                   lambda t, hook: box.setdefault("pre", t))]  # fmt: skip
         with rrm.spliced(keep_errors=True), model.hooks(fwd_hooks=hooks):
             model(pixels, stop_at_layer=layer + 1)
         return box["pre"][0, pos, feat]
