@@ -32,11 +32,16 @@ _LAZY: dict[str, str] = {
     "build_dashboard": "sae_vision_ext.vis.dashboard",
     "ResidualReplacementModel": "sae_vision_ext.circuits.replacement",
     "render_graph_html": "sae_vision_ext.circuits.viewer",
+    "evaluate_circuit": "sae_vision_ext.circuits.evaluate",
+    "find_spurious_features": "sae_vision_ext.circuits.debias",
+    "debias": "sae_vision_ext.circuits.debias",
 }
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
     from .circuits.replacement import ResidualReplacementModel
+    from .circuits.debias import debias, find_spurious_features
+    from .circuits.evaluate import evaluate_circuit
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
@@ -91,5 +96,8 @@ __all__ = [
     "register_adapter",
     "register_loader",
     "render_graph_html",
+    "evaluate_circuit",
+    "find_spurious_features",
+    "debias",
     "train_saes",
 ]

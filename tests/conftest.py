@@ -165,6 +165,27 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
+def rrm_for(variant: str):
+    """A float64 residual replacement model: the variant with a random TopK SAE (d_sae 48, k 5) per layer."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sae_vision_ext import HookedViT
+    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+
+    model = HookedViT.from_model(build_native(variant)).double()
+    saes = []
+    for layer in range(model.cfg.n_layers):
+        torch.manual_seed(layer)
+        meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")
+        sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=48, k=5, dtype="float64", metadata=meta))
+        with torch.no_grad():
+            sae.W_enc.normal_(0, 0.4)
+            sae.b_dec.normal_(0, 0.1)
+        saes.append(sae.double())
+    return ResidualReplacementModel(model, saes)
+
+
 def launch_chromium(playwright):
     """Debian's chromium through Playwright; fails loudly (never skips) when it is not installed."""
     import shutil

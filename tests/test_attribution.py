@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_native, images
-from sae_lens import TopKSAE, TopKSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from conftest import build_native, images, rrm_for
 
 from sae_vision_ext import HookedViT
 from sae_vision_ext.circuits.attribution import Attributor, _Leaves
 from sae_vision_ext.circuits.replacement import ResidualReplacementModel
-
-
-def rrm_for(variant: str) -> ResidualReplacementModel:
-    model = HookedViT.from_model(build_native(variant)).double()
-    saes = []
-    for layer in range(model.cfg.n_layers):
-        torch.manual_seed(layer)
-        meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")
-        sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=48, k=5, dtype="float64", metadata=meta))
-        with torch.no_grad():
-            sae.W_enc.normal_(0, 0.4)
-            sae.b_dec.normal_(0, 0.1)
-        saes.append(sae.double())
-    return ResidualReplacementModel(model, saes)
 
 
 @pytest.fixture(

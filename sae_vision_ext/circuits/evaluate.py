@@ -1,0 +1,243 @@
+"""Circuit evaluation: insertion and deletion curves, circuit faithfulness, and whether graph
+influence predicts the measured effect of ablating a node.
+
+Semantics (every forward has all SAEs spliced with error terms kept, so with no edit the output is
+the original model's):
+
+- A *site* is ``(layer, position, feature)``; the sites ranked are the image's active features (the
+  graph's nodes) and the inactive features whose reference is not zero (ranked after the graph's
+  nodes, in random order), so that editing every site gives the all-reference model and editing
+  none gives the original. Ablating a site sets its activation to its reference value
+  (per-position ``median`` / ``mean`` over a reference image set, or ``zero``); unedited features
+  are recomputed from the (edited) layers below.
+- Deletion at fraction ``q``: the top ``q`` of sites (by a ranking) are ablated.
+- Insertion at fraction ``q``: *every* feature except the top ``q`` of sites is set to its
+  reference value; the kept sites are recomputed from below.
+- Rankings: ``influence`` (the attribution graph's node influence), ``random`` (a seeded
+  permutation of the same nodes) and ``neurons`` (the raw-residual baseline: residual dimensions
+  ``(layer, position, dim)`` of ``blocks.{l}.hook_resid_post`` in a model without SAEs, ranked by
+  |gradient × (activation − reference)| under the frozen linearisation, ablated to their
+  per-position reference).
+- Metrics on the target class (the label if given, else the prediction): ``logit``,
+  ``demeaned_logit``, ``prob``, ``accuracy`` (target still top-1). AUC is the trapezoid area with
+  the listed fractions spaced evenly on ``[0, 1]`` (as the curves are plotted).
+- Circuit faithfulness ``(m(C) − m(∅)) / (m(M) − m(∅))`` with ``m`` the demeaned logit, ``C`` the
+  pruned graph's features kept (insertion semantics), ``∅`` insertion at 0 and ``M`` the model;
+  completeness ``1 − (m(M∖C) − m(∅)) / (m(M) − m(∅))`` with ``M∖C`` the deletion of ``C``.
+- ``influence_ablation_spearman``: rank correlation between each node's graph influence and the
+  measured |change of the demeaned logit| when ablating that node alone (the top nodes by
+  influence plus as many random ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .replacement import Reference, ResidualReplacementModel
+
+FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+METRICS = ("logit", "demeaned_logit", "prob", "accuracy")
+RANKINGS = ("influence", "random", "neurons")
+
+
+@dataclass
+class CircuitEvaluation:
+    """Curves averaged over images: ``curves[ranking][mode][metric]`` is a list over ``fractions``."""
+
+    fractions: list[float]
+    curves: dict[str, dict[str, dict[str, list[float]]]]
+    auc: dict[str, dict[str, dict[str, float]]]
+    faithfulness: float
+    """Mean circuit faithfulness of the pruned graphs' feature sets (see module docstring)."""
+    completeness: float
+    influence_ablation_spearman: float
+    """Mean over images of the Spearman correlation of influence and single-node ablation effect."""
+    n_images: int
+    circuit_sizes: list[int] = field(default_factory=list)
+    """Features kept by pruning, per image."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self, metric: str = "demeaned_logit") -> str:
+        """Markdown: AUC per ranking for insertion (higher is better) and deletion (lower is better)."""
+        lines = [f"| ranking | insertion AUC ({metric}) | deletion AUC ({metric}) |", "|---|---|---|"]
+        for r in self.auc:
+            lines.append(f"| {r} | {self.auc[r]['insertion'][metric]:.3f} | {self.auc[r]['deletion'][metric]:.3f} |")
+        return "\n".join(lines)
+
+
+def _metrics(out: Tensor, target: int) -> dict[str, Tensor]:
+    logits = out.double()
+    return {
+        "logit": logits[:, target],
+        "demeaned_logit": logits[:, target] - logits.mean(-1),
+        "prob": logits.softmax(-1)[:, target],
+        "accuracy": (logits.argmax(-1) == target).double(),
+    }
+
+
+def _auc(ys: Sequence[float]) -> float:
+    xs = torch.linspace(0, 1, len(ys), dtype=torch.float64)
+    return float(torch.trapezoid(torch.tensor(ys, dtype=torch.float64), xs))
+
+
+class _Patcher:
+    """Batched forwards in which row ``b`` edits its own set of sites (see the module docstring)."""
+
+    def __init__(self, rrm: ResidualReplacementModel, refs: list[Tensor], neuron_refs: list[Tensor]) -> None:
+        self.rrm, self.refs, self.neuron_refs = rrm, refs, neuron_refs
+
+    @torch.no_grad()
+    def run(self, pixels: Tensor, sites: list[Tensor], invert: list[bool], neurons: bool) -> Tensor:
+        """``sites[b]``: ``[n, 3]`` (layer, position, index) edited in row ``b``; ``invert[b]``: edit
+        every site *except* those. Returns the outputs ``[len(sites), d_out]``."""
+        rrm, B = self.rrm, len(sites)
+        x = pixels.expand(B, -1, -1, -1)
+        refs = self.neuron_refs if neurons else self.refs
+        inv = torch.tensor(invert)
+
+        def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
+            mask = torch.zeros(acts.shape, dtype=torch.bool)
+            for b, s in enumerate(sites):
+                s = s[s[:, 0] == layer]
+                mask[b, s[:, 1], s[:, 2]] = True
+            mask ^= inv[:, None, None]
+            return torch.where(mask, refs[layer].to(acts.dtype).expand_as(acts), acts)
+
+        name = "blocks.{}.hook_resid_post" if neurons else "blocks.{}.hook_resid_post.hook_sae_acts_post"
+        hooks = [
+            (name.format(layer), lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in range(rrm.n_layers)
+        ]
+        with contextlib.ExitStack() as stack:
+            if not neurons:
+                stack.enter_context(rrm.spliced(keep_errors=True))
+            stack.enter_context(rrm.model.hooks(fwd_hooks=hooks))
+            return rrm.model(x)
+
+
+def _neuron_ranking(rrm: ResidualReplacementModel, pixels: Tensor, target_dir: Tensor, refs: list[Tensor]) -> Tensor:
+    """Residual neurons ``[n, 3]`` (layer, position, dim) by |gradient × (activation − reference)|,
+    gradients under the frozen linearisation of the model without SAEs."""
+    from .linearise import frozen_hooks, pre_capture_hooks, record
+
+    model = rrm.model
+    frozen = record(model, pixels)
+    probes = [torch.zeros_like(r)[None].requires_grad_() for r in refs]  # total effect: probes don't cut paths
+    resid: dict[int, Tensor] = {}
+
+    def add_probe(t: Tensor, hook: Any, layer: int) -> Tensor:
+        resid[layer] = t.detach()
+        return t + probes[layer]
+
+    hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
+    hooks += [(f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: add_probe(t, hook, layer))
+              for layer in range(rrm.n_layers)]  # fmt: skip
+    with model.hooks(fwd_hooks=hooks):
+        out = model(pixels)
+    grads = torch.autograd.grad(out[0] @ target_dir.to(out.dtype), probes)
+    flat = torch.stack([(g[0] * (resid[layer][0] - refs[layer])).abs() for layer, g in enumerate(grads)])
+    order = flat.flatten().argsort(descending=True)  # [layer, pos, d_model] flattened
+    return torch.stack(torch.unravel_index(order, flat.shape), dim=1)
+
+
+def _spearman(a: Tensor, b: Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def evaluate_circuit(
+    rrm: ResidualReplacementModel,
+    pixels: Tensor,
+    labels: Tensor | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+    reference: Reference = "median",
+    reference_pixels: Tensor | None = None,
+    node_threshold: float = 0.8,
+    max_feature_nodes: int | None = None,
+    n_ablations: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> CircuitEvaluation:
+    """Insertion/deletion curves, AUC, circuit faithfulness and influence-vs-ablation correlation,
+    averaged over ``pixels`` (one attribution graph per image). ``reference_pixels`` (default:
+    ``pixels``) give the reference values."""
+    from tqdm.auto import tqdm
+
+    if not all(0.0 <= q <= 1.0 for q in fractions) or list(fractions) != sorted(fractions):
+        raise ValueError(f"fractions must be increasing values in [0, 1]; got {list(fractions)}.")
+    ref_px = pixels if reference_pixels is None else reference_pixels
+    refs = rrm.reference_values(ref_px, reference)
+    with torch.no_grad():
+        names = [f"blocks.{layer}.hook_resid_post" for layer in range(rrm.n_layers)]
+        _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
+    stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d_model]
+    neuron_refs = {"zero": lambda: torch.zeros_like(stack[:, 0]), "mean": lambda: stack.mean(1),
+                   "median": lambda: stack.median(1).values}[reference]()  # fmt: skip
+    neuron_refs = list(neuron_refs)
+    patcher = _Patcher(rrm, refs, neuron_refs)
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, dict[str, dict[str, Tensor]]] = {}
+    faiths, comps, rhos, sizes = [], [], [], []
+    for i in tqdm(range(len(pixels)), desc="evaluate_circuit", unit="image", disable=not progress):
+        x = pixels[i : i + 1]
+        target = None if labels is None else int(labels[i])
+        graph = rrm.attribute(x, target=target, max_feature_nodes=max_feature_nodes)
+        target = graph.target_classes[0]
+        from .graph_ops import influence, normalised_abs
+
+        infl = influence(normalised_abs(graph.adjacency), graph.weights)
+        feat_idx = torch.tensor([j for j, k in enumerate(graph.node_kind) if k == "feature"], dtype=torch.long)
+        sites_all = torch.stack([graph.node_layer[feat_idx], graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)
+        # sites whose clean value differs from the reference but that are not graph nodes (inactive
+        # features with a non-zero reference) come after the graph's nodes, in random order
+        acts = rrm.feature_acts(x)
+        differs = torch.stack([(a[0] != r.to(a.dtype)) & (a[0] == 0) for a, r in zip(acts, refs, strict=True)])
+        extra = differs.nonzero()
+        extra = extra[torch.randperm(len(extra), generator=gen)]
+        ranked = torch.cat([sites_all[infl[feat_idx].argsort(descending=True)], extra])
+        every = torch.cat([sites_all, extra])
+        orders = {"influence": ranked, "random": every[torch.randperm(len(every), generator=gen)]}
+        n_out = rrm.model(x).shape[-1]
+        direction = -torch.full((n_out,), 1.0 / n_out, dtype=x.dtype)
+        direction[target] += 1.0
+        orders["neurons"] = _neuron_ranking(rrm, x, direction, neuron_refs)
+        for name, order in orders.items():
+            counts = [math.ceil(q * len(order)) for q in fractions]
+            sites = [order[:c] for c in counts]
+            rows = patcher.run(x, sites + sites, [True] * len(sites) + [False] * len(sites), name == "neurons")
+            for mode, part in (("insertion", rows[: len(sites)]), ("deletion", rows[len(sites) :])):
+                for metric, v in _metrics(part, target).items():
+                    acc = sums.setdefault(name, {}).setdefault(mode, {})
+                    acc[metric] = acc.get(metric, 0) + v
+        # circuit faithfulness / completeness of the pruned feature set
+        keep = graph.prune(node_threshold=node_threshold).node_mask[feat_idx]
+        circuit = sites_all[keep]
+        sizes.append(int(keep.sum()))
+        outs = patcher.run(x, [circuit, sites_all[:0], circuit], [True, True, False], False)
+        m = _metrics(torch.cat([outs, rrm.model(x)]), target)["demeaned_logit"]
+        m_c, m_empty, m_minus, m_full = m.tolist()
+        span = m_full - m_empty
+        faiths.append((m_c - m_empty) / span if span else float("nan"))
+        comps.append(1 - (m_minus - m_empty) / span if span else float("nan"))
+        # influence vs single-node ablation
+        top = infl[feat_idx].argsort(descending=True)[:n_ablations]
+        rest = torch.randperm(len(feat_idx), generator=gen)[:n_ablations]
+        pick = torch.unique(torch.cat([top, rest]))
+        outs = patcher.run(x, [sites_all[j : j + 1] for j in pick.tolist()], [False] * len(pick), False)
+        effect = (_metrics(outs, target)["demeaned_logit"] - m_full).abs()
+        rhos.append(_spearman(infl[feat_idx][pick], effect))
+    n = len(pixels)
+    curves = {r: {mode: {k: (v / n).tolist() for k, v in d.items()} for mode, d in m.items()} for r, m in sums.items()}
+    auc = {r: {mode: {k: _auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}
+    mean = lambda xs: float(torch.tensor(xs, dtype=torch.float64).nanmean())
+    return CircuitEvaluation(list(fractions), curves, auc, mean(faiths), mean(comps), mean(rhos), n, sizes)
