@@ -39,9 +39,9 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
-    from .circuits.replacement import ResidualReplacementModel
     from .circuits.debias import debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
+    from .circuits.replacement import ResidualReplacementModel
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
@@ -87,7 +87,10 @@ __all__ = [
     "__version__",
     "build_dashboard",
     "collect_feature_stats",
+    "debias",
+    "evaluate_circuit",
     "evaluate_sae",
+    "find_spurious_features",
     "list_adapters",
     "list_embedded_models",
     "load_sae",
@@ -96,8 +99,5 @@ __all__ = [
     "register_adapter",
     "register_loader",
     "render_graph_html",
-    "evaluate_circuit",
-    "find_spurious_features",
-    "debias",
     "train_saes",
 ]

@@ -33,6 +33,7 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
     assert "Residual replacement model" in out and (tmp_path / "graph.json").exists()
     assert (tmp_path / "graph.html").exists()
+    assert "associated with 'circle'" in out and "debiased" in out
 
 
 def test_dashboard_command(capsys, tmp_path):

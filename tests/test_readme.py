@@ -10,7 +10,7 @@ import torch
 
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    first, second, third = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:3]
+    first, second, third, fourth = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:4]
     namespace: dict = {}
     exec(compile(first, "README.md", "exec"), namespace)
     assert namespace["cache"]["blocks.3.hook_resid_post"].shape == (16, 65, 128)
@@ -26,3 +26,16 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     exec(compile(third, "README.md", "exec"), namespace)
     assert (tmp_path / "f123.png").exists() and (tmp_path / "dash" / "index.html").exists()
     assert namespace["stats"].n_images == 16
+
+    exec(compile(fourth, "README.md", "exec"), namespace)
+    assert (tmp_path / "graph.json").exists() and (tmp_path / "graph.html").exists()
+    assert 0 < namespace["pruned"].scores()["replacement"] <= 1
+    assert namespace["ev"].n_images == 2
+    assert namespace["found"].associated_class == sve_shapes().index("circle")
+    assert len(namespace["found"].selected) > 0
+
+
+def sve_shapes():
+    import sae_vision_ext as sve
+
+    return sve.SHAPES

@@ -68,7 +68,7 @@ def frozen_hooks(model: Any, frozen: dict[str, Tensor]) -> list[tuple[str, Calla
 def _make_gate_hook(g: Tensor) -> Callable:
     def hook(post: Tensor, hook: Any) -> Tensor:
         # post = act(pre); recover pre from the MLP's own hook_pre value stored in this forward
-        pre = hook.ctx["pre"]
+        pre = hook.ctx.pop("pre")  # popped: no graph-holding tensor outlives the forward
         return pre * g.expand_as(pre)
 
     return hook
