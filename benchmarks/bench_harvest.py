@@ -24,7 +24,8 @@ from sae_vision_ext.activations.harvest import harvest, resolve_hook_names
 
 
 @torch.no_grad()
-def harvest_table(model: HookedViT, batch: int, repeats: int) -> str:
+def harvest_times(model: HookedViT, batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per batch: plain forward, one-pass harvest, per-layer passes (full / stopped)."""
     x = torch.randn(batch, 3, *model.cfg.image_size)
     hooks = resolve_hook_names("all_resid_post", model.cfg.n_layers)
 
@@ -42,6 +43,12 @@ def harvest_table(model: HookedViT, batch: int, repeats: int) -> str:
         repeats=repeats,
         warmup=1,
     )
+    return t
+
+
+def harvest_table(model: HookedViT, batch: int, repeats: int) -> str:
+    t = harvest_times(model, batch, repeats)
+    hooks = resolve_hook_names("all_resid_post", model.cfg.n_layers)
     tokens = batch * model.cfg.n_ctx
     rows = [
         [name, f"{t[name] * 1e3:.0f}", f"{tokens / t[name]:.0f}", f"{t['plain'] / t[name]:.2f}x",
@@ -52,7 +59,8 @@ def harvest_table(model: HookedViT, batch: int, repeats: int) -> str:
     return f"{model.cfg.n_layers} layers, {len(hooks)} hooks, batch {batch}\n\n" + markdown_table(header, rows)
 
 
-def cache_table(model: HookedViT, n_images: int) -> str:
+def cache_rates(model: HookedViT, n_images: int, dtypes=("float32", "float16", "bfloat16")) -> list[dict]:
+    """Per dtype: bytes per token per hook, write MB/s (including the forward) and read MB/s."""
     from torch.utils.data import TensorDataset
 
     from sae_vision_ext.activations.cache import CachedActivations, CacheSettings, build_cache
@@ -62,9 +70,9 @@ def cache_table(model: HookedViT, n_images: int) -> str:
 
     data = Images(torch.randn(n_images, 3, *model.cfg.image_size))
     hooks = tuple(resolve_hook_names("all_resid_post", model.cfg.n_layers, layers=[0, model.cfg.n_layers - 1]))
-    rows = []
+    out = []
     with tempfile.TemporaryDirectory() as root:
-        for dtype in ("float32", "float16", "bfloat16"):
+        for dtype in dtypes:
             s = CacheSettings("bench", hooks, "bench-random", n_images, dtype=dtype, images_per_shard=n_images // 4)
             t0 = time.perf_counter()
             folder = build_cache(model, data, s, root, image_batch_size=16, progress=False)
@@ -75,14 +83,21 @@ def cache_table(model: HookedViT, n_images: int) -> str:
             for i in range(s.n_shards):
                 reader.load_shard(i)
             read = time.perf_counter() - t0
-            n_tok = reader.n_tokens
-            rows.append([dtype, f"{size / n_tok / len(hooks):.0f}", f"{size / 1e6 / write:.1f}",
-                         f"{size / 1e6 / read:.0f}"])  # fmt: skip
+            out.append({"dtype": dtype, "bytes_per_token": size / reader.n_tokens / len(hooks),
+                        "write_mb_s": size / 1e6 / write, "read_mb_s": size / 1e6 / read})  # fmt: skip
+    return out
+
+
+def cache_table(model: HookedViT, n_images: int) -> str:
+    hooks = resolve_hook_names("all_resid_post", model.cfg.n_layers, layers=[0, model.cfg.n_layers - 1])
+    rows = [[r["dtype"], f"{r['bytes_per_token']:.0f}", f"{r['write_mb_s']:.1f}", f"{r['read_mb_s']:.0f}"]
+            for r in cache_rates(model, n_images)]  # fmt: skip
     header = ["dtype", "bytes / token / hook", "write MB/s (incl. forward)", "read MB/s (incl. checksum)"]
     return f"{n_images} images, {len(hooks)} hooks\n\n" + markdown_table(header, rows)
 
 
-def training_table(d_in: int, steps: int) -> str:
+def training_rates(d_in: int, steps: int) -> tuple[float, float]:
+    """Steps/s of SAELens's SAETrainer fed an in-memory tensor, and fed by our ShuffleBuffer."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -108,7 +123,12 @@ def training_table(d_in: int, steps: int) -> str:
         chunks = ({"h": data[i : i + 4096]} for _ in iter(int, 1) for i in range(0, len(data), 4096))
         return (b["h"] for b in ShuffleBuffer(16_384, batch)(chunks))
 
-    a, b = run(in_memory), run(ours)
+    return run(in_memory), run(ours)
+
+
+def training_table(d_in: int, steps: int) -> str:
+    batch = 1024
+    a, b = training_rates(d_in, steps)
     rows = [["SAELens SAETrainer, in-memory tensor", f"{a:.1f}", "1.00x"], ["our ShuffleBuffer provider", f"{b:.1f}",
             f"{b / a:.2f}x"]]  # fmt: skip
     return f"TopK SAE d_in {d_in}, d_sae {4 * d_in}, batch {batch}, {steps} steps\n\n" + markdown_table(

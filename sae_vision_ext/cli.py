@@ -3,6 +3,10 @@
 sae-vision models                   adapters, model sources and embedded models
 sae-vision hooks MODEL              every hook name with its shape for one image
 sae-vision demo                     the main job on the embedded shapes model (no download)
+
+Many processes: `torchrun --nproc_per_node=N -m sae_vision_ext.cli cache|train ...` (each process
+takes its share: cache shards by rank, SAEs by hook; see docs/scaling.md). `--distributed` insists
+on torchrun's environment.
 """
 
 from __future__ import annotations
@@ -70,22 +74,33 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     cfg = _training_config(args)
     if cfg.cache_dir is None:
         raise ValueError("Give --cache-dir (or cache_dir in the config) for `sae-vision cache`.")
+    rank, _ = _join_process_group(args)
     model = HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
     dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
     hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     settings = cache_settings(cfg, hooks, len(dataset))
     folder = build_cache(model, dataset, settings, cfg.cache_dir, cfg.num_workers, cfg.image_batch_size)
-    print(f"cache ready: {folder}")
+    if rank == 0:
+        print(f"cache ready: {folder}")
     return 0
+
+
+def _join_process_group(args: argparse.Namespace) -> tuple[int, int]:
+    """Join torchrun's process group when launched by it (or insist on it with --distributed)."""
+    from .distributed import init_from_env, require_launcher
+
+    return require_launcher() if args.distributed else init_from_env()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training.train import train_saes
 
     cfg = _training_config(args)
+    rank, _ = _join_process_group(args)
     saes = train_saes(cfg, resume=args.resume)
-    for hook in saes:
-        print(f"saved {hook} -> {cfg.output_dir}/{hook}")
+    if rank == 0:
+        for hook in saes:
+            print(f"saved {hook} -> {cfg.output_dir}/{hook}")
     return 0
 
 
@@ -261,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--layers", help="comma-separated layers for an all_* hook group, e.g. 0,3,5")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="require torchrun's environment (under torchrun the group is joined anyway)",
+        )
         for key, typ in _CONFIG_FLAGS.items():
             p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
         p.set_defaults(func=func)

@@ -9,7 +9,9 @@ shard, seed), so identical settings reuse a cache and different settings never c
     shard_00000.json          {"n_tokens", "n_images", "sha256"}: written last, marks the shard complete
 
 Shard ``i`` holds images ``[i * images_per_shard, (i + 1) * images_per_shard)`` in dataset order,
-so a killed run resumes at the first shard without a ``.json`` and redoes nothing else. Each shard
+so a killed run resumes at the first shard without a ``.json`` and redoes nothing else. Under
+``torchrun`` shard ``i`` belongs to rank ``i mod world_size`` (``sae_vision_ext.distributed``);
+rank 0 writes the final metadata once every marker exists, so the cache equals a one-process one. Each shard
 is written to a temporary name and renamed; its checksum is verified when read. Readers open
 shards through safetensors (memory-mapped), visit them in a seeded random order and mix tokens
 in a :class:`~sae_vision_ext.activations.harvest.ShuffleBuffer`.
@@ -101,27 +103,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | Path, num_workers: int = 0,
                 image_batch_size: int = 64, progress: bool = True) -> Path:  # fmt: skip
     """Write (or finish) the cache for ``settings`` under ``root``; return its directory.
 
     ``dataset`` yields preprocessed image tensors (see ``data.sources.open_image_source``). Complete
-    shards are kept; the rest are written. Safe to interrupt at any point.
+    shards are kept; the rest are written. Safe to interrupt at any point. In a process group every
+    rank must call this; each writes its own shards (see the module docstring).
     """
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
+    from ..distributed import barrier, owned, rank_and_world_size
+
+    rank, world = rank_and_world_size()
     folder = Path(root) / settings.key
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "metadata.json"
-    if not meta_path.exists():
-        meta_path.write_text(json.dumps({"settings": asdict(settings), "complete": False}, indent=2))
+    if rank == 0 and not meta_path.exists():
+        _write_json(meta_path, {"settings": asdict(settings), "complete": False})
     dtype = _DTYPES[settings.dtype]
     gen = torch.Generator().manual_seed(settings.seed)
-    todo = [i for i in range(settings.n_shards) if not (folder / f"shard_{i:05d}.json").exists()]
-    bar = tqdm(total=settings.n_shards, initial=settings.n_shards - len(todo), desc=f"cache {settings.key}",
-               unit="shard", disable=not progress)  # fmt: skip
+    mine = owned(range(settings.n_shards), rank, world)
+    todo = [i for i in mine if not (folder / f"shard_{i:05d}.json").exists()]
+    desc = f"cache {settings.key}" + (f" rank {rank}/{world}" if world > 1 else "")
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard",
+               disable=not progress or rank != 0)  # fmt: skip
     t0, tokens = time.perf_counter(), 0
     for shard in todo:
         start = shard * settings.images_per_shard
@@ -149,10 +163,17 @@ def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | P
         bar.update(1)
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
-    records = [json.loads((folder / f"shard_{i:05d}.json").read_text()) for i in range(settings.n_shards)]
-    meta = {"settings": asdict(settings), "complete": True, "n_tokens": sum(r["n_tokens"] for r in records),
-            "n_images": sum(r["n_images"] for r in records), "n_shards": settings.n_shards}  # fmt: skip
-    meta_path.write_text(json.dumps(meta, indent=2))
+    barrier()  # every rank's shards are written (a dead rank makes this raise on the others)
+    if rank == 0:
+        missing = [i for i in range(settings.n_shards) if not (folder / f"shard_{i:05d}.json").exists()]
+        if missing:
+            raise ValueError(f"Cache {folder} lacks shards {missing[:8]}{'...' if len(missing) > 8 else ''}: "
+                             "a process stopped early. Rerun the same command to write only those.")  # fmt: skip
+        records = [json.loads((folder / f"shard_{i:05d}.json").read_text()) for i in range(settings.n_shards)]
+        meta = {"settings": asdict(settings), "complete": True, "n_tokens": sum(r["n_tokens"] for r in records),
+                "n_images": sum(r["n_images"] for r in records), "n_shards": settings.n_shards}  # fmt: skip
+        _write_json(meta_path, meta)
+    barrier()  # the metadata is complete before anyone reads the cache
     return folder
 
 
@@ -175,8 +196,8 @@ class CachedActivations:
     def n_tokens(self) -> int:
         return int(self.metadata["n_tokens"])
 
-    def load_shard(self, i: int) -> dict[str, Tensor]:
-        """Shard ``i`` as float32 tensors (checksum verified unless ``verify=False``)."""
+    def load_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, Tensor]:
+        """Shard ``i`` as float32 tensors of ``hooks`` (default all; checksum verified unless ``verify=False``)."""
         from safetensors import safe_open
 
         path = self.folder / f"shard_{i:05d}.safetensors"
@@ -185,11 +206,15 @@ class CachedActivations:
             raise ValueError(f"Checksum mismatch in {path}: the shard is corrupt. Delete it and its .json, "
                              "then rerun build_cache to rewrite it.")  # fmt: skip
         with safe_open(str(path), framework="pt") as f:
-            return {h: f.get_tensor(h).float() for h in self.hook_names}
+            return {h: f.get_tensor(h).float() for h in (hooks or self.hook_names)}
 
-    def batches(self, batch_size: int, buffer_tokens: int = 65_536, seed: int = 0,
-                epochs: int | None = 1) -> Iterator[dict[str, Tensor]]:  # fmt: skip
-        """Shuffled training batches: shards in a seeded random order per epoch, tokens mixed in a buffer."""
+    def batches(self, batch_size: int, buffer_tokens: int = 65_536, seed: int = 0, epochs: int | None = 1,
+                hooks: list[str] | None = None) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+        """Shuffled training batches: shards in a seeded random order per epoch, tokens mixed in a buffer.
+        ``hooks`` (default all) selects the tensors read; the token order does not depend on it."""
+        unknown = sorted(set(hooks or []) - set(self.hook_names))
+        if unknown:
+            raise ValueError(f"Hooks {unknown} are not in cache {self.folder}; it holds {self.hook_names}.")
         gen = torch.Generator().manual_seed(seed)
         n_shards = int(self.metadata["n_shards"])
 
@@ -197,7 +222,7 @@ class CachedActivations:
             epoch = 0
             while epochs is None or epoch < epochs:
                 for i in torch.randperm(n_shards, generator=gen).tolist():
-                    yield self.load_shard(i)
+                    yield self.load_shard(i, hooks)
                 epoch += 1
 
         return ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, gen)(shards())

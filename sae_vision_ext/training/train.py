@@ -14,6 +14,12 @@ is written (SAELens checkpoints per hook + ``state.json`` with the number of str
 consumed). ``train_saes(cfg, resume=True)`` reloads weights, optimiser, schedulers, scalers and
 counters and replays the deterministic stream past the consumed batches, so a resumed run ends
 with the same SAEs as an uninterrupted one (tested).
+
+Under ``torchrun`` training is layer-parallel (``sae_vision_ext.distributed``): hook ``j`` belongs to
+rank ``j mod world_size``; the cache is built by all ranks together and each rank reads only its
+hooks; each SAE is initialised from ``(seed, j)`` and sees the batches a one-process run gives it,
+so the SAEs equal a one-process run's (tested with two processes). Each rank saves its own SAEs and
+checkpoint state (``state_rank{r}_of_{w}.json``); every rank returns all SAEs.
 """
 
 from __future__ import annotations
@@ -99,8 +105,11 @@ def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: 
     )  # fmt: skip
 
 
-def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]) -> tuple[Iterator[dict], int]:
-    """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image."""
+def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str],
+                      read_hooks: list[str] | None = None) -> tuple[Iterator[dict], int]:  # fmt: skip
+    """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image.
+    The cache (if any) holds ``hooks``; batches carry ``read_hooks`` (default: all of them)."""
+    read_hooks = read_hooks or hooks
     from ..activations.harvest import ShuffleBuffer, harvest, token_positions
     from ..data.sources import image_batches, open_image_source
 
@@ -119,9 +128,11 @@ def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]
         settings = cache_settings(cfg, hooks, len(dataset))
         cached = open_or_build_cache(model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers,
                                      image_batch_size=cfg.image_batch_size)  # fmt: skip
-        return cached.batches(cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None), per_image
+        stream = cached.batches(cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None,
+                                hooks=read_hooks)  # fmt: skip
+        return stream, per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
-    stream = harvest(model, (b.to(cfg.device) for b in batches), hooks, cfg.token_selection,
+    stream = harvest(model, (b.to(cfg.device) for b in batches), read_hooks, cfg.token_selection,
                      cfg.patches_per_image, gen)  # fmt: skip
     return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
 
@@ -201,25 +212,41 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
     from safetensors.torch import save_file
 
     from ..activations.harvest import resolve_hook_names
+    from ..distributed import barrier, owned, rank_and_world_size
     from ..models import HookedViT
 
+    rank, world = rank_and_world_size()
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoints" / "latest"
+    state_file = ckpt / ("state.json" if world == 1 else f"state_rank{rank}_of_{world}.json")
     state = None
     if resume:
-        if not (ckpt / "state.json").exists():
-            raise ValueError(f"Nothing to resume: no checkpoint at {ckpt}. Run without resume to start.")
-        state = json.loads((ckpt / "state.json").read_text())
+        if not state_file.exists():
+            raise ValueError(f"Nothing to resume: no {state_file.name} at {ckpt} (a distributed run resumes with "
+                             "the same number of processes). Run without resume to start.")  # fmt: skip
+        state = json.loads(state_file.read_text())
         if state["config"] != json.loads(json.dumps(cfg.to_dict())):
-            raise ValueError(f"The config differs from the interrupted run's (saved in {ckpt / 'state.json'}); "
+            raise ValueError(f"The config differs from the interrupted run's (saved in {state_file}); "
                              "resume needs the same config.")  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = model or HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
     model.eval()
-    hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    all_hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    hooks = owned(all_hooks, rank, world)
+    if world > 1 and cfg.cache_dir is None:
+        logger.warning("Distributed training without cache_dir: every rank runs the model over all images. "
+                       "Set cache_dir to harvest once, split across ranks.")  # fmt: skip
     widths = model.hook_shapes(batch_size=1)
-    stream, per_image = activation_stream(cfg, model, hooks)
-    saes = {h: build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image)) for h in hooks}
+    stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
+    saes = {}
+    for h in hooks:  # seeded per hook: the same SAE whichever rank builds it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + all_hooks.index(h))
+            saes[h] = build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image))
+    if not saes:
+        logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)
+        barrier()
+        return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}
     if state is not None:
         for h, sae in saes.items():
             sae.load_weights_from_checkpoint(ckpt / h)
@@ -251,7 +278,7 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
         except TrainingInterrupted:
             for h, t in trainer.trainers.items():
                 t.save_checkpoint(h, base_path=ckpt)
-            (ckpt / "state.json").write_text(json.dumps({
+            state_file.write_text(json.dumps({
                 "batches_consumed": provider.count, "n_training_steps": trainer.n_training_steps,
                 "n_training_samples": trainer.n_training_samples, "config": cfg.to_dict()}))  # fmt: skip
             raise TrainingInterrupted(
@@ -259,13 +286,15 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
                 "Continue with train_saes(cfg, resume=True) or `sae-vision train ... --resume`."
             ) from None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    result = {}
-    for hook, sae in trained.items():
+    if rank == 0:
+        (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    for hook, sae in trained.items():  # each SAE written once, by the rank that trained it
         sae.save_inference_model(out / hook)
         save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
-        result[hook] = SAE.load_from_disk(out / hook, device=cfg.device)
         logger.info("saved %s to %s", hook, out / hook)
-    if ckpt.exists():
-        shutil.rmtree(ckpt)  # the run is complete; a stale checkpoint must not be resumed later
-    return result
+        shutil.rmtree(ckpt / hook, ignore_errors=True)  # done: its checkpoint must not be resumed later
+    state_file.unlink(missing_ok=True)
+    barrier()
+    if rank == 0 and ckpt.exists() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+    return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}
