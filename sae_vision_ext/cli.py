@@ -206,7 +206,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     pruned.to_json(str(out / "graph.json"), slug=Path(args.image).stem if args.image else "shapes")
     from .circuits.viewer import render_graph_html
 
-    render_graph_html(pruned, out / "graph.html", rrm, pixels)
+    stats = ref = None
+    if args.reference_images > 0:  # top patches per feature in the viewer, from a reference set
+        from .vis.stats import collect_feature_stats
+
+        ref, _, _ = _load_images(model, "sve:shapes", args.reference_images, args.seed + 1)
+        stats = collect_feature_stats(model, rrm.saes, ref, top_k=4, progress=False)
+    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref)
     from .circuits.graph_ops import influence, normalised_abs
 
     infl = influence(normalised_abs(graph.adjacency), graph.weights)
@@ -329,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="budget of feature rows, explored by influence (default: all)",
             )
             p.add_argument("--mlp-leaves", action="store_true", help="MLP outputs as leaf nodes (second mode)")
+            p.add_argument(
+                "--reference-images",
+                type=int,
+                default=64,
+                help="shapes images for the viewer's top patches per feature (0: none)",
+            )
             p.add_argument("--out", required=True)
         p.set_defaults(func=func)
 

@@ -97,6 +97,9 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     graph = json.loads((tmp_path / "graph.json").read_text())
     assert len(graph["nodes"]) == summary["kept_nodes"]
     assert (tmp_path / "graph.html").stat().st_size > 10_000
+    html = (tmp_path / "graph.html").read_text()
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S)[1])
+    assert data["tops"] and all(n.get("tops") in data["tops"] for n in data["nodes"] if n["kind"] == "feature")
 
 
 def test_trace_with_budget_and_mlp_leaves(tmp_path):
