@@ -1,4 +1,4 @@
-"""A rank that dies mid-harvest, for tests/test_distributed.py (importable by spawned children)."""
+"""Ranks that die or are signalled mid-run, for tests/test_distributed.py (importable by spawned children)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,38 @@ def dying_rank(rank: int, world: int, port: int, argv: list[str], kill_after_sha
 
 
 def run_with_dying_rank(argv: list[str], kill_after_shards: int, timeout: float = 120) -> list[int]:
+    return run_two(dying_rank, argv, kill_after_shards, timeout)
+
+
+def signalled_rank(rank: int, world: int, port: int, argv: list[str], after_batches: int) -> None:
+    """Each rank gets a real SIGTERM after ``after_batches + 3 * rank`` training batches (ranks stop at
+    different steps, as they would when a job is preempted)."""
+    import signal
+
+    from sae_vision_ext.training import train as train_module
+
+    original = train_module._CountingStream.__next__
+
+    def next_then_signal(self):
+        if self.count == after_batches + 3 * rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    train_module._CountingStream.__next__ = next_then_signal
+    from sae_vision_ext.distributed import _cli_rank
+
+    _cli_rank(rank, world, port, argv, threads=1)
+
+
+def run_two(target, argv: list[str], arg: int, timeout: float = 120) -> list[int]:
+    """Two spawned ranks running ``target(rank, 2, port, argv, arg)``; their exit codes."""
     import multiprocessing as mp
 
     from sae_vision_ext.distributed import _free_port
 
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=dying_rank, args=(r, 2, port, argv, kill_after_shards)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, argv, arg)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _dist_workers import run_with_dying_rank
+from _dist_workers import run_two, run_with_dying_rank, signalled_rank
 from safetensors.torch import load_file
 
 from sae_vision_ext.cli import main
@@ -89,6 +89,24 @@ def test_layer_parallel_training_equals_one_process(single, tmp_path):
             torch.testing.assert_close(ours[key], ref[key], atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "out" / "checkpoints" / "latest").exists()
     assert (tmp_path / "out" / "training_config.json").exists()
+
+
+def test_layer_parallel_training_interrupted_on_every_rank_resumes_to_the_same_saes(single, tmp_path):
+    ref_tmp, _ = single
+    argv = ["train", "--config", config(tmp_path, tmp_path / "cache", tmp_path / "out")]
+    assert run_two(signalled_rank, argv, 4) == [130, 130]  # both checkpointed, at different steps
+    latest = tmp_path / "out" / "checkpoints" / "latest"
+    states = {p.name: json.loads(p.read_text())["batches_consumed"] for p in latest.glob("state_rank*.json")}
+    assert set(states) == {"state_rank0_of_2.json", "state_rank1_of_2.json"}
+    assert states["state_rank0_of_2.json"] != states["state_rank1_of_2.json"]
+    assert not (tmp_path / "out" / "blocks.0.hook_resid_post").exists()  # nothing final written yet
+    assert launch_local([*argv, "--resume"], 2, 1, 120) == [0, 0]
+    for hook in HOOKS.split(","):
+        ours = load_file(tmp_path / "out" / hook / "sae_weights.safetensors")
+        ref = load_file(ref_tmp / "out" / hook / "sae_weights.safetensors")
+        for key in ours:
+            torch.testing.assert_close(ours[key], ref[key], atol=1e-5, rtol=1e-4)
+    assert not latest.exists()
 
 
 def test_distributed_flag_needs_torchrun(tmp_path, monkeypatch, capsys):
