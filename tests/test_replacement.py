@@ -80,3 +80,27 @@ def test_validation():
         ResidualReplacementModel(model, [identity_sae(32, "blocks.0.hook_mlp_out")])
     with pytest.raises(ValueError, match="d_in=16, the model's d_model is 32"):
         ResidualReplacementModel(model, [identity_sae(16, f"blocks.{i}.hook_resid_post") for i in range(2)])
+
+
+@torch.no_grad()
+def test_error_terms_replaced_by_reference_values(shapes):
+    model, rrm, pixels, _ = shapes
+    x = pixels[:1]
+    own = [e[0] for e in rrm.errors(x)]  # this image's errors as "references": the clean model again
+    with rrm.spliced(error_values=dict(enumerate(own))):
+        torch.testing.assert_close(model(x), model.run_with_hooks(x), atol=1e-4, rtol=1e-4)
+    zeros = {layer: torch.zeros_like(e) for layer, e in enumerate(own)}  # zero errors: the pure replacement model
+    with rrm.spliced(error_values=zeros):
+        dropped = model(x)
+    with rrm.spliced():
+        torch.testing.assert_close(dropped, model(x))
+    mean = rrm.reference_values(pixels[:32], "mean", of="errors")
+    assert len(mean) == 6 and mean[0].shape == (65, 128)
+    errs = rrm.errors(pixels[:32])
+    torch.testing.assert_close(mean[2], errs[2].mean(0))
+    with rrm.spliced(error_values={2: mean[2]}):  # a reference error moves the output
+        assert not torch.allclose(model(x), dropped)
+    with pytest.raises(ValueError, match="not spliced"), rrm.spliced(layers=[0], error_values={3: mean[3]}):
+        pass
+    with pytest.raises(ValueError, match="reference target"):
+        rrm.reference_values(pixels[:4], "mean", of="weights")

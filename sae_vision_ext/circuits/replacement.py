@@ -10,7 +10,8 @@ Contracts:
   clean-run difference, fixed, without gradient, as SAELens does); the pure replacement model keeps
   no error term anywhere.
 - Reference values (for ablations and circuit evaluation) are per (layer, position, feature):
-  ``zero``, ``mean`` or ``median`` of the feature's activation over a reference image set.
+  ``zero``, ``mean`` or ``median`` of the feature's activation over a reference image set; error
+  terms can be replaced by reference errors the same way (``spliced(error_values=...)``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,26 @@ class ResidualReplacementModel:
         return len(self.saes)
 
     @contextlib.contextmanager
-    def spliced(self, layers: Sequence[int] | None = None, keep_errors: bool | Sequence[int] = False) -> Iterator[Any]:
+    def spliced(self, layers: Sequence[int] | None = None, keep_errors: bool | Sequence[int] = False,
+                error_values: dict[int, Tensor] | None = None) -> Iterator[Any]:  # fmt: skip
         """Context with the SAEs of ``layers`` (all if ``None``) spliced in. ``keep_errors``: ``True``
-        for every spliced layer, ``False`` for none, or the layers that keep theirs."""
-        layers = range(self.n_layers) if layers is None else layers
+        for every spliced layer, ``False`` for none, or the layers that keep theirs.
+        ``error_values``: ``{layer: [pos, d_model]}`` error terms to use instead of the image's own (for
+        example ``reference_values(..., of="errors")``); those layers get an error term either way."""
+        layers = list(range(self.n_layers) if layers is None else layers)
         keep = set(layers) if keep_errors is True else set() if keep_errors is False else set(keep_errors)
+        error_values = error_values or {}
+        unknown = sorted(set(error_values) - set(layers))
+        if unknown:
+            raise ValueError(f"error_values given for layers {unknown} that are not spliced ({layers}).")
+        hooks = [(f"blocks.{layer}.hook_resid_post.hook_sae_error", lambda t, hook, v=v: v.to(t.dtype).expand_as(t))
+                 for layer, v in error_values.items()]  # fmt: skip
         try:
             for layer in layers:
-                self.model.add_sae(self.saes[layer], use_error_term=layer in keep, check_model_name=False)
-            yield self.model
+                use_error = layer in keep or layer in error_values
+                self.model.add_sae(self.saes[layer], use_error_term=use_error, check_model_name=False)
+            with self.model.hooks(fwd_hooks=hooks):
+                yield self.model
         finally:
             self.model.reset_saes([self.saes[layer].cfg.metadata.hook_name for layer in layers])
 
@@ -129,17 +141,29 @@ class ResidualReplacementModel:
         return [sae.encode(cache[h]) for sae, h in zip(self.saes, hooks, strict=True)]
 
     @torch.no_grad()
-    def reference_values(self, pixels: Tensor, kind: Reference = "median", batch_size: int = 64) -> list[Tensor]:
-        """Per-position reference activation of every feature, ``[pos, d_sae]`` per layer."""
+    def reference_values(self, pixels: Tensor, kind: Reference = "median", batch_size: int = 64,
+                         of: Literal["features", "errors"] = "features") -> list[Tensor]:  # fmt: skip
+        """Per-position reference of every feature (``[pos, d_sae]`` per layer) or of each layer's
+        SAE error vector (``of="errors"``: ``[pos, d_model]`` per layer), over ``pixels``."""
         if kind not in ("zero", "mean", "median"):
             raise ValueError(f"Unknown reference {kind!r}; valid: zero, mean, median.")
-        acts = [self.feature_acts(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        if of not in ("features", "errors"):
+            raise ValueError(f"Unknown reference target {of!r}; valid: features, errors.")
+        chunks = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+        acts = [self.feature_acts(x) if of == "features" else self.errors(x) for x in chunks]
         per_layer = [torch.cat([a[layer] for a in acts]) for layer in range(self.n_layers)]
         if kind == "zero":
             return [torch.zeros_like(a[0]) for a in per_layer]
         if kind == "mean":
             return [a.mean(0) for a in per_layer]
         return [a.median(0).values for a in per_layer]
+
+    @torch.no_grad()
+    def errors(self, pixels: Tensor) -> list[Tensor]:
+        """Each layer's SAE error ``resid_post − reconstruction`` on the clean stream: ``[batch, pos, d_model]``."""
+        hooks = [s.cfg.metadata.hook_name for s in self.saes]
+        _, cache = self.model.run_with_cache(pixels, names_filter=hooks, return_cache_object=False)
+        return [cache[h] - sae.decode(sae.encode(cache[h])) for sae, h in zip(self.saes, hooks, strict=True)]
 
     @torch.no_grad()
     def faithfulness(self, pixels: Tensor, labels: Tensor | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
