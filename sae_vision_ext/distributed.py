@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -118,12 +118,17 @@ def launch_local(argv: Sequence[str], nprocs: int, threads_per_process: int | No
     """Run ``sae-vision <argv>`` on ``nprocs`` local processes with the environment torchrun would
     give them (spawned, gloo/nccl as in ``init_from_env``); returns their exit codes. For one
     machine without torchrun (benchmarks, tests); on clusters use torchrun."""
-    import multiprocessing as mp
+    return spawn_ranks(_cli_rank, nprocs, (list(argv), threads_per_process), timeout)
+
+
+def spawn_ranks(target: Any, nprocs: int, args: tuple = (), timeout: float | None = None) -> list[int]:
+    """Start ``target(rank, nprocs, port, *args)`` in ``nprocs`` spawned processes (a free local port
+    for the rendezvous); wait up to ``timeout`` seconds each, kill stragglers; return the exit codes."""
+    import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_cli_rank, args=(r, nprocs, port, list(argv), threads_per_process))
-             for r in range(nprocs)]  # fmt: skip
+    procs = [ctx.Process(target=target, args=(r, nprocs, port, *args)) for r in range(nprocs)]
     for p in procs:
         p.start()
     for p in procs:

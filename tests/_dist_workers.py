@@ -51,18 +51,6 @@ def signalled_rank(rank: int, world: int, port: int, argv: list[str], after_batc
 
 def run_two(target, argv: list[str], arg: int, timeout: float = 120) -> list[int]:
     """Two spawned ranks running ``target(rank, 2, port, argv, arg)``; their exit codes."""
-    import multiprocessing as mp
+    from sae_vision_ext.distributed import spawn_ranks
 
-    from sae_vision_ext.distributed import _free_port
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, 2, port, argv, arg)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
+    return spawn_ranks(target, 2, (argv, arg), timeout)
