@@ -154,16 +154,48 @@ class Attributor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
 
-    def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves) -> tuple[Tensor, list[Tensor]]:
-        """Frozen forward with all SAEs spliced (error terms kept); returns output and each layer's pre-acts."""
+    def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves,
+                 resid_mid: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+        """Frozen forward with all SAEs spliced (error terms kept); returns output and each layer's
+        pre-acts (and stores each block's ``resid_mid`` in ``resid_mid`` if given)."""
         pre_acts: dict[int, Tensor] = {}
         hooks = pre_capture_hooks(self.model) + frozen_hooks(self.model, frozen) + leaves.hooks()
+        if resid_mid is not None:
+            hooks += [(f"blocks.{layer}.hook_resid_mid", lambda t, hook, layer=layer: resid_mid.__setitem__(layer, t))
+                      for layer in range(self.rrm.n_layers)]  # fmt: skip
         for layer in range(self.rrm.n_layers):
             name = f"blocks.{layer}.hook_resid_post.hook_sae_acts_pre"
             hooks.append((name, lambda t, hook, layer=layer: pre_acts.__setitem__(layer, t)))
         with self.rrm.spliced(keep_errors=True), self.model.hooks(fwd_hooks=hooks):
             out = self.model(pixels)
         return out, [pre_acts[layer] for layer in range(self.rrm.n_layers)]
+
+    def _mlp_half_cotangents(self, layer: int, resid_mid: Tensor, pos: Tensor, feat: Tensor,
+                             frozen: dict[str, Tensor]) -> Tensor:  # fmt: skip
+        """``∂h/∂resid_mid[p]`` for targets ``(pos[i], feat[i])`` of ``layer``: the block's MLP half
+        (``ln2`` scale and MLP gate frozen) and the SAE encoder act per token, so each target only needs
+        its own position: they are recomputed on the gathered positions and differentiated in one
+        backward (row ``i`` depends on input row ``i`` only). ``[len(pos), d_model]``."""
+        block = self.model.blocks[layer]
+        y = resid_mid[0, pos].detach()[None].requires_grad_()  # [1, rows, d_model]
+        prefix = f"blocks.{layer}."
+        gathered = {k: v[:, pos] for k, v in frozen.items()
+                    if k.startswith(prefix + "ln2.") or k == prefix + "mlp.gate"}  # fmt: skip
+        captured: dict[str, Tensor] = {}
+        hooks = [h for h in pre_capture_hooks(self.model) if h[0].startswith(prefix)]
+        hooks += frozen_hooks(self.model, gathered)
+        sae = self.rrm.saes[layer]
+        with (
+            self.model.hooks(fwd_hooks=hooks),
+            sae.hooks(fwd_hooks=[("hook_sae_acts_pre", lambda t, hook: captured.__setitem__("pre", t))]),
+        ):
+            mlp_out = block.mlp(block.ln2(y), block.parts)
+            if block.parts.ls2 is not None:
+                mlp_out = block.parts.ls2(mlp_out)
+            sae.encode(y + mlp_out)
+        h = captured["pre"][0, torch.arange(len(pos)), feat]
+        (grad,) = torch.autograd.grad(h.sum(), y)
+        return grad[0]
 
     def attribute(
         self,
@@ -244,30 +276,39 @@ class Attributor:
 
         # ---- one frozen forward; rows are batched vector-Jacobian products against it
         leaves = _Leaves(L, mlp=self.mlp)
-        out, pre = self._forward(pixels, frozen, leaves)
+        mids: dict[int, Tensor] = {}
+        out, pre = self._forward(pixels, frozen, leaves, mids)
         seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
         seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
         node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
-        w_dec = [sae.W_dec.detach() for sae in rrm.saes]
+        padded_decoders = [_padded_decoder(sae.W_dec.detach(), src_pos[layer], src_feat[layer], n_pos)
+                           for layer, sae in enumerate(rrm.saes)]  # fmt: skip
         rows_t: list[Tensor] = []
         rows_src: list[Tensor] = []
         rows_w: list[Tensor] = []
 
         def compute_rows(layer: int, idx: Tensor) -> None:
             """Rows of the targets ``idx`` (indices into ``seeds[layer]``) of one layer, one VJP batch."""
-            onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)
-            onehot[torch.arange(len(idx)), idx] = 1.0
             inputs = [leaves.values[layer - 1]] + ([leaves.values[("mlp", layer)]] if self.mlp and layer < L else [])
-            grads = torch.autograd.grad(seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True,
-                                        retain_graph=True, allow_unused=True)  # fmt: skip
+            if layer < L and not self.mlp:  # two stages: MLP half per position, then the attention half
+                cot = torch.zeros(len(idx), *mids[layer].shape, dtype=mids[layer].dtype)
+                pos, feat = src_pos[layer][idx], src_feat[layer][idx]
+                cot[torch.arange(len(idx)), 0, pos] = self._mlp_half_cotangents(layer, mids[layer], pos, feat, frozen)
+                grads = torch.autograd.grad(mids[layer], inputs, grad_outputs=cot, is_grads_batched=True,
+                                            retain_graph=True)  # fmt: skip
+            else:
+                onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)
+                onehot[torch.arange(len(idx)), idx] = 1.0
+                grads = torch.autograd.grad(seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)  # fmt: skip
             g = grads[0][:, 0].detach()  # [rows, pos, d_model]
             if layer == 0:
                 src, w = torch.arange(n_pos), (g * x_in).sum(-1)
             else:
                 sp, sf = src_pos[layer - 1], src_feat[layer - 1]
-                used, where = sf.unique(return_inverse=True)
-                proj = g @ w_dec[layer - 1][used].T  # [rows, pos, n_used]
-                feature_w = proj[:, sp, where] * acts[layer - 1][sp, sf]
+                dec, slot = padded_decoders[layer - 1]  # [pos, k_max, d_model], slot of each source
+                proj = torch.einsum("rpd,pkd->rpk", g, dec)  # only the active features' directions
+                feature_w = proj[:, sp, slot] * acts[layer - 1][sp, sf]
                 src = src_nodes[layer - 1]
                 w = torch.cat([feature_w, (g * errors[layer - 1]).sum(-1)], dim=1)
             if len(inputs) == 2:
@@ -300,14 +341,18 @@ class Attributor:
             run(feature_jobs)
         else:
             node_of = {int(node_ids[layer][i]): (layer, i) for layer, i in feature_jobs}
-            done: set[int] = set()
-            while len(done) < min(max_feature_nodes, len(feature_jobs)):
+            open_ = torch.zeros(n, dtype=torch.bool)  # feature nodes without a row yet
+            open_[torch.cat(node_ids[:L])] = True
+            n_done = 0
+            while n_done < min(max_feature_nodes, len(feature_jobs)):
                 infl = influence(normalised_abs(adjacency()), weights)
-                order = [int(i) for i in infl.argsort(descending=True) if int(i) in node_of and int(i) not in done]
-                order = [i for i in order if infl[i] > 0][: min(self.batch_size, max_feature_nodes - len(done))]
-                if not order:
+                score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
+                k = min(self.batch_size, max_feature_nodes - n_done, int(torch.isfinite(score).sum()))
+                if k == 0:
                     break
-                done.update(order)
+                order = score.topk(k).indices.tolist()
+                open_[order] = False
+                n_done += len(order)
                 run([node_of[i] for i in order])
         graph = AttributionGraph(
             node_kind=kinds, node_layer=torch.tensor(layers), node_pos=torch.tensor(poss),
@@ -318,6 +363,18 @@ class Attributor:
             grid=model.cfg.grid_size, weights=weights,
         )  # fmt: skip
         return graph
+
+
+def _padded_decoder(w_dec: Tensor, pos: Tensor, feat: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
+    """Decoder rows of the active features grouped by position, ``[n_pos, k_max, d_model]`` (zero
+    padded), and each active feature's slot in its position's group (``pos`` is sorted)."""
+    counts = torch.bincount(pos, minlength=n_pos)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(pos)) - starts[pos]
+    k_max = int(counts.max()) if len(pos) else 0
+    dec = torch.zeros(n_pos, max(k_max, 1), w_dec.shape[1], dtype=w_dec.dtype)
+    dec[pos, slot] = w_dec[feat]
+    return dec, slot
 
 
 def record_with_saes(rrm: ResidualReplacementModel, pixels: Tensor) -> dict[str, Tensor]:
