@@ -151,6 +151,9 @@ class Attributor:
         extra = getattr(self.model.cfg, "extra", {})
         if extra.get("global_pool") == "map" or type(self.model.adapter).__name__ == "HFSiglipAdapter":
             raise ValueError("Attention-pool heads are not linear under this linearisation; not supported yet.")
+        if any(block.parts.mlp_norm is not None for block in self.model.blocks):
+            raise ValueError("A norm inside the MLP (timm scale_mlp_norm) is not frozen by this linearisation, so "
+                             "edges would not be exact; attribution does not support it yet.")  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
 
