@@ -17,6 +17,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from jaxtyping import install_import_hook
 
 with install_import_hook("sae_vision_ext", "beartype.beartype"):
+    import sae_vision_ext.circuits.attribution
+    import sae_vision_ext.circuits.debias
+    import sae_vision_ext.circuits.evaluate
+    import sae_vision_ext.circuits.replacement
     import sae_vision_ext.models  # noqa: F401  (imported under the hook so shapes are checked)
 
 import pytest

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .linearise import frozen_hooks, pre_capture_hooks, record
@@ -202,7 +203,7 @@ class Attributor:
 
     def attribute(
         self,
-        pixels: Tensor,
+        pixels: Float[Tensor, "batch chan h w"],
         targets: Tensor | int | None = None,
         target_names: list[str] | None = None,
         max_feature_nodes: int | None = None,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .replacement import ResidualReplacementModel
@@ -51,7 +52,7 @@ class SpuriousFeatures:
     auroc: list[float]
     ablation_effect: list[float]
     """Drop of the conflict images' mean logit difference when the candidate alone is ablated."""
-    sweep: list[dict[str, float]] = field(default_factory=list)
+    sweep: list[dict[str, int | float]] = field(default_factory=list)
     """Per ``n``: ``n``, ``worst_group``, ``average`` accuracy with the top ``n`` ablated (``n = 0``: none)."""
     n_selected: int = 0
     reference: list[Tensor] = field(default_factory=list)
@@ -73,7 +74,9 @@ class SpuriousFeatures:
         return "\n".join(lines)
 
 
-def group_accuracy(pred: Tensor, labels: Tensor, groups: Tensor) -> dict[tuple[int, int], float]:
+def group_accuracy(
+    pred: Int[Tensor, " n"], labels: Int[Tensor, " n"], groups: Int[Tensor, " n"]
+) -> dict[tuple[int, int], float]:
     """Accuracy per ``(label, attribute)`` group present in the data."""
     out = {}
     for c in labels.unique().tolist():
@@ -158,9 +161,9 @@ def _auroc(scores: Tensor, positive: Tensor) -> Tensor:
 
 def find_spurious_features(
     rrm: ResidualReplacementModel,
-    pixels: Tensor,
-    labels: Tensor,
-    groups: Tensor,
+    pixels: Float[Tensor, "n chan h w"],
+    labels: Int[Tensor, " n"],
+    groups: Int[Tensor, " n"],
     min_auroc: float = 0.7,
     max_candidates: int = 64,
     max_avg_drop: float = 0.02,

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .replacement import Reference, ResidualReplacementModel
@@ -157,11 +158,11 @@ def _spearman(a: Tensor, b: Tensor) -> float:
 
 def evaluate_circuit(
     rrm: ResidualReplacementModel,
-    pixels: Tensor,
-    labels: Tensor | None = None,
+    pixels: Float[Tensor, "n chan h w"],
+    labels: Int[Tensor, " n"] | None = None,
     fractions: Sequence[float] = FRACTIONS,
     reference: Reference = "median",
-    reference_pixels: Tensor | None = None,
+    reference_pixels: Float[Tensor, "n_ref chan h w"] | None = None,
     node_threshold: float = 0.8,
     max_feature_nodes: int | None = None,
     n_ablations: int = 32,

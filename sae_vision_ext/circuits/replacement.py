@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
 Reference = Literal["zero", "mean", "median"]
@@ -134,17 +135,18 @@ class ResidualReplacementModel:
         }
 
     @torch.no_grad()
-    def feature_acts(self, pixels: Tensor) -> list[Tensor]:
+    def feature_acts(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_sae"]]:
         """Each layer's SAE features on the *clean* residual stream: ``[batch, pos, d_sae]`` per layer."""
         hooks = [s.cfg.metadata.hook_name for s in self.saes]
         _, cache = self.model.run_with_cache(pixels, names_filter=hooks, return_cache_object=False)
         return [sae.encode(cache[h]) for sae, h in zip(self.saes, hooks, strict=True)]
 
     @torch.no_grad()
-    def reference_values(self, pixels: Tensor, kind: Reference = "median", batch_size: int = 64,
-                         of: Literal["features", "errors"] = "features") -> list[Tensor]:  # fmt: skip
+    def reference_values(self, pixels: Float[Tensor, "n chan h w"], kind: str = "median", batch_size: int = 64,
+                         of: str = "features") -> list[Tensor]:  # fmt: skip
         """Per-position reference of every feature (``[pos, d_sae]`` per layer) or of each layer's
-        SAE error vector (``of="errors"``: ``[pos, d_model]`` per layer), over ``pixels``."""
+        SAE error vector (``of="errors"``: ``[pos, d_model]`` per layer), over ``pixels``. ``kind``:
+        ``zero``, ``mean`` or ``median`` (:data:`Reference`), validated with a ``ValueError``."""
         if kind not in ("zero", "mean", "median"):
             raise ValueError(f"Unknown reference {kind!r}; valid: zero, mean, median.")
         if of not in ("features", "errors"):
@@ -159,14 +161,15 @@ class ResidualReplacementModel:
         return [a.median(0).values for a in per_layer]
 
     @torch.no_grad()
-    def errors(self, pixels: Tensor) -> list[Tensor]:
+    def errors(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_model"]]:
         """Each layer's SAE error ``resid_post − reconstruction`` on the clean stream: ``[batch, pos, d_model]``."""
         hooks = [s.cfg.metadata.hook_name for s in self.saes]
         _, cache = self.model.run_with_cache(pixels, names_filter=hooks, return_cache_object=False)
         return [cache[h] - sae.decode(sae.encode(cache[h])) for sae, h in zip(self.saes, hooks, strict=True)]
 
     @torch.no_grad()
-    def faithfulness(self, pixels: Tensor, labels: Tensor | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
+    def faithfulness(self, pixels: Float[Tensor, "n chan h w"], labels: Int[Tensor, " n"] | None = None,
+                     batch_size: int = 64) -> list[dict[str, Any]]:  # fmt: skip
         """The pure replacement model against the original, for the first ``n`` layers spliced
         (``n = 1..n_layers``, no error terms), so compounding error is visible.
 
