@@ -3,7 +3,8 @@
 Nodes, in this order (the adjacency's row and column order):
 
 1. input nodes, one per position: the residual entering block 0 (``blocks.0.hook_resid_pre``);
-2. per layer ``l = 0..L-1``: its active SAE features ``(l, position, feature)`` sorted by position
+2. per layer ``l = 0..L-1``: in MLP-leaf mode first one ``mlp`` node per position (block ``l``'s
+   ``hook_mlp_out``), then its active SAE features ``(l, position, feature)`` sorted by position
    then feature, then one error node per position (``e_l[p] = x_l[p] − reconstruction``);
 3. target nodes: output directions (a class logit demeaned over classes by default).
 
@@ -19,8 +20,12 @@ with ``v`` the error vector or the input residual. ``constant[t]``, the response
 alone (``b_dec``, LayerNorm, attention and MLP biases, ``b_enc``), is computed by a separate
 frozen forward in which every source residual is replaced by its bias, so
 ``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a definition (``tests/test_attribution.py``).
-Rows are computed by batched backward passes: the image is repeated along the batch and each row
-seeds one target.
+Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
+a time, the block's MLP half and the SAE encoder (both per token) are recomputed on just the
+targets' tokens to get each target's cotangent at ``resid_mid``; one batched vector-Jacobian
+product then carries them through the attention half to the source residual. Logit targets and the
+MLP-leaf mode use a plain batched VJP from the target. Source edges project the gradient onto the
+active features' decoder rows only.
 """
 
 from __future__ import annotations
@@ -223,13 +228,12 @@ class Attributor:
         model, rrm = self.model, self.rrm
         L = rrm.n_layers
         frozen = record_with_saes(rrm, pixels)
-        with torch.no_grad():
-            _, cache = model.run_with_cache_with_saes(
+        with torch.no_grad():  # with every error term kept the output is the original model's
+            clean_out, cache = model.run_with_cache_with_saes(
                 pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
                 names_filter=lambda n: n.endswith(("hook_sae_acts_post", "hook_sae_error", "hook_mlp_out"))
                 or n == "blocks.0.hook_resid_pre",
             )  # fmt: skip
-            clean_out = model(pixels)
         acts = [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_post"][0] for i in range(L)]
         errors = [cache[f"blocks.{i}.hook_resid_post.hook_sae_error"][0] for i in range(L)]
         mlp_out = [cache[f"blocks.{i}.hook_mlp_out"][0] for i in range(L)]

@@ -118,31 +118,18 @@ def _ablated_logits(rrm: ResidualReplacementModel, pixels: Tensor, features: Seq
 
 def _attribution(rrm: ResidualReplacementModel, pixels: Tensor, labels: Tensor, assoc: int) -> Tensor:
     """``[n_layers, d_sae]``: mean total effect of each feature on ``logit[assoc] − logit[label]``."""
-    from .linearise import frozen_hooks, pre_capture_hooks, record
+    from .linearise import resid_post_gradients
 
-    model, L = rrm.model, rrm.n_layers
-    total = torch.zeros(L, rrm.saes[0].cfg.d_sae, dtype=torch.float64)
+    total = torch.zeros(rrm.n_layers, rrm.saes[0].cfg.d_sae, dtype=torch.float64)
     for start in range(0, len(pixels), 64):
         x, y = pixels[start : start + 64], labels[start : start + 64]
-        probes = [torch.zeros(len(x), model.cfg.n_ctx, model.cfg.d_model, dtype=x.dtype, requires_grad=True)
-                  for _ in range(L)]  # fmt: skip
-        resid: dict[int, Tensor] = {}
-
-        def add(t: Tensor, hook: Any, layer: int, resid: dict = resid, probes: list = probes) -> Tensor:
-            resid[layer] = t.detach()
-            return t + probes[layer]
-
-        hooks = pre_capture_hooks(model) + frozen_hooks(model, record(model, x))
-        hooks += [(f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: add(t, hook, layer))
-                  for layer in range(L)]  # fmt: skip
-        with model.hooks(fwd_hooks=hooks):
-            out = model(x)
-        diff = out[:, assoc] - out.gather(1, y[:, None]).squeeze(1)
-        grads = torch.autograd.grad(diff.sum(), probes)
+        resid, grads = resid_post_gradients(
+            rrm.model, x, lambda out, y=y: (out[:, assoc] - out.gather(1, y[:, None]).squeeze(1)).sum()
+        )
         with torch.no_grad():
-            for layer, sae in enumerate(rrm.saes):
-                acts = sae.encode(resid[layer].to(sae.W_dec.dtype))
-                total[layer] += (acts * (grads[layer].to(sae.W_dec.dtype) @ sae.W_dec.T)).sum((0, 1)).double()
+            for layer, (sae, r, g) in enumerate(zip(rrm.saes, resid, grads, strict=True)):
+                acts = sae.encode(r.to(sae.W_dec.dtype))
+                total[layer] += (acts * (g.to(sae.W_dec.dtype) @ sae.W_dec.T)).sum((0, 1)).double()
     return total / max(len(pixels), 1)
 
 

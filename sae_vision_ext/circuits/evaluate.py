@@ -127,24 +127,10 @@ class _Patcher:
 def _neuron_ranking(rrm: ResidualReplacementModel, pixels: Tensor, target_dir: Tensor, refs: list[Tensor]) -> Tensor:
     """Residual neurons ``[n, 3]`` (layer, position, dim) by |gradient × (activation − reference)|,
     gradients under the frozen linearisation of the model without SAEs."""
-    from .linearise import frozen_hooks, pre_capture_hooks, record
+    from .linearise import resid_post_gradients
 
-    model = rrm.model
-    frozen = record(model, pixels)
-    probes = [torch.zeros_like(r)[None].requires_grad_() for r in refs]  # total effect: probes don't cut paths
-    resid: dict[int, Tensor] = {}
-
-    def add_probe(t: Tensor, hook: Any, layer: int) -> Tensor:
-        resid[layer] = t.detach()
-        return t + probes[layer]
-
-    hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
-    hooks += [(f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: add_probe(t, hook, layer))
-              for layer in range(rrm.n_layers)]  # fmt: skip
-    with model.hooks(fwd_hooks=hooks):
-        out = model(pixels)
-    grads = torch.autograd.grad(out[0] @ target_dir.to(out.dtype), probes)
-    flat = torch.stack([(g[0] * (resid[layer][0] - refs[layer])).abs() for layer, g in enumerate(grads)])
+    resid, grads = resid_post_gradients(rrm.model, pixels, lambda out: out[0] @ target_dir.to(out.dtype))
+    flat = torch.stack([(g[0] * (r[0] - ref)).abs() for r, g, ref in zip(resid, grads, refs, strict=True)])
     order = flat.flatten().argsort(descending=True)  # [layer, pos, d_model] flattened
     return torch.stack(torch.unravel_index(order, flat.shape), dim=1)
 
@@ -201,14 +187,16 @@ def evaluate_circuit(
         sites_all = torch.stack([graph.node_layer[feat_idx], graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)
         # sites whose clean value differs from the reference but that are not graph nodes (inactive
         # features with a non-zero reference) come after the graph's nodes, in random order
-        acts = rrm.feature_acts(x)
-        differs = torch.stack([(a[0] != r.to(a.dtype)) & (a[0] == 0) for a, r in zip(acts, refs, strict=True)])
+        differs = torch.stack([r != 0 for r in refs])  # the graph's feature nodes are exactly the active sites
+        differs[sites_all[:, 0], sites_all[:, 1], sites_all[:, 2]] = False
         extra = differs.nonzero()
         extra = extra[torch.randperm(len(extra), generator=gen)]
         ranked = torch.cat([sites_all[infl[feat_idx].argsort(descending=True)], extra])
         every = torch.cat([sites_all, extra])
         orders = {"influence": ranked, "random": every[torch.randperm(len(every), generator=gen)]}
-        n_out = rrm.model(x).shape[-1]
+        with torch.no_grad():
+            full = rrm.model(x)
+        n_out = full.shape[-1]
         direction = -torch.full((n_out,), 1.0 / n_out, dtype=x.dtype)
         direction[target] += 1.0
         orders["neurons"] = _neuron_ranking(rrm, x, direction, neuron_refs)
@@ -225,7 +213,7 @@ def evaluate_circuit(
         circuit = sites_all[keep]
         sizes.append(int(keep.sum()))
         outs = patcher.run(x, [circuit, sites_all[:0], circuit], [True, True, False], False)
-        m = _metrics(torch.cat([outs, rrm.model(x)]), target)["demeaned_logit"]
+        m = _metrics(torch.cat([outs, full]), target)["demeaned_logit"]
         m_c, m_empty, m_minus, m_full = m.tolist()
         span = m_full - m_empty
         faiths.append((m_c - m_empty) / span if span else float("nan"))

@@ -86,3 +86,30 @@ def pre_capture_hooks(model: Any) -> list[tuple[str, Callable]]:
 
         hooks.append((f"blocks.{layer}.mlp.hook_pre", capture))
     return hooks
+
+
+def resid_post_gradients(
+    model: Any, pixels: Tensor, objective: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's ``hook_resid_post`` and the gradient of ``objective(output)`` (a scalar) with respect
+    to it, under the frozen linearisation of ``pixels``' own forward (no SAEs). The gradients are total
+    effects through every later layer (zero probes are added to the residuals, so no path is cut):
+    under freezing, changing ``resid_post_l`` by ``Δ`` changes the objective by exactly ``<grad, Δ>``.
+    Returns ``(resid, grads)``, each ``[batch, pos, d_model]`` per layer."""
+    n_layers = model.cfg.n_layers
+    frozen = record(model, pixels)
+    resid: dict[int, Tensor] = {}
+    probes: list[Tensor] = []
+
+    def add_probe(t: Tensor, hook: Any, layer: int) -> Tensor:
+        resid[layer] = t.detach()
+        probes.append(torch.zeros_like(t, requires_grad=True))
+        return t + probes[-1]
+
+    hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
+    hooks += [(f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: add_probe(t, hook, layer))
+              for layer in range(n_layers)]  # fmt: skip
+    with model.hooks(fwd_hooks=hooks):
+        out = model(pixels)
+    grads = torch.autograd.grad(objective(out), probes)
+    return [resid[layer] for layer in range(n_layers)], list(grads)

@@ -163,9 +163,10 @@ class ResidualReplacementModel:
     @torch.no_grad()
     def errors(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_model"]]:
         """Each layer's SAE error ``resid_post − reconstruction`` on the clean stream: ``[batch, pos, d_model]``."""
-        hooks = [s.cfg.metadata.hook_name for s in self.saes]
-        _, cache = self.model.run_with_cache(pixels, names_filter=hooks, return_cache_object=False)
-        return [cache[h] - sae.decode(sae.encode(cache[h])) for sae, h in zip(self.saes, hooks, strict=True)]
+        names = [f"{s.cfg.metadata.hook_name}.hook_sae_error" for s in self.saes]
+        _, cache = self.model.run_with_cache_with_saes(pixels, saes=self.saes, use_error_term=True,
+                                                       names_filter=names, return_cache_object=False)  # fmt: skip
+        return [cache[n] for n in names]
 
     @torch.no_grad()
     def faithfulness(self, pixels: Float[Tensor, "n chan h w"], labels: Int[Tensor, " n"] | None = None,
