@@ -7,8 +7,9 @@ import torch
 from conftest import build_native, images, rrm_for
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor, _Leaves
+from sae_vision_ext.circuits.attribution import Attributor, _Leaves, frozen_state
 from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.saes import affine
 
 
 @pytest.fixture(
@@ -33,12 +34,10 @@ def test_sum_rule_edges_plus_bias_response_equal_preactivation(traced):
 def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
     rrm, x, g = traced
     att = Attributor(rrm)
-    from sae_vision_ext.circuits.attribution import record_with_saes
-
-    frozen = record_with_saes(rrm, x)
+    frozen, norms = frozen_state(rrm, x)
     leaves = _Leaves(rrm.n_layers)
     with torch.no_grad():
-        out0, pre0 = att._forward(x, frozen, leaves)
+        out0, pre0 = att._forward(x, frozen, leaves, norms)
     base = {k: v.detach() for k, v in leaves.values.items()}
     A = g.dense()
     checked = 0
@@ -48,9 +47,10 @@ def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
             p, f, a = int(g.node_pos[s]), int(g.node_feature[s]), float(g.activation[s])
             delta = 0.7
             moved = base[layer].clone()
-            moved[0, p] += delta * rrm.saes[layer].W_dec[f].detach()
+            direction = affine.decoder_directions(rrm.saes[layer], torch.tensor(f), norms[layer].select(p))
+            moved[0, p] += delta * direction.detach()
             with torch.no_grad():
-                out1, pre1 = att._forward(x, frozen, _Leaves(rrm.n_layers, {layer: moved}))
+                out1, pre1 = att._forward(x, frozen, _Leaves(rrm.n_layers, {layer: moved}), norms)
             targets = [
                 t for t in range(g.n_nodes) if g.node_layer[t] == layer + 1 and g.node_kind[t] in ("feature", "target")
             ]
@@ -72,11 +72,9 @@ def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
 def test_second_derivatives_vanish_under_freezing(traced):
     rrm, x, _ = traced
     att = Attributor(rrm)
-    from sae_vision_ext.circuits.attribution import record_with_saes
-
-    frozen = record_with_saes(rrm, x)
+    frozen, norms = frozen_state(rrm, x)
     leaves = _Leaves(rrm.n_layers)
-    _, pre = att._forward(x, frozen, leaves)
+    _, pre = att._forward(x, frozen, leaves, norms)
     h = pre[1][0].sum()
     (g,) = torch.autograd.grad(h, leaves.values[0], create_graph=True)
     second = torch.autograd.grad((g * torch.randn_like(g)).sum(), leaves.values[0], allow_unused=True)[0]
@@ -97,7 +95,7 @@ def test_errors_for_batches_and_attention_pool_heads():
         Attributor(rrm).attribute(images(2).double())
     model = HookedViT.from_model(build_native("timm_map_siglip"))
     saes = [s.float() for s in rrm.saes]
-    with pytest.raises(ValueError, match="Attention-pool heads"):
+    with pytest.raises(ValueError, match="attention-pool head"):
         Attributor(ResidualReplacementModel(model, saes))
     import timm
 
@@ -146,12 +144,11 @@ def test_mlp_leaf_mode_is_exact_with_the_mlp_gate_left_free(variant):
     assert kinds.count("mlp") == rrm.n_layers * rrm.model.cfg.n_ctx
     rows = ~torch.isnan(g.value)
     torch.testing.assert_close(g.dense()[rows].sum(1) + g.constant[rows], g.value[rows], atol=1e-8, rtol=1e-8)
-    from sae_vision_ext.circuits.attribution import record_with_saes
-
-    frozen = {k: v for k, v in record_with_saes(rrm, x).items() if not k.endswith("gate")}  # gates free
+    frozen, norms = frozen_state(rrm, x)
+    frozen = {k: v for k, v in frozen.items() if not k.endswith("gate")}  # gates free
     leaves = _Leaves(rrm.n_layers, mlp=True)
     with torch.no_grad():
-        _, pre0 = att._forward(x, frozen, leaves)
+        _, pre0 = att._forward(x, frozen, leaves, norms)
     held = {k: v.detach() for k, v in leaves.values.items() if isinstance(k, tuple)}
     A = g.dense()
     layer = 1
@@ -160,7 +157,7 @@ def test_mlp_leaf_mode_is_exact_with_the_mlp_gate_left_free(variant):
         moved = held[("mlp", layer)].clone()
         moved[0, p] *= 1.5  # the MLP node's value times 1.5: targets move by 0.5 * edge
         with torch.no_grad():
-            _, pre1 = att._forward(x, frozen, _Leaves(rrm.n_layers, held | {("mlp", layer): moved}, mlp=True))
+            _, pre1 = att._forward(x, frozen, _Leaves(rrm.n_layers, held | {("mlp", layer): moved}, mlp=True), norms)
         for t in [i for i, k in enumerate(kinds) if k == "feature" and g.node_layer[i] == layer]:
             pt, ft = int(g.node_pos[t]), int(g.node_feature[t])
             change = float(pre1[layer][0, pt, ft] - pre0[layer][0, pt, ft])

@@ -3,21 +3,28 @@
 Nodes, in this order (the adjacency's row and column order):
 
 1. input nodes, one per position: the residual entering block 0 (``blocks.0.hook_resid_pre``);
-2. per layer ``l = 0..L-1``: in MLP-leaf mode first one ``mlp`` node per position (block ``l``'s
-   ``hook_mlp_out``), then its active SAE features ``(l, position, feature)`` sorted by position
-   then feature, then one error node per position (``e_l[p] = x_l[p] − reconstruction``);
-3. target nodes: output directions (a class logit demeaned over classes by default).
+2. per SAE layer ``l`` (the blocks ``rrm.layers``, ascending; ``node_layer`` is the block number): in
+   MLP-leaf mode first one ``mlp`` node per position (block ``l``'s ``hook_mlp_out``), then its active
+   SAE features ``(l, position, feature)`` sorted by position then feature, then one error node per
+   position (``e_l[p] = x_l[p] − reconstruction``);
+3. target nodes (``node_layer = model.cfg.n_layers``): output directions (a class logit demeaned over
+   classes by default).
 
-Edges (``A[target, source]``, circuit-tracer's orientation) run between adjacent layers: a feature
-of layer ``l`` receives from layer ``l − 1`` (layer 0 from the inputs), a target from layer
-``L − 1``. With patterns, LayerNorm scales and MLP gates frozen at their values on this image
-(``linearise.py``), the target's pre-activation ``h_t`` is affine in the source layer's residual
-``x``, and
+Edges (``A[target, source]``, circuit-tracer's orientation) run between consecutive SAE layers: a
+feature of SAE layer ``l`` receives from the previous SAE layer (the first from the inputs), a target
+from the last SAE layer; blocks without an SAE in between (for example the last block, in the seed
+paper's setting) are part of the frozen map an edge goes through. With patterns, LayerNorm scales and
+MLP gates frozen at their values on this image (``linearise.py``) and every SAE's input normalisation
+frozen at its clean statistics (``saes/affine.py``: the ``layer_norm`` std, the ``constant_norm_rescale`` factor), the target's
+pre-activation ``h_t`` (the value an active feature's activation equals: decoder-norm rescaling and
+the gated magnitude path included) is affine in the source layer's residual ``x``, and
 
-    edge(feature s → t) = a_s · <∂h_t/∂x[p_s], W_dec[f_s]>,   edge(error or input → t) = <∂h_t/∂x[p], v[p]>
+    edge(feature s → t) = a_s · <∂h_t/∂x[p_s], d_s[p_s]>,   edge(error or input → t) = <∂h_t/∂x[p], v[p]>
 
-with ``v`` the error vector or the input residual. ``constant[t]``, the response to the biases
-alone (``b_dec``, LayerNorm, attention and MLP biases, ``b_enc``), is computed by a separate
+with ``d_s[p] = σ*[p]·W_dec[f_s]/|W_dec[f_s]|`` the effective decoder direction (``σ*`` and the norm
+only where the SAE's settings use them) and ``v`` the error vector or the input residual.
+``constant[t]``, the response to the biases alone (the decoder bias ``σ*·b_dec + μ*``, LayerNorm,
+attention and MLP biases, ``b_enc``), is computed by a separate
 frozen forward in which every source residual is replaced by its bias, so
 ``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a definition (``tests/test_attribution.py``).
 Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
@@ -37,7 +44,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .linearise import frozen_hooks, pre_capture_hooks, record
+from ..saes import affine
+from .linearise import frozen_hooks, pre_capture_hooks
 from .replacement import ResidualReplacementModel
 
 
@@ -137,8 +145,9 @@ class _Leaves:
         return fn
 
     def hooks(self) -> list[tuple[str, Any]]:
+        """The input leaf and, in MLP-leaf mode, the MLP leaves (SAE-site leaves are set by the
+        attributor's site hooks, which read the target pre-activations first)."""
         out = [("blocks.0.hook_resid_pre", self.hook(-1))]
-        out += [(f"blocks.{layer}.hook_resid_post.hook_sae_output", self.hook(layer)) for layer in range(self.n_layers)]
         if self.mlp:
             out += [(f"blocks.{layer}.hook_mlp_out", self.hook(("mlp", layer))) for layer in range(self.n_layers)]
         return out
@@ -154,55 +163,70 @@ class Attributor:
 
     def __init__(self, rrm: ResidualReplacementModel, batch_size: int = 32, mlp_leaves: bool = False) -> None:
         self.rrm, self.model, self.batch_size, self.mlp = rrm, rrm.model, batch_size, mlp_leaves
-        extra = getattr(self.model.cfg, "extra", {})
-        if extra.get("global_pool") == "map" or type(self.model.adapter).__name__ == "HFSiglipAdapter":
-            raise ValueError("Attention-pool heads are not linear under this linearisation; not supported yet.")
+        readout = self.model.adapter.nonlinear_readout()
+        if readout is not None:
+            raise ValueError(
+                f"Attribution needs a readout that is affine once norms are frozen; {readout} is not "
+                "(attention-pool heads and tanh poolers are not linearised yet). Trace a model whose "
+                "head reads the CLS token or the mean of patches, or targets on the last residual."
+            )
         if any(block.parts.mlp_norm is not None for block in self.model.blocks):
             raise ValueError("A norm inside the MLP (timm scale_mlp_norm) is not frozen by this linearisation, so "
                              "edges would not be exact; attribution does not support it yet.")  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        for sae in rrm.saes:
+            affine.check_linearisable(sae, "attribute()")
+        if mlp_leaves and rrm.layers != list(range(self.model.cfg.n_layers)):
+            raise ValueError(
+                f"mlp_leaves=True needs an SAE on every block (0..{self.model.cfg.n_layers - 1}); the SAE layers "
+                f"are {rrm.layers}. Use mlp_leaves=False for a subset of layers."
+            )
 
-    def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves,
+    def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves, norms: list[affine.FrozenNorm],
                  resid_mid: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
-        """Frozen forward with all SAEs spliced (error terms kept); returns output and each layer's
-        pre-acts (and stores each block's ``resid_mid`` in ``resid_mid`` if given)."""
+        """Frozen forward of the linearised replacement model: at each SAE site the target
+        pre-activations ``h`` are read from the incoming residual (normalisation frozen at ``norms``,
+        ``saes/affine.py``), then the residual becomes a leaf (its clean value, which with the error
+        term kept is what the spliced SAE outputs). Returns the output and each layer's ``h`` (and
+        stores each block's ``resid_mid`` in ``resid_mid`` if given)."""
         pre_acts: dict[int, Tensor] = {}
         hooks = pre_capture_hooks(self.model) + frozen_hooks(self.model, frozen) + leaves.hooks()
+        blocks = self.rrm.layers
         if resid_mid is not None:
-            hooks += [(f"blocks.{layer}.hook_resid_mid", lambda t, hook, layer=layer: resid_mid.__setitem__(layer, t))
-                      for layer in range(self.rrm.n_layers)]  # fmt: skip
-        for layer in range(self.rrm.n_layers):
-            name = f"blocks.{layer}.hook_resid_post.hook_sae_acts_pre"
-            hooks.append((name, lambda t, hook, layer=layer: pre_acts.__setitem__(layer, t)))
-        with self.rrm.spliced(keep_errors=True), self.model.hooks(fwd_hooks=hooks):
-            out = self.model(pixels)
-        return out, [pre_acts[layer] for layer in range(self.rrm.n_layers)]
+            hooks += [(f"blocks.{b}.hook_resid_mid", lambda t, hook, i=i: resid_mid.__setitem__(i, t))
+                      for i, b in enumerate(blocks)]  # fmt: skip
 
-    def _mlp_half_cotangents(self, layer: int, resid_mid: Tensor, pos: Tensor, feat: Tensor,
-                             frozen: dict[str, Tensor]) -> Tensor:  # fmt: skip
-        """``∂h/∂resid_mid[p]`` for targets ``(pos[i], feat[i])`` of ``layer``: the block's MLP half
-        (``ln2`` scale and MLP gate frozen) and the SAE encoder act per token, so each target only needs
-        its own position: they are recomputed on the gathered positions and differentiated in one
-        backward (row ``i`` depends on input row ``i`` only). ``[len(pos), d_model]``."""
+        def site(t: Tensor, hook: Any, i: int) -> Tensor:
+            pre_acts[i] = affine.pre_acts(self.rrm.saes[i], t, norms[i])
+            return leaves.hook(i)(t, hook)
+
+        hooks += [(f"blocks.{b}.hook_resid_post", lambda t, hook, i=i: site(t, hook, i)) for i, b in enumerate(blocks)]
+        with self.model.hooks(fwd_hooks=hooks):
+            out = self.model(pixels)
+        return out, [pre_acts[i] for i in range(len(blocks))]
+
+    def _mlp_half_cotangents(self, slot: int, resid_mid: Tensor, pos: Tensor, feat: Tensor,
+                             frozen: dict[str, Tensor], norm: affine.FrozenNorm) -> Tensor:  # fmt: skip
+        """``∂h/∂resid_mid[p]`` for targets ``(pos[i], feat[i])`` of SAE layer ``slot``: the block's MLP half
+        (``ln2`` scale and MLP gate frozen) and the SAE encoder (its normalisation frozen at ``norm``)
+        act per token, so each target only needs its own position: they are recomputed on the gathered
+        positions and differentiated in one backward (row ``i`` depends on input row ``i`` only).
+        ``[len(pos), d_model]``."""
+        layer = self.rrm.layers[slot]
         block = self.model.blocks[layer]
         y = resid_mid[0, pos].detach()[None].requires_grad_()  # [1, rows, d_model]
         prefix = f"blocks.{layer}."
         gathered = {k: v[:, pos] for k, v in frozen.items()
                     if k.startswith(prefix + "ln2.") or k == prefix + "mlp.gate"}  # fmt: skip
-        captured: dict[str, Tensor] = {}
         hooks = [h for h in pre_capture_hooks(self.model) if h[0].startswith(prefix)]
         hooks += frozen_hooks(self.model, gathered)
-        sae = self.rrm.saes[layer]
-        with (
-            self.model.hooks(fwd_hooks=hooks),
-            sae.hooks(fwd_hooks=[("hook_sae_acts_pre", lambda t, hook: captured.__setitem__("pre", t))]),
-        ):
+        with self.model.hooks(fwd_hooks=hooks):
             mlp_out = block.mlp(block.ln2(y), block.parts)
             if block.parts.ls2 is not None:
                 mlp_out = block.parts.ls2(mlp_out)
-            sae.encode(y + mlp_out)
-        h = captured["pre"][0, torch.arange(len(pos)), feat]
+            pre = affine.pre_acts(self.rrm.saes[slot], y + mlp_out, norm.select(pos))
+        h = pre[0, torch.arange(len(pos)), feat]
         (grad,) = torch.autograd.grad(h.sum(), y)
         return grad[0]
 
@@ -227,16 +251,17 @@ class Attributor:
             raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
         model, rrm = self.model, self.rrm
         L = rrm.n_layers
-        frozen = record_with_saes(rrm, pixels)
+        frozen, norms = rrm.frozen_state(pixels)
         with torch.no_grad():  # with every error term kept the output is the original model's
             clean_out, cache = model.run_with_cache_with_saes(
                 pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
                 names_filter=lambda n: n.endswith(("hook_sae_acts_post", "hook_sae_error", "hook_mlp_out"))
                 or n == "blocks.0.hook_resid_pre",
             )  # fmt: skip
-        acts = [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_post"][0] for i in range(L)]
-        errors = [cache[f"blocks.{i}.hook_resid_post.hook_sae_error"][0] for i in range(L)]
-        mlp_out = [cache[f"blocks.{i}.hook_mlp_out"][0] for i in range(L)]
+        hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
+        acts = [cache[f"{h}.hook_sae_acts_post"][0] for h in hooks]
+        errors = [cache[f"{h}.hook_sae_error"][0] for h in hooks]
+        mlp_out = [cache[f"blocks.{b}.hook_mlp_out"][0] for b in range(model.cfg.n_layers)] if self.mlp else []
         x_in = cache["blocks.0.hook_resid_pre"][0]
         n_pos = x_in.shape[0]
         target_classes: list[int] = []
@@ -260,37 +285,44 @@ class Attributor:
 
         src_pos, src_feat, src_nodes, mlp_nodes, feat_nodes = {}, {}, {}, {}, {}
         for layer in range(L):
+            block = rrm.layers[layer]  # ``layer`` counts SAE layers; nodes carry the block number
             if self.mlp:
-                mlp_nodes[layer] = add("mlp", layer, list(range(n_pos)), [-1] * n_pos,
-                                       mlp_out[layer].norm(dim=-1).tolist())  # fmt: skip
+                mlp_nodes[layer] = add("mlp", block, list(range(n_pos)), [-1] * n_pos,
+                                       mlp_out[block].norm(dim=-1).tolist())  # fmt: skip
             nz = acts[layer].nonzero()  # sorted by position, then feature
             src_pos[layer], src_feat[layer] = nz[:, 0], nz[:, 1]
-            feat_nodes[layer] = add("feature", layer, nz[:, 0].tolist(), nz[:, 1].tolist(),
+            feat_nodes[layer] = add("feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(),
                                     acts[layer][nz[:, 0], nz[:, 1]].tolist())  # fmt: skip
-            err = add("error", layer, list(range(n_pos)), [-1] * n_pos, errors[layer].norm(dim=-1).tolist())
+            err = add("error", block, list(range(n_pos)), [-1] * n_pos, errors[layer].norm(dim=-1).tolist())
             src_nodes[layer] = torch.cat([feat_nodes[layer], err])
         clean_t = (clean_out[0] @ targets.T).tolist()
-        target_nodes = add("target", L, [-1] * len(targets), [-1] * len(targets), clean_t)
+        target_nodes = add("target", model.cfg.n_layers, [-1] * len(targets), [-1] * len(targets), clean_t)
         n = len(kinds)
 
         # ---- constants: bias-only frozen forward (every source residual replaced by its bias)
         bias_only: dict[Any, Tensor] = {-1: torch.zeros_like(x_in)}
-        bias_only |= {layer: rrm.saes[layer].b_dec.detach() for layer in range(L)}
+        bias_only |= {layer: affine.decoder_bias(rrm.saes[layer], norms[layer]).detach() for layer in range(L)}
         bias_only |= {("mlp", layer): torch.zeros_like(x_in) for layer in range(L)} if self.mlp else {}
         with torch.no_grad():
-            out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only, mlp=self.mlp))
+            out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only, mlp=self.mlp), norms)
         value = torch.full((n,), float("nan"), dtype=torch.float64)
         constant = torch.full((n,), float("nan"), dtype=torch.float64)
 
         # ---- one frozen forward; rows are batched vector-Jacobian products against it
         leaves = _Leaves(L, mlp=self.mlp)
         mids: dict[int, Tensor] = {}
-        out, pre = self._forward(pixels, frozen, leaves, mids)
+        out, pre = self._forward(pixels, frozen, leaves, norms, mids)
         seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
         seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
         node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
-        padded_decoders = [_padded_decoder(sae.W_dec.detach(), src_pos[layer], src_feat[layer], n_pos)
-                           for layer, sae in enumerate(rrm.saes)]  # fmt: skip
+        padded_decoders = [
+            _padded_decoder(
+                affine.decoder_directions(sae, src_feat[layer], norms[layer].select(src_pos[layer])).detach(),
+                src_pos[layer],
+                n_pos,
+            )
+            for layer, sae in enumerate(rrm.saes)
+        ]
         rows_t: list[Tensor] = []
         rows_src: list[Tensor] = []
         rows_w: list[Tensor] = []
@@ -298,10 +330,13 @@ class Attributor:
         def compute_rows(layer: int, idx: Tensor) -> None:
             """Rows of the targets ``idx`` (indices into ``seeds[layer]``) of one layer, one VJP batch."""
             inputs = [leaves.values[layer - 1]] + ([leaves.values[("mlp", layer)]] if self.mlp and layer < L else [])
-            if layer < L and not self.mlp:  # two stages: MLP half per position, then the attention half
+            if layer < L and not self.mlp and rrm.layers[layer] == (rrm.layers[layer - 1] + 1 if layer else 0):
+                # two stages (the block reads the previous leaf directly): MLP half per position, then attention
                 cot = torch.zeros(len(idx), *mids[layer].shape, dtype=mids[layer].dtype)
                 pos, feat = src_pos[layer][idx], src_feat[layer][idx]
-                cot[torch.arange(len(idx)), 0, pos] = self._mlp_half_cotangents(layer, mids[layer], pos, feat, frozen)
+                cot[torch.arange(len(idx)), 0, pos] = self._mlp_half_cotangents(
+                    layer, mids[layer], pos, feat, frozen, norms[layer]
+                )
                 grads = torch.autograd.grad(mids[layer], inputs, grad_outputs=cot, is_grads_batched=True,
                                             retain_graph=True)  # fmt: skip
             else:
@@ -373,19 +408,25 @@ class Attributor:
         return graph
 
 
-def _padded_decoder(w_dec: Tensor, pos: Tensor, feat: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
-    """Decoder rows of the active features grouped by position, ``[n_pos, k_max, d_model]`` (zero
-    padded), and each active feature's slot in its position's group (``pos`` is sorted)."""
+def _padded_decoder(rows: Tensor, pos: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
+    """Effective decoder rows of the active features (``rows [n_active, d_model]``) grouped by
+    position, ``[n_pos, k_max, d_model]`` (zero padded), and each active feature's slot in its
+    position's group (``pos`` is sorted)."""
     counts = torch.bincount(pos, minlength=n_pos)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(pos)) - starts[pos]
     k_max = int(counts.max()) if len(pos) else 0
-    dec = torch.zeros(n_pos, max(k_max, 1), w_dec.shape[1], dtype=w_dec.dtype)
-    dec[pos, slot] = w_dec[feat]
+    dec = torch.zeros(n_pos, max(k_max, 1), rows.shape[1], dtype=rows.dtype)
+    dec[pos, slot] = rows
     return dec, slot
 
 
 def record_with_saes(rrm: ResidualReplacementModel, pixels: Tensor) -> dict[str, Tensor]:
-    """Frozen values from the clean forward with every SAE spliced and its error term kept."""
-    with rrm.spliced(keep_errors=True):
-        return record(rrm.model, pixels)
+    """Frozen model values (patterns, scales, gates) from the clean forward with every SAE spliced and
+    its error term kept (so equal to the clean model's)."""
+    return rrm.frozen_state(pixels)[0]
+
+
+def frozen_state(rrm: ResidualReplacementModel, pixels: Tensor) -> tuple[dict[str, Tensor], list[affine.FrozenNorm]]:
+    """``rrm.frozen_state(pixels)``: what the linearisation holds fixed for one image."""
+    return rrm.frozen_state(pixels)

@@ -8,7 +8,8 @@ is present, 0 where absent; nothing says *where* in the image it is):
 2. Conflict images: attribute present, label ≠ associated class, predicted as the associated class.
 3. Attribution evidence: for every SAE feature of every layer, its total effect on the logit
    difference ``associated − label`` under the frozen linearisation (``linearise.py``: patterns,
-   LayerNorm scales and MLP gates frozen), i.e. ``Σ_pos a · <∂Δlogit/∂resid_post_l, W_dec[f]>``,
+   LayerNorm scales and MLP gates frozen), i.e. ``Σ_pos a · <∂Δlogit/∂resid_post_l, d_f[pos]>``
+   with ``d_f`` the effective decoder direction (``saes/affine.py``: ``σ*·W_dec[f]/|W_dec[f]|``),
    averaged over conflict images, minus the same average over control images (attribute absent,
    label ≠ associated class), so features that push every image alike cancel.
 4. Specificity: AUROC of the feature's image-level activation (sum over positions) for telling
@@ -36,6 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..saes import affine
 from .replacement import ResidualReplacementModel
 
 N_GRID = (1, 2, 4, 8, 16, 32, 64)
@@ -56,7 +58,8 @@ class SpuriousFeatures:
     """Per ``n``: ``n``, ``worst_group``, ``average`` accuracy with the top ``n`` ablated (``n = 0``: none)."""
     n_selected: int = 0
     reference: list[Tensor] = field(default_factory=list)
-    """Per layer ``[pos, d_sae]``: the counterfactual value each feature is ablated to."""
+    """Per SAE layer (in ``rrm.layers`` order) ``[pos, d_sae]``: the counterfactual value each feature is
+    ablated to."""
     n_conflict: int = 0
 
     @property
@@ -87,7 +90,8 @@ def group_accuracy(
     return out
 
 
-def _ablation_hooks(features: Sequence[tuple[int, int]], reference: list[Tensor]) -> list[tuple[str, Any]]:
+def _ablation_hooks(features: Sequence[tuple[int, int]], reference: dict[int, Tensor]) -> list[tuple[str, Any]]:
+    """Hooks holding each ``(layer, feature)`` at ``reference[layer][pos, feature]`` (``layer``: block)."""
     by_layer: dict[int, list[int]] = {}
     for layer, f in features:
         by_layer.setdefault(int(layer), []).append(int(f))
@@ -109,27 +113,31 @@ def _ablation_hooks(features: Sequence[tuple[int, int]], reference: list[Tensor]
 def _ablated_logits(rrm: ResidualReplacementModel, pixels: Tensor, features: Sequence[tuple[int, int]],
                     reference: list[Tensor], batch_size: int) -> Tensor:  # fmt: skip
     layers = sorted({int(layer) for layer, _ in features})
+    by_layer = dict(zip(rrm.layers, reference, strict=True))
     out = []
-    with rrm.spliced(layers, keep_errors=True), rrm.model.hooks(fwd_hooks=_ablation_hooks(features, reference)):
+    with rrm.spliced(layers, keep_errors=True), rrm.model.hooks(fwd_hooks=_ablation_hooks(features, by_layer)):
         for i in range(0, len(pixels), batch_size):
             out.append(rrm.model(pixels[i : i + batch_size]))
     return torch.cat(out)
 
 
 def _attribution(rrm: ResidualReplacementModel, pixels: Tensor, labels: Tensor, assoc: int) -> Tensor:
-    """``[n_layers, d_sae]``: mean total effect of each feature on ``logit[assoc] − logit[label]``."""
+    """``[n_sae_layers, max d_sae]`` (zero-padded where an SAE is narrower): mean total effect of each
+    feature on ``logit[assoc] − logit[label]``."""
     from .linearise import resid_post_gradients
 
-    total = torch.zeros(rrm.n_layers, rrm.saes[0].cfg.d_sae, dtype=torch.float64)
+    total = torch.zeros(rrm.n_layers, max(sae.cfg.d_sae for sae in rrm.saes), dtype=torch.float64)
     for start in range(0, len(pixels), 64):
         x, y = pixels[start : start + 64], labels[start : start + 64]
         resid, grads = resid_post_gradients(
             rrm.model, x, lambda out, y=y: (out[:, assoc] - out.gather(1, y[:, None]).squeeze(1)).sum()
         )
         with torch.no_grad():
-            for layer, (sae, r, g) in enumerate(zip(rrm.saes, resid, grads, strict=True)):
+            for slot, (sae, block) in enumerate(zip(rrm.saes, rrm.layers, strict=True)):
+                r, g = resid[block], grads[block]
                 acts = sae.encode(r.to(sae.W_dec.dtype))
-                total[layer] += (acts * (g.to(sae.W_dec.dtype) @ sae.W_dec.T)).sum((0, 1)).double()
+                proj = affine.decoder_projection(sae, g, affine.frozen_norm(sae, r))
+                total[slot, : sae.cfg.d_sae] += (acts * proj).sum((0, 1)).double()
     return total / max(len(pixels), 1)
 
 
@@ -181,12 +189,14 @@ def find_spurious_features(
     feature_acts = [torch.cat(parts) for parts in zip(*[
         [a.sum(1) for a in rrm.feature_acts(pixels[i : i + batch_size])]
         for i in range(0, len(pixels), batch_size)], strict=True)]  # fmt: skip
-    auroc = torch.stack([_auroc(a.double(), groups) for a in feature_acts])  # [L, d_sae]
+    auroc = torch.zeros_like(score)  # [n_sae_layers, max d_sae]; padding (AUROC 0) is never a candidate
+    for slot, a in enumerate(feature_acts):
+        auroc[slot, : a.shape[-1]] = _auroc(a.double(), groups)
     ok = (auroc >= min_auroc) & (score > 0)
     flat = ok.flatten().nonzero().squeeze(1)
     flat = flat[score.flatten()[flat].argsort(descending=True)][:max_candidates]
-    d_sae = score.shape[1]
-    candidates = [divmod(int(i), d_sae) for i in flat]
+    at = [divmod(int(i), score.shape[1]) for i in flat]  # (slot, feature)
+    candidates = [(rrm.layers[slot], f) for slot, f in at]
 
     absent = pixels[groups == 0]
     chunks = [rrm.feature_acts(absent[i : i + batch_size]) for i in range(0, len(absent), batch_size)]
@@ -209,7 +219,7 @@ def find_spurious_features(
     best = max(allowed, key=lambda s: (s["worst_group"], -s["n"]))
     return SpuriousFeatures(
         associated_class=assoc, candidates=candidates,
-        attribution=[float(score[c]) for c in candidates], auroc=[float(auroc[c]) for c in candidates],
+        attribution=[float(score[c]) for c in at], auroc=[float(auroc[c]) for c in at],
         ablation_effect=effects, sweep=sweep, n_selected=int(best["n"]), reference=reference,
         n_conflict=int(conflict.sum()),
     )  # fmt: skip
@@ -217,11 +227,12 @@ def find_spurious_features(
 
 def debias(model: Any, saes: Sequence[Any], features: Sequence[tuple[int, int]],
            reference: list[Tensor] | None = None) -> Any:  # fmt: skip
-    """A deep copy of ``model`` that ablates ``features`` (``(layer, feature)``) at inference.
+    """A deep copy of ``model`` that ablates ``features`` (``(layer, feature)``, ``layer`` a block) at inference.
 
-    The SAEs of the layers involved (``saes``: one per layer on ``blocks.{l}.hook_resid_post``, or
-    a ``ResidualReplacementModel``'s) are spliced with error terms kept, and each listed feature is
-    held at ``reference[layer][pos, feature]`` (default zero) at every position, by permanent hooks:
+    The SAEs of the layers involved (``saes``: on ``blocks.{l}.hook_resid_post``, or a
+    ``ResidualReplacementModel``'s) are spliced with error terms kept, and each listed feature is held
+    at ``reference[i][pos, feature]`` (``i`` the layer's place among the SAE layers, as in
+    ``SpuriousFeatures.reference``; default zero) at every position, by permanent hooks:
     ``model.reset_hooks()`` keeps them; the original model is untouched.
     """
     rrm = ResidualReplacementModel(model, saes)
@@ -229,7 +240,7 @@ def debias(model: Any, saes: Sequence[Any], features: Sequence[tuple[int, int]],
     if reference is None:
         reference = [torch.zeros(model.cfg.n_ctx, sae.cfg.d_sae) for sae in rrm.saes]
     for layer in sorted({int(layer) for layer, _ in features}):
-        out.add_sae(rrm.saes[layer], use_error_term=True, check_model_name=False)
-    for name, hook in _ablation_hooks(features, reference):
+        out.add_sae(rrm.sae_at(layer), use_error_term=True, check_model_name=False)
+    for name, hook in _ablation_hooks(features, dict(zip(rrm.layers, reference, strict=True))):
         out.add_hook(name, hook, is_permanent=True)
     return out

@@ -98,25 +98,23 @@ class _Patcher:
 
     @torch.no_grad()
     def run(self, pixels: Tensor, sites: list[Tensor], invert: list[bool], neurons: bool) -> Tensor:
-        """``sites[b]``: ``[n, 3]`` (layer, position, index) edited in row ``b``; ``invert[b]``: edit
+        """``sites[b]``: ``[n, 3]`` (SAE-layer slot, position, index) edited in row ``b``; ``invert[b]``: edit
         every site *except* those. Returns the outputs ``[len(sites), d_out]``."""
         rrm, B = self.rrm, len(sites)
         x = pixels.expand(B, -1, -1, -1)
         refs = self.neuron_refs if neurons else self.refs
         inv = torch.tensor(invert)
 
-        def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
+        def edit(acts: Tensor, hook: Any, slot: int) -> Tensor:
             mask = torch.zeros(acts.shape, dtype=torch.bool)
             for b, s in enumerate(sites):
-                s = s[s[:, 0] == layer]
+                s = s[s[:, 0] == slot]
                 mask[b, s[:, 1], s[:, 2]] = True
             mask ^= inv[:, None, None]
-            return torch.where(mask, refs[layer].to(acts.dtype).expand_as(acts), acts)
+            return torch.where(mask, refs[slot].to(acts.dtype).expand_as(acts), acts)
 
         name = "blocks.{}.hook_resid_post" if neurons else "blocks.{}.hook_resid_post.hook_sae_acts_post"
-        hooks = [
-            (name.format(layer), lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in range(rrm.n_layers)
-        ]
+        hooks = [(name.format(layer), lambda a, hook, i=i: edit(a, hook, i)) for i, layer in enumerate(rrm.layers)]
         with contextlib.ExitStack() as stack:
             if not neurons:
                 stack.enter_context(rrm.spliced(keep_errors=True))
@@ -125,11 +123,13 @@ class _Patcher:
 
 
 def _neuron_ranking(rrm: ResidualReplacementModel, pixels: Tensor, target_dir: Tensor, refs: list[Tensor]) -> Tensor:
-    """Residual neurons ``[n, 3]`` (layer, position, dim) by |gradient × (activation − reference)|,
-    gradients under the frozen linearisation of the model without SAEs."""
+    """Residual neurons ``[n, 3]`` (SAE-layer slot, position, dim) of the SAE layers' residuals by
+    |gradient × (activation − reference)|, gradients under the frozen linearisation of the model
+    without SAEs."""
     from .linearise import resid_post_gradients
 
     resid, grads = resid_post_gradients(rrm.model, pixels, lambda out: out[0] @ target_dir.to(out.dtype))
+    resid, grads = [resid[b] for b in rrm.layers], [grads[b] for b in rrm.layers]
     flat = torch.stack([(g[0] * (r[0] - ref)).abs() for r, g, ref in zip(resid, grads, refs, strict=True)])
     order = flat.flatten().argsort(descending=True)  # [layer, pos, d_model] flattened
     return torch.stack(torch.unravel_index(order, flat.shape), dim=1)
@@ -165,13 +165,15 @@ def evaluate_circuit(
     ref_px = pixels if reference_pixels is None else reference_pixels
     refs = rrm.reference_values(ref_px, reference)
     with torch.no_grad():
-        names = [f"blocks.{layer}.hook_resid_post" for layer in range(rrm.n_layers)]
+        names = [f"blocks.{layer}.hook_resid_post" for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d_model]
     neuron_refs = {"zero": lambda: torch.zeros_like(stack[:, 0]), "mean": lambda: stack.mean(1),
                    "median": lambda: stack.median(1).values}[reference]()  # fmt: skip
     neuron_refs = list(neuron_refs)
     patcher = _Patcher(rrm, refs, neuron_refs)
+    slot_of = torch.full((rrm.model.cfg.n_layers + 1,), -1, dtype=torch.long)
+    slot_of[torch.tensor(rrm.layers)] = torch.arange(rrm.n_layers)
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, dict[str, dict[str, Tensor]]] = {}
     faiths, comps, rhos, sizes = [], [], [], []
@@ -184,12 +186,17 @@ def evaluate_circuit(
 
         infl = influence(normalised_abs(graph.adjacency), graph.weights)
         feat_idx = torch.tensor([j for j, k in enumerate(graph.node_kind) if k == "feature"], dtype=torch.long)
-        sites_all = torch.stack([graph.node_layer[feat_idx], graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)
+        slots = slot_of[graph.node_layer[feat_idx]]  # sites name SAE layers by slot (widths may differ)
+        sites_all = torch.stack([slots, graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)
         # sites whose clean value differs from the reference but that are not graph nodes (inactive
         # features with a non-zero reference) come after the graph's nodes, in random order
-        differs = torch.stack([r != 0 for r in refs])  # the graph's feature nodes are exactly the active sites
-        differs[sites_all[:, 0], sites_all[:, 1], sites_all[:, 2]] = False
-        extra = differs.nonzero()
+        differs = [r != 0 for r in refs]  # the graph's feature nodes are exactly the active sites
+        for i, d in enumerate(differs):
+            here = sites_all[sites_all[:, 0] == i]
+            d[here[:, 1], here[:, 2]] = False
+        extra = torch.cat(
+            [torch.cat([torch.full((len(nz), 1), i), nz], 1) for i, nz in enumerate(d.nonzero() for d in differs)]
+        )
         extra = extra[torch.randperm(len(extra), generator=gen)]
         ranked = torch.cat([sites_all[infl[feat_idx].argsort(descending=True)], extra])
         every = torch.cat([sites_all, extra])

@@ -1,9 +1,16 @@
 """The residual replacement model (Kim et al. 2025, "Interpreting vision transformers via residual
-replacement model"): an SAE on ``blocks.{l}.hook_resid_post`` of every layer replaces the residual
-stream with sparse features.
+replacement model"): SAEs on ``blocks.{l}.hook_resid_post`` replace the residual stream with sparse
+features.
 
 Contracts:
 
+- The SAE layers are any non-empty set of blocks (``rrm.layers``, ascending): every block, as in the
+  position-resolved graphs, or blocks ``0..L-2`` as the seed paper sets it up (no SAE after the last
+  block: its computation folds into the edges to the output). The residual between SAE layers is
+  carried through the (frozen, when linearised) blocks in between.
+- Per-layer lists returned here (``feature_acts``, ``reference_values``, ``errors``, ``frozen_state``)
+  follow ``rrm.layers``: entry ``i`` belongs to block ``rrm.layers[i]`` (``rrm.slot(layer)`` maps back).
+  Arguments that name layers (``spliced``, ``intervene``) take block numbers.
 - Layers are spliced in order; splicing layer ``l`` replaces ``resid_post_l`` (hence
   ``resid_pre_{l+1}``) by the SAE's reconstruction, so errors compound with each spliced layer.
 - With the error term kept at a layer, its output equals the clean residual (the error is the
@@ -25,44 +32,68 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..saes import affine
+from ..saes.affine import FrozenNorm
+
 Reference = Literal["zero", "mean", "median"]
 
 
 class ResidualReplacementModel:
-    """A ``HookedViT`` with one SAE per layer at ``blocks.{l}.hook_resid_post`` (layers 0..n-1 in order)."""
+    """A ``HookedViT`` with SAEs at ``blocks.{l}.hook_resid_post`` for the blocks ``rrm.layers``."""
 
     def __init__(self, model: Any, saes: Sequence[Any] | dict[int, Any]) -> None:
         saes = list(saes.values()) if isinstance(saes, dict) else list(saes)
-        by_layer = {}
+        if not saes:
+            raise ValueError("ResidualReplacementModel needs at least one SAE on blocks.L.hook_resid_post.")
+        by_layer: dict[int, Any] = {}
         for sae in saes:
             hook = sae.cfg.metadata.hook_name or ""
             parts = hook.split(".")
-            if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post":
-                raise ValueError(f"Residual replacement needs SAEs on blocks.L.hook_resid_post; got {hook!r}.")
-            by_layer[int(parts[1])] = sae
-        missing = sorted(set(range(model.cfg.n_layers)) - set(by_layer))
-        if missing:
-            raise ValueError(f"No SAE for layers {missing}: the replacement model needs one per layer "
-                             f"(0..{model.cfg.n_layers - 1}).")  # fmt: skip
-        for layer, sae in by_layer.items():
+            if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post" or not parts[1].isdigit():
+                raise ValueError(f"Residual replacement needs SAEs on blocks.L.hook_resid_post; got {hook!r}. "
+                                 "Set sae.cfg.metadata.hook_name (load_sae(..., hook_name=...)).")  # fmt: skip
+            layer = int(parts[1])
+            if layer in by_layer:
+                raise ValueError(f"Two SAEs for layer {layer} ({hook!r}); pass one per layer.")
+            if not 0 <= layer < model.cfg.n_layers:
+                raise ValueError(f"SAE hook {hook!r} is past the model's {model.cfg.n_layers} blocks.")
             if sae.cfg.d_in != model.cfg.d_model:
                 raise ValueError(f"SAE of layer {layer} has d_in={sae.cfg.d_in}, the model's d_model is "
                                  f"{model.cfg.d_model}.")  # fmt: skip
+            by_layer[layer] = sae
         self.model = model
-        self.saes = [by_layer[layer] for layer in range(model.cfg.n_layers)]
+        self.layers: list[int] = sorted(by_layer)
+        """Blocks with an SAE, ascending."""
+        self.saes = [by_layer[layer] for layer in self.layers]
+        """The SAEs in the order of ``layers``."""
 
     @property
     def n_layers(self) -> int:
+        """Number of SAE layers (``len(rrm.layers)``; the model's block count is ``model.cfg.n_layers``)."""
         return len(self.saes)
+
+    def slot(self, layer: int) -> int:
+        """Index of block ``layer`` in ``rrm.layers`` (and in every per-layer list); ``ValueError`` if it
+        has no SAE."""
+        try:
+            return self.layers.index(int(layer))
+        except ValueError:
+            raise ValueError(f"Layer {layer} has no SAE; the SAE layers are {self.layers}.") from None
+
+    def sae_at(self, layer: int) -> Any:
+        """The SAE at block ``layer``."""
+        return self.saes[self.slot(layer)]
 
     @contextlib.contextmanager
     def spliced(self, layers: Sequence[int] | None = None, keep_errors: bool | Sequence[int] = False,
                 error_values: dict[int, Tensor] | None = None) -> Iterator[Any]:  # fmt: skip
-        """Context with the SAEs of ``layers`` (all if ``None``) spliced in. ``keep_errors``: ``True``
+        """Context with the SAEs of blocks ``layers`` (all SAE layers if ``None``) spliced in. ``keep_errors``: ``True``
         for every spliced layer, ``False`` for none, or the layers that keep theirs.
         ``error_values``: ``{layer: [pos, d_model]}`` error terms to use instead of the image's own (for
         example ``reference_values(..., of="errors")``); those layers get an error term either way."""
-        layers = list(range(self.n_layers) if layers is None else layers)
+        layers = list(self.layers if layers is None else layers)
+        for layer in layers:
+            self.slot(layer)  # ValueError naming the SAE layers
         keep = set(layers) if keep_errors is True else set() if keep_errors is False else set(keep_errors)
         error_values = error_values or {}
         unknown = sorted(set(error_values) - set(layers))
@@ -73,11 +104,11 @@ class ResidualReplacementModel:
         try:
             for layer in layers:
                 use_error = layer in keep or layer in error_values
-                self.model.add_sae(self.saes[layer], use_error_term=use_error, check_model_name=False)
+                self.model.add_sae(self.sae_at(layer), use_error_term=use_error, check_model_name=False)
             with self.model.hooks(fwd_hooks=hooks):
                 yield self.model
         finally:
-            self.model.reset_saes([self.saes[layer].cfg.metadata.hook_name for layer in layers])
+            self.model.reset_saes([self.sae_at(layer).cfg.metadata.hook_name for layer in layers])
 
     def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 64,
                   max_feature_nodes: int | None = None, mlp_leaves: bool = False) -> Any:  # fmt: skip
@@ -89,24 +120,43 @@ class ResidualReplacementModel:
         return Attributor(self, batch_size, mlp_leaves).attribute(pixels, target, max_feature_nodes=max_feature_nodes)
 
     @torch.no_grad()
+    def frozen_state(self, pixels: Float[Tensor, "1 chan h w"]) -> tuple[dict[str, Tensor], list[FrozenNorm]]:
+        """Everything the frozen linearisation holds fixed for one image, from one clean forward (every
+        SAE spliced with its error term, so the clean model's values): the recorded attention
+        patterns, LayerNorm scales and MLP gates (``linearise.record``), and each SAE's input
+        normalisation at its clean statistics (``saes.affine.frozen_norm``), per layer."""
+        from .linearise import record
+
+        inputs = [f"{sae.cfg.metadata.hook_name}.hook_sae_input" for sae in self.saes]
+        seen: dict[str, Tensor] = {}
+        hooks = [(n, lambda t, hook, n=n: seen.__setitem__(n, t.detach())) for n in inputs]
+        with self.spliced(keep_errors=True), self.model.hooks(fwd_hooks=hooks):
+            frozen = record(self.model, pixels)
+        return frozen, [affine.frozen_norm(sae, seen[n][0]) for sae, n in zip(self.saes, inputs, strict=True)]
+
+    @torch.no_grad()
     def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],
                   freeze: bool = True) -> dict[str, Any]:  # fmt: skip
         """Set features to values and run the model with every SAE spliced (error terms kept, so only
         the interventions change anything).
 
         ``interventions``: ``(layer, position or None for all positions, feature, new_value)``.
-        ``freeze=True`` holds attention patterns, LayerNorm scales and MLP gates at their clean values
-        (the linearised response, under which changes follow the attribution graph's edges exactly);
-        ``freeze=False`` gives the real model's response. Returns ``output``, ``clean_output`` and,
-        per layer, ``feature_acts`` / ``feature_pre_acts`` after the intervention.
+        ``freeze=True`` holds attention patterns, LayerNorm scales, MLP gates and every SAE's input
+        normalisation (``saes/affine.py``) at their clean values (the linearised response, under which
+        changes follow the attribution graph's edges exactly); ``freeze=False`` gives the real model's
+        response. Returns ``output``, ``clean_output`` and, per layer, ``feature_acts`` after the
+        intervention and ``feature_pre_acts``: the pre-activation ``h`` that an active feature's
+        activation equals (``saes.affine.pre_acts``: decoder-norm rescaling and the gated magnitude
+        path included), from each SAE's input in this forward.
         """
-        from .linearise import frozen_hooks, pre_capture_hooks, record
+        from .linearise import frozen_hooks, pre_capture_hooks
 
         model = self.model
         edits: dict[int, list[tuple[int | None, int, float]]] = {}
         for layer, pos, feat, value in interventions:
-            if not 0 <= layer < self.n_layers or not 0 <= feat < self.saes[layer].cfg.d_sae:
-                raise ValueError(f"Intervention {(layer, pos, feat, value)} is out of range.")
+            if layer not in self.layers or not 0 <= feat < self.sae_at(layer).cfg.d_sae:
+                raise ValueError(f"Intervention {(layer, pos, feat, value)} is out of range: the SAE layers are "
+                                 f"{self.layers}, features 0..d_sae-1.")  # fmt: skip
             edits.setdefault(layer, []).append((pos, feat, float(value)))
 
         def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
@@ -117,21 +167,27 @@ class ResidualReplacementModel:
 
         hooks = [(f"blocks.{layer}.hook_resid_post.hook_sae_acts_post",
                   lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in edits]  # fmt: skip
-        with self.spliced(keep_errors=True):
-            clean = model(pixels)
+        with contextlib.ExitStack() as stack:
             if freeze:
                 if pixels.shape[0] != 1:
                     raise ValueError("freeze=True intervenes on one image at a time.")
-                hooks = pre_capture_hooks(model) + frozen_hooks(model, record(model, pixels)) + hooks
-            names = [f"blocks.{layer}.hook_resid_post.hook_sae_acts_{k}" for layer in range(self.n_layers)
-                     for k in ("pre", "post")]  # fmt: skip
+                frozen, norms = self.frozen_state(pixels)
+                hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen) + hooks
+                for sae, norm in zip(self.saes, norms, strict=True):
+                    stack.enter_context(affine.frozen_normalisation(sae, norm))
+            stack.enter_context(self.spliced(keep_errors=True))
+            clean = model(pixels)
+            names = [f"{s.cfg.metadata.hook_name}.hook_sae_{k}" for s in self.saes for k in ("input", "acts_post")]
             with model.hooks(fwd_hooks=hooks):
                 out, cache = model.run_with_cache(pixels, names_filter=names, return_cache_object=False)
+        inputs = [cache[f"{s.cfg.metadata.hook_name}.hook_sae_input"] for s in self.saes]
+        pre = [affine.pre_acts(sae, x, norm if freeze else affine.frozen_norm(sae, x))
+               for sae, x, norm in zip(self.saes, inputs, norms if freeze else inputs, strict=True)]  # fmt: skip
         return {
             "output": out,
             "clean_output": clean,
-            "feature_acts": [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_post"] for i in range(self.n_layers)],
-            "feature_pre_acts": [cache[f"blocks.{i}.hook_resid_post.hook_sae_acts_pre"] for i in range(self.n_layers)],
+            "feature_acts": [cache[f"{s.cfg.metadata.hook_name}.hook_sae_acts_post"] for s in self.saes],
+            "feature_pre_acts": pre,
         }
 
     @torch.no_grad()
@@ -171,8 +227,8 @@ class ResidualReplacementModel:
     @torch.no_grad()
     def faithfulness(self, pixels: Float[Tensor, "n chan h w"], labels: Int[Tensor, " n"] | None = None,
                      batch_size: int = 64) -> list[dict[str, Any]]:  # fmt: skip
-        """The pure replacement model against the original, for the first ``n`` layers spliced
-        (``n = 1..n_layers``, no error terms), so compounding error is visible.
+        """The pure replacement model against the original, for the first ``n`` SAE layers spliced
+        (``n = 1..len(layers)``, no error terms), so compounding error is visible.
 
         Per row: ``n_spliced``, ``top1_agreement``, ``kl`` (clean || spliced, for classifiers),
         ``cosine`` (of the outputs), and ``accuracy`` / ``accuracy_clean`` with labels.
@@ -181,7 +237,7 @@ class ResidualReplacementModel:
         clean = torch.cat([self.model(pixels[s]) for s in chunks])
         rows = []
         for n in range(1, self.n_layers + 1):
-            with self.spliced(range(n)):
+            with self.spliced(self.layers[:n]):
                 out = torch.cat([self.model(pixels[s]) for s in chunks])
             row: dict[str, Any] = {
                 "n_spliced": n,

@@ -52,8 +52,10 @@ def evaluate_sae(
     x = torch.cat(acts)  # [n, pos, d]
     pos_mean = x.mean(0, keepdim=True)
 
-    feats = torch.cat([sae.encode(x[s]) for s in chunks])
-    recon = torch.cat([sae.decode(feats[s]) for s in chunks])
+    # decode each chunk right after encoding it: SAELens keeps per-token normalisation statistics
+    # (``layer_norm``, ``constant_norm_rescale``) from the last ``encode`` for the next ``decode``
+    pairs = [(f, sae.decode(f)) for f in (sae.encode(x[s]) for s in chunks)]
+    feats, recon = torch.cat([f for f, _ in pairs]), torch.cat([r for _, r in pairs])
     flat_x, flat_r = x.flatten(0, -2), recon.flatten(0, -2)
     fvu = float((flat_x - flat_r).pow(2).sum() / (flat_x - flat_x.mean(0)).pow(2).sum())
     active = feats != 0

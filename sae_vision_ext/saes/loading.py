@@ -37,8 +37,10 @@ from typing import Any, Literal
 import torch
 
 from .._registry import Registry
+from .io import sae_lens_version, torch_load
+from .rrm_checkpoints import RRM_MODELS
 
-Format = Literal["saelens", "prisma", "saev"]
+Format = Literal["saelens", "prisma", "saev", "rrm"]
 _WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -75,24 +77,15 @@ RELEASES.register("saev-bioclip-b16-inat21")(
                "saev ReLU SAE (24K features) on BioCLIP ViT-B/16, iNat21 activations")
 )  # fmt: skip
 
-
-def _sae_lens_version() -> str:
-    """Marks converted configs as SAELens >= 6 so it keeps their ``metadata`` as given."""
-    import sae_lens
-
-    return sae_lens.__version__
-
-
-def _torch_load(source: Any, device: str, allow_pickle: bool, what: str) -> Any:
-    try:
-        return torch.load(source, map_location=device, weights_only=True)
-    except Exception as e:
-        if not allow_pickle:
-            raise ValueError(
-                f"{what} cannot be loaded with torch.load(weights_only=True): it holds pickled Python objects "
-                f"({type(e).__name__}). If you trust the file, pass allow_pickle=True."
-            ) from e
-    return torch.load(source, map_location=device, weights_only=False)
+for _kind, _model in (
+    ("vit-base-patch16-224", "vit"),
+    ("dinov2-vitb14-reg-lc", "dinov2"),
+    ("clip-vit-base-patch16", "clip_vit"),
+):
+    RELEASES.register(f"rrm-{_model.replace('_', '-')}")(
+        SAERelease("rrm", f"timespt/topksae-{_kind}", RRM_MODELS[_model], None,
+                   f"The seed paper's (Kim et al. 2025) TopK SAEs on blocks 0-10 of {_model}: load_sae gives the list")
+    )  # fmt: skip
 
 
 def _find_weights(obj: Any) -> dict[str, torch.Tensor]:
@@ -131,7 +124,7 @@ def prisma_disk_converter(
     """SAELens disk converter for a ViT-Prisma checkpoint folder (or its ``.pt`` file)."""
     cfg_path, weights_path = _prisma_files(Path(path))
     pc = json.loads(cfg_path.read_text())
-    state = _find_weights(_torch_load(weights_path, device, allow_pickle, f"ViT-Prisma weights {weights_path}"))
+    state = _find_weights(torch_load(weights_path, device, allow_pickle, f"ViT-Prisma weights {weights_path}"))
     d_in, d_sae = state["W_enc"].shape
     act = str(pc.get("activation_fn_str", "relu")).lower()
     k = (pc.get("activation_fn_kwargs") or {}).get("k")
@@ -150,7 +143,7 @@ def prisma_disk_converter(
         "metadata": {
             "model_name": pc.get("model_name"), "hook_name": None if layer is None else f"blocks.{layer}.{subtype}",
             "token_selection": selection, "context_size": pc.get("context_size"), "source_format": "vit_prisma",
-            "sae_lens_version": _sae_lens_version(),
+            "sae_lens_version": sae_lens_version(),
         },
     }  # fmt: skip
     if act == "topk":
@@ -179,7 +172,7 @@ def saev_disk_converter(
             header = json.loads(fd.readline())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file} does not start with a saev JSON header line.") from e
-        state = _find_weights(_torch_load(io.BytesIO(fd.read()), device, allow_pickle, f"saev checkpoint {file}"))
+        state = _find_weights(torch_load(io.BytesIO(fd.read()), device, allow_pickle, f"saev checkpoint {file}"))
     cfg_src = header.get("cfg", header) if "schema" in header else header
     activation = cfg_src.get("activation") or {"cls": header.get("cls", "Relu"), "params": {}}
     if isinstance(activation, str):
@@ -192,7 +185,7 @@ def saev_disk_converter(
         "apply_b_dec_to_input": False, "normalize_activations": "none",
         "metadata": {"hook_name": None, "model_name": None, "source_format": "saev",
                      "saev_schema": header.get("schema"), "saev_lib": header.get("lib"),
-                     "sae_lens_version": _sae_lens_version()},
+                     "sae_lens_version": sae_lens_version()},
     }  # fmt: skip
     if cls_name in ("TopK", "BatchTopK"):
         ensure_registered()
@@ -259,6 +252,9 @@ def _has_json_line(file: Path) -> bool:
 def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None, allow_pickle: bool = False) -> Any:
     """Load an SAE as a ``sae_lens.SAE`` from a path, ``sve:``/``prisma:``/``saev:``/``saelens:`` ref or release.
 
+    ``rrm:<path>`` reads the seed paper's checkpoints (``saes/rrm_checkpoints.py``): one SAE for an
+    ``epoch<N>.pth`` or ``L<layer>`` folder, the per-layer list for a model or ``K<k>_R<R>`` folder.
+
     ``hook_name`` sets (or overrides) ``cfg.metadata.hook_name``, needed for saev checkpoints
     before splicing. ``allow_pickle`` opts in to full unpickling for files that need it.
     """
@@ -266,6 +262,13 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
 
     ref_s = str(ref)
     prefix, sep, rest = ref_s.partition(":")
+    if ref_s in RELEASES and RELEASES.get(ref_s).format == "rrm":
+        from .rrm_checkpoints import load_rrm
+
+        saes = load_rrm(_download(RELEASES.get(ref_s).repo_id, None), device=device)
+        for sae in saes:
+            sae.cfg.metadata.model_name = sae.cfg.metadata.model_name or RELEASES.get(ref_s).model
+        return saes
     if ref_s in RELEASES:
         rel = RELEASES.get(ref_s)
         loader = prisma_hf_converter if rel.format == "prisma" else saev_hf_converter
@@ -280,6 +283,10 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
         if not (folder / "cfg.json").exists():
             raise ValueError(f"No embedded SAE {ref_s!r} (looked in {folder}). `sae-vision saes` lists them.")
         sae = SAE.load_from_disk(folder, device=device, dtype="float32")  # shipped as float16
+    elif sep and prefix == "rrm":
+        from .rrm_checkpoints import load_rrm
+
+        return load_rrm(rest, device=device)
     elif sep and prefix in ("prisma", "saev", "saelens") and not Path(ref_s).exists():
         repo, sub = _split_repo(rest)
         if prefix == "saelens":

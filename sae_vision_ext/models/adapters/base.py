@@ -88,6 +88,12 @@ class ViTAdapter:
     def head(self, pooled: Tensor) -> Tensor:
         return pooled
 
+    def nonlinear_readout(self) -> str | None:
+        """``None`` when pooling and head are affine in the final residual once ``ln_final``'s scale is
+        frozen (what exact attribution needs); otherwise what is not (an attention pool, a ``tanh``
+        pooler), named for the error message. A capability, so circuits code never tests class names."""
+        return None
+
     def output_kind(self) -> str:
         """``"logits"`` for classifiers, ``"embedding"`` for feature/embedding outputs (picks eval metrics)."""
         return "embedding"

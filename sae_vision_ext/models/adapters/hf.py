@@ -153,6 +153,11 @@ class HFViTAdapter(_HFAdapter):
         pooler = getattr(self.base, "pooler", None)
         return pooled if pooler is None else pooler.activation(pooler.dense(pooled))
 
+    def nonlinear_readout(self) -> str | None:
+        if hasattr(self.module, "classifier") or getattr(self.base, "pooler", None) is None:
+            return None
+        return "the HF ViT pooler (dense + tanh on the CLS token)"
+
     def native_forward(self, pixels: Tensor) -> Tensor:
         out = self.module(pixel_values=pixels)
         if hasattr(out, "logits"):
@@ -255,6 +260,9 @@ class HFSiglipAdapter(_HFAdapter):
     def pool(self, x: Tensor) -> Tensor:
         head = getattr(self.base, "head", None)
         return x.mean(dim=1) if head is None else head(x)
+
+    def nonlinear_readout(self) -> str | None:
+        return None if getattr(self.base, "head", None) is None else "the SigLIP attention-pool head"
 
     def native_forward(self, pixels: Tensor) -> Tensor:
         out = self.module(pixel_values=pixels)

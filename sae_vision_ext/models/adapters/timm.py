@@ -135,6 +135,9 @@ class TimmViTAdapter(ViTAdapter):
         m = self.vit
         return optional(m.norm) or optional(getattr(m, "fc_norm", None))
 
+    def nonlinear_readout(self) -> str | None:
+        return "timm's attention-pool head (global_pool='map')" if self.vit.global_pool == "map" else None
+
     def pool(self, x: Tensor) -> Tensor:
         if self.distilled:
             return x[:, :2]  # [batch, 2, d_model]: CLS and distillation token, averaged after the heads

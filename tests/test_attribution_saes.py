@@ -1,0 +1,256 @@
+"""Exactness of attribution for every SAE configuration users train or load (float64, random models).
+
+Grid: SAELens inference class × ``normalize_activations`` × ``apply_b_dec_to_input`` ×
+``rescale_acts_by_decoder_norm`` (decoder rows far from unit norm) × JumpReLU thresholds, on one
+adapter; the seed paper's setting (layer_norm TopK, rescaled rows) on every adapter family.
+Semantic checks: the sum rule, a frozen intervention moves every next-layer target by exactly
+``Δ/a · edge``, second derivatives vanish, and the affine view reproduces SAELens's own encode/decode.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import build_native, images, one_per_adapter
+
+from sae_vision_ext import HookedViT
+from sae_vision_ext.circuits.attribution import Attributor, _Leaves
+from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.saes import affine
+
+ARCHS = ["standard", "topk", "topk_rescale", "jumprelu", "gated", "signed_topk", "abstopk"]
+NORMS = ["none", "layer_norm", "constant_norm_rescale", "expected_average_only_in"]
+
+
+def make_sae(arch: str, norm: str, apply_b_dec: bool, d_in: int = 32, d_sae: int = 40, seed: int = 0, hook: str = ""):
+    """A random float64 SAELens SAE of ``arch`` with non-unit decoder rows, random biases and, for
+    JumpReLU, random positive thresholds."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sae_vision_ext.saes.signed_topk import SignedTopKSAE, SignedTopKSAEConfig
+
+    classes = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig, {}),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": 5}),
+        "topk_rescale": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": 5, "rescale_acts_by_decoder_norm": True}),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig, {}),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig, {}),
+        "signed_topk": (SignedTopKSAE, SignedTopKSAEConfig, {"k": 5}),
+        "abstopk": (sae_lens.AbsTopKSAE, sae_lens.AbsTopKSAEConfig, {"k": 5}),
+    }
+    cls, cfg_cls, extra = classes[arch]
+    cfg = cfg_cls(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype="float64",
+        normalize_activations=norm,
+        apply_b_dec_to_input=apply_b_dec,
+        metadata=SAEMetadata(hook_name=hook),
+        **extra,
+    )
+    sae = cls(cfg).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            scale = {"W_dec": 1.0, "W_enc": 0.4, "threshold": 0.0}.get(name, 0.1)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+        sae.W_dec.mul_(torch.rand(d_sae, 1, generator=g, dtype=torch.float64) * 2.5 + 0.2)  # rows far from unit
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(d_sae, generator=g, dtype=torch.float64) * 0.3)
+    return sae
+
+
+def rrm_with(variant: str, arch: str, norm: str, apply_b_dec: bool) -> ResidualReplacementModel:
+    model = HookedViT.from_model(build_native(variant)).double()
+    saes = [
+        make_sae(arch, norm, apply_b_dec, d_in=model.cfg.d_model, seed=layer, hook=f"blocks.{layer}.hook_resid_post")
+        for layer in range(model.cfg.n_layers)
+    ]
+    return ResidualReplacementModel(model, saes)
+
+
+def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int = 3) -> int:
+    """Sum rule, frozen interventions = Δ/a·edge on the next layer (and the output for the last
+    layer), second derivatives zero. Returns how many (source, target) pairs were checked."""
+    g = Attributor(rrm, batch_size=8).attribute(x)
+    rows = ~torch.isnan(g.value)
+    A = g.dense()
+    torch.testing.assert_close(A[rows].sum(1) + g.constant[rows], g.value[rows], atol=1e-8, rtol=1e-8)
+    checked = 0
+    for slot, layer in enumerate(rrm.layers):
+        sources = [i for i, k in enumerate(g.node_kind) if k == "feature" and g.node_layer[i] == layer][:n_sources]
+        after = rrm.layers[slot + 1] if slot + 1 < rrm.n_layers else rrm.model.cfg.n_layers
+        for s in sources:
+            p, f, a = int(g.node_pos[s]), int(g.node_feature[s]), float(g.activation[s])
+            delta = 0.37 * abs(a) + 0.05
+            base = rrm.intervene(x, [(layer, p, f, a)], freeze=True)
+            moved = rrm.intervene(x, [(layer, p, f, a + delta)], freeze=True)
+            for t in torch.nonzero(g.node_layer == after).flatten().tolist():
+                if g.node_kind[t] == "feature":
+                    pt, ft = int(g.node_pos[t]), int(g.node_feature[t])
+                    before, now = base["feature_pre_acts"][slot + 1], moved["feature_pre_acts"][slot + 1]
+                    change = now[0, pt, ft] - before[0, pt, ft]
+                elif g.node_kind[t] == "target":
+                    direction = torch.zeros(moved["output"].shape[-1], dtype=torch.float64)
+                    c = g.target_classes[0]
+                    direction -= 1 / len(direction)
+                    direction[c] += 1
+                    change = (moved["output"][0] - base["output"][0]) @ direction
+                else:
+                    continue
+                assert abs(float(change) - delta / a * float(A[t, s])) < 1e-6, (layer, s, t)
+                checked += 1
+    att = Attributor(rrm)
+    frozen, norms = rrm.frozen_state(x)
+    leaves = _Leaves(rrm.n_layers)
+    out, pre = att._forward(x, frozen, leaves, norms)
+    downstream = pre[1][0].sum() if rrm.n_layers > 1 else out.sum()
+    (grad,) = torch.autograd.grad(downstream, leaves.values[0], create_graph=True)
+    second = torch.autograd.grad((grad * torch.randn_like(grad)).sum(), leaves.values[0], allow_unused=True)[0]
+    assert second is None or second.abs().max() == 0
+    return checked
+
+
+@pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), list(itertools.product(ARCHS, NORMS, [True, False])))
+def test_affine_view_reproduces_saelens_encode_and_decode(arch, norm, apply_b_dec):
+    sae = make_sae(arch, norm, apply_b_dec, d_in=16)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 16, generator=g, dtype=torch.float64) * 3 + 0.7
+    acts = sae.encode(x)
+    recon = sae.decode(acts)
+    norm_state = affine.frozen_norm(sae, x)
+    h = affine.pre_acts(sae, x, norm_state)
+    active = acts != 0
+    assert active.any()
+    torch.testing.assert_close(h[active], acts[active], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(affine.decode(sae, acts, norm_state), recon, atol=1e-12, rtol=1e-12)
+    # effective decoder rows and bias rebuild the reconstruction one token at a time
+    b, p = 1, 4
+    feats = active[b, p].nonzero().flatten()
+    rebuilt = (acts[b, p, feats, None] * affine.decoder_directions(sae, feats, norm_state.select((b, p)))).sum(0)
+    torch.testing.assert_close(rebuilt + affine.decoder_bias(sae, norm_state.select((b, p))), recon[b, p])
+    # inside frozen_normalisation SAELens's own encode/decode use the frozen statistics
+    with affine.frozen_normalisation(sae, norm_state):
+        moved = sae.encode(x * 1.7 + 0.3)
+        h_moved = affine.pre_acts(sae, x * 1.7 + 0.3, norm_state)
+        torch.testing.assert_close(h_moved[moved != 0], moved[moved != 0])
+        torch.testing.assert_close(sae.decode(moved), affine.decode(sae, moved, norm_state))
+
+
+@pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), list(itertools.product(ARCHS, NORMS[:3], [True, False])))
+def test_attribution_exact_for_every_sae_configuration(arch, norm, apply_b_dec):
+    rrm = rrm_with("timm_cls", arch, norm, apply_b_dec)
+    assert check_exact(rrm, images(1).double()) > 20
+
+
+def _readout_is_affine(variant: str) -> bool:
+    return HookedViT.from_model(build_native(variant)).adapter.nonlinear_readout() is None
+
+
+LINEAR_READOUT = [v for v in one_per_adapter() if _readout_is_affine(v)]
+
+
+def test_every_adapter_family_has_a_traceable_variant():
+    """The family sweep below must not shrink silently: each adapter family has at least one variant
+    with an affine readout (hf_vit through its classifier, SigLIP families are refused)."""
+    from conftest import VARIANTS
+
+    families = {VARIANTS[v][0] for v in VARIANTS if _readout_is_affine(v)}
+    assert families >= {"timm", "open_clip", "hf_vit", "hf_clip", "hf_dinov2"}
+
+
+@pytest.mark.parametrize(
+    "variant", sorted({v for v in LINEAR_READOUT} | {"hf_vit_classifier", "hf_dinov2_registers_classifier"})
+)
+def test_attribution_exact_with_the_seed_papers_saes_on_every_adapter_family(variant):
+    """Per-token standardised TopK SAEs (the seed paper's), decoder rows not unit norm."""
+    rrm = rrm_with(variant, "topk_rescale", "layer_norm", True)
+    assert check_exact(rrm, images(1).double(), n_sources=2) > 10
+
+
+@pytest.mark.parametrize("variant", ["hf_vit", "hf_siglip", "timm_map_siglip"])
+def test_nonlinear_readouts_are_refused_naming_the_part(variant):
+    rrm = rrm_with(variant, "topk", "none", True) if variant != "hf_siglip" else None
+    if rrm is None:
+        model = HookedViT.from_model(build_native(variant)).double()
+        saes = [
+            make_sae("topk", "none", True, d_in=model.cfg.d_model, hook=f"blocks.{i}.hook_resid_post")
+            for i in range(model.cfg.n_layers)
+        ]
+        rrm = ResidualReplacementModel(model, saes)
+    with pytest.raises(ValueError, match=r"tanh|attention-pool"):
+        Attributor(rrm)
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2], [0, 2], [1, 3], [2]])
+def test_attribution_exact_on_any_subset_of_layers(layers):
+    """The seed paper's setting ([0 .. L-2]: no SAE after the last block) and gaps: the blocks without an
+    SAE are carried through frozen; edges run between consecutive SAE layers."""
+    from conftest import _timm
+
+    torch.manual_seed(0)
+    native = _timm(depth=4).eval()
+    with torch.no_grad():
+        for p in native.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = HookedViT.from_model(native).double()
+    saes = [make_sae("topk_rescale", "layer_norm", True, d_in=model.cfg.d_model, seed=layer,
+                     hook=f"blocks.{layer}.hook_resid_post") for layer in layers]
+    rrm = ResidualReplacementModel(model, saes)
+    assert rrm.layers == layers
+    assert check_exact(rrm, images(1).double()) >= 3
+    g = Attributor(rrm).attribute(images(1).double())
+    a = g.adjacency.coalesce()
+    src_layer, dst_layer = g.node_layer[a.indices()[1]], g.node_layer[a.indices()[0]]
+    nxt = {-1: layers[0], **dict(zip(layers, [*layers[1:], 4], strict=True))}
+    assert all(nxt[int(s)] == int(d) for s, d in zip(src_layer, dst_layer, strict=True))
+    is_feature = torch.tensor([k == "feature" for k in g.node_kind])
+    assert set(g.node_layer[is_feature].tolist()) <= set(layers)
+    with pytest.raises(ValueError, match=r"SAE layers are \["):
+        rrm.intervene(images(1).double(), [(5, 0, 0, 1.0)])
+
+
+def test_batchtopk_training_sae_saved_as_jumprelu_is_exact(tmp_path):
+    from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    model = HookedViT.from_model(build_native("timm_cls")).double()
+    saes = []
+    for layer in range(model.cfg.n_layers):
+        torch.manual_seed(layer)
+        cfg = BatchTopKTrainingSAEConfig(
+            d_in=32, d_sae=40, k=5, dtype="float64", metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")
+        )
+        train = BatchTopKTrainingSAE(cfg).double()
+        with torch.no_grad():
+            train.W_enc.normal_(0, 0.4)
+            train.b_dec.normal_(0, 0.1)
+            train.topk_threshold.fill_(0.2)
+        train.save_inference_model(tmp_path / str(layer))
+        saes.append(SAE.load_from_disk(tmp_path / str(layer)).double())
+    assert {s.cfg.architecture() for s in saes} == {"jumprelu"}
+    assert check_exact(ResidualReplacementModel(model, saes), images(1).double()) > 10
+
+
+def test_unsupported_saes_are_refused_by_name():
+    from sae_lens import Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    tc = Transcoder(
+        TranscoderConfig(
+            d_in=32,
+            d_sae=40,
+            d_out=32,
+            apply_b_dec_to_input=False,
+            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post", hook_name_out="blocks.1.hook_resid_post"),
+        )
+    )
+    with pytest.raises(ValueError, match="transcoder"):
+        affine.check_linearisable(tc)
+    sae = make_sae("topk", "none", True)
+    sae.cfg.normalize_activations = "per_batch_magic"
+    with pytest.raises(ValueError, match="normalize_activations='per_batch_magic'"):
+        affine.check_linearisable(sae)
