@@ -197,8 +197,17 @@ def test_attribution_exact_on_any_subset_of_layers(layers):
         for p in native.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model = HookedViT.from_model(native).double()
-    saes = [make_sae("topk_rescale", "layer_norm", True, d_in=model.cfg.d_model, seed=layer,
-                     hook=f"blocks.{layer}.hook_resid_post") for layer in layers]
+    saes = [
+        make_sae(
+            "topk_rescale",
+            "layer_norm",
+            True,
+            d_in=model.cfg.d_model,
+            seed=layer,
+            hook=f"blocks.{layer}.hook_resid_post",
+        )
+        for layer in layers
+    ]
     rrm = ResidualReplacementModel(model, saes)
     assert rrm.layers == layers
     assert check_exact(rrm, images(1).double()) >= 3

@@ -74,8 +74,13 @@ def test_reference_values(shapes):
 
 def test_validation():
     model = sve.HookedViT.from_model(build_native("timm_cls"))
-    with pytest.raises(ValueError, match=r"No SAE for layers \[1\]"):
-        ResidualReplacementModel(model, [identity_sae(32, "blocks.0.hook_resid_post")])
+    assert ResidualReplacementModel(model, [identity_sae(32, "blocks.1.hook_resid_post")]).layers == [1]  # subsets
+    with pytest.raises(ValueError, match="at least one SAE"):
+        ResidualReplacementModel(model, [])
+    with pytest.raises(ValueError, match="Two SAEs for layer 0"):
+        ResidualReplacementModel(model, [identity_sae(32, "blocks.0.hook_resid_post")] * 2)
+    with pytest.raises(ValueError, match="past the model's 2 blocks"):
+        ResidualReplacementModel(model, [identity_sae(32, "blocks.2.hook_resid_post")])
     with pytest.raises(ValueError, match=r"needs SAEs on blocks\.L\.hook_resid_post; got 'blocks\.0\.hook_mlp_out'"):
         ResidualReplacementModel(model, [identity_sae(32, "blocks.0.hook_mlp_out")])
     with pytest.raises(ValueError, match="d_in=16, the model's d_model is 32"):

@@ -13,20 +13,21 @@ Nodes, in this order (the adjacency's row and column order):
 Edges (``A[target, source]``, circuit-tracer's orientation) run between consecutive SAE layers: a
 feature of SAE layer ``l`` receives from the previous SAE layer (the first from the inputs), a target
 from the last SAE layer; blocks without an SAE in between (for example the last block, in the seed
-paper's setting) are part of the frozen map an edge goes through. With patterns, LayerNorm scales and
-MLP gates frozen at their values on this image (``linearise.py``) and every SAE's input normalisation
-frozen at its clean statistics (``saes/affine.py``: the ``layer_norm`` std, the ``constant_norm_rescale`` factor), the target's
-pre-activation ``h_t`` (the value an active feature's activation equals: decoder-norm rescaling and
-the gated magnitude path included) is affine in the source layer's residual ``x``, and
+paper's setting) are part of the frozen map an edge goes through. With patterns, LayerNorm scales
+and MLP gates frozen at their values on this image (``linearise.py``) and every SAE's input
+normalisation frozen at its clean statistics (``saes/affine.py``: the ``layer_norm`` std, the
+``constant_norm_rescale`` factor), the target's pre-activation ``h_t`` (the value an active
+feature's activation equals: decoder-norm rescaling and the gated magnitude path included) is
+affine in the source layer's residual ``x``, and
 
     edge(feature s → t) = a_s · <∂h_t/∂x[p_s], d_s[p_s]>,   edge(error or input → t) = <∂h_t/∂x[p], v[p]>
 
 with ``d_s[p] = σ*[p]·W_dec[f_s]/|W_dec[f_s]|`` the effective decoder direction (``σ*`` and the norm
 only where the SAE's settings use them) and ``v`` the error vector or the input residual.
 ``constant[t]``, the response to the biases alone (the decoder bias ``σ*·b_dec + μ*``, LayerNorm,
-attention and MLP biases, ``b_enc``), is computed by a separate
-frozen forward in which every source residual is replaced by its bias, so
-``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a definition (``tests/test_attribution.py``).
+attention and MLP biases, ``b_enc``), is computed by a separate frozen forward in which every source
+residual is replaced by its bias, so ``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a
+definition (``tests/test_attribution.py``, ``tests/test_attribution_saes.py``).
 Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
 a time, the block's MLP half and the SAE encoder (both per token) are recomputed on just the
 targets' tokens to get each target's cotangent at ``resid_mid``; one batched vector-Jacobian

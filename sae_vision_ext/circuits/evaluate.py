@@ -35,7 +35,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -63,6 +63,11 @@ class CircuitEvaluation:
     n_images: int
     circuit_sizes: list[int] = field(default_factory=list)
     """Features kept by pruning, per image."""
+    protocol: str = "ours"
+    """``ours`` (position-resolved graph, module docstring) or ``seed`` (``circuits/seed_protocol.py``)."""
+    errors: str = "recomputed"
+    """What unedited SAE error terms do: ``recomputed`` from the edited residual (``ours``) or held at
+    the ``clean`` image's values (``seed``, as the paper's code does)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,11 +159,23 @@ def evaluate_circuit(
     n_ablations: int = 32,
     seed: int = 0,
     progress: bool = True,
+    protocol: Literal["ours", "seed"] = "ours",
 ) -> CircuitEvaluation:
     """Insertion/deletion curves, AUC, circuit faithfulness and influence-vs-ablation correlation,
     averaged over ``pixels`` (one attribution graph per image). ``reference_pixels`` (default:
-    ``pixels``) give the reference values."""
+    ``pixels``) give the reference values. ``protocol="seed"``: the seed paper's protocol on its
+    token-aggregated graph instead (``circuits/seed_protocol.py``: rankings ``relevance``, ``edge``,
+    ``random``, ``neurons``; error terms held at the clean image's values); ``node_threshold``,
+    ``max_feature_nodes`` and ``n_ablations`` do not apply there."""
     from tqdm.auto import tqdm
+
+    if protocol not in ("ours", "seed"):
+        raise ValueError(f"protocol must be 'ours' or 'seed'; got {protocol!r}.")
+    if protocol == "seed":
+        from .seed_protocol import evaluate_seed_protocol
+
+        return evaluate_seed_protocol(rrm, pixels, labels, fractions, reference, reference_pixels, seed=seed,
+                                      progress=progress)  # fmt: skip
 
     if not all(0.0 <= q <= 1.0 for q in fractions) or list(fractions) != sorted(fractions):
         raise ValueError(f"fractions must be increasing values in [0, 1]; got {list(fractions)}.")
