@@ -17,14 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from jaxtyping import install_import_hook
 
 with install_import_hook("sae_vision_ext", "beartype.beartype"):
-    import sae_vision_ext.circuits.aggregated
-    import sae_vision_ext.circuits.attribution
-    import sae_vision_ext.circuits.debias
-    import sae_vision_ext.circuits.evaluate
-    import sae_vision_ext.circuits.replacement
-    import sae_vision_ext.circuits.seed_protocol
-    import sae_vision_ext.saes.affine
-    import sae_vision_ext.models  # noqa: F401  (imported under the hook so shapes are checked)
+    pass
 
 import pytest
 import torch

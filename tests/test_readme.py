@@ -10,7 +10,7 @@ import torch
 
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    first, second, third, fourth = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:4]
+    first, second, third, fourth, fifth = re.findall(r"```python\n(.*?)```", text, flags=re.S)[:5]
     namespace: dict = {}
     exec(compile(first, "README.md", "exec"), namespace)
     assert namespace["cache"]["blocks.3.hook_resid_post"].shape == (16, 65, 128)
@@ -33,6 +33,12 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert namespace["ev"].n_images == 2
     assert namespace["found"].associated_class == sve_shapes().index("circle")
     assert len(namespace["found"].selected) > 0
+
+    exec(compile(fifth, "README.md", "exec"), namespace)
+    agg, paper = namespace["agg"], namespace["paper"]
+    assert paper.layers == [0, 1, 2, 3, 4] and len(agg.relevance) == 5
+    assert agg.edges[0].shape == (paper.saes[1].cfg.d_sae + 1, paper.saes[0].cfg.d_sae + 1)
+    assert namespace["seed_ev"].errors == "clean" and set(namespace["seed_ev"].curves) >= {"relevance", "neurons"}
 
 
 def sve_shapes():
