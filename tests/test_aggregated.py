@@ -148,3 +148,24 @@ def test_bad_references_are_refused(seed_setup):
     out = rrm.attribute_aggregated(x, reference=ref).to_json()
     assert {n["id"] for n in out["nodes"]} >= {"0_err", "1_err", "output"}
     assert all(link["target"] == "output" for link in out["links"] if link["source"].startswith("1_"))
+
+
+@pytest.mark.parametrize(
+    "variant", ["timm_layerscale_deit3", "open_clip_tok", "hf_dinov2", "hf_clip", "hf_vit_classifier"]
+)
+def test_staged_rows_equal_plain_vjp_rows_on_every_adapter_family(variant):
+    """rows.py (closed-form encoder cotangents, per-token MLP Jacobians, value-only attention half)
+    against plain batched VJPs through the whole frozen block, float64."""
+    from conftest import build_native
+
+    model = HookedViT.from_model(build_native(variant)).double()
+    saes = [make_sae("gated" if variant == "hf_clip" else "topk_rescale", "layer_norm", True, d_in=32, seed=i,
+                     hook=f"blocks.{i}.hook_resid_post") for i in range(2)]  # fmt: skip
+    rrm = ResidualReplacementModel(model, saes)
+    x = images(1).double()
+    ref = rrm.reference_values(images(4, seed=3).double(), "median")
+    staged = rrm.attribute_aggregated(x, reference=ref, batch_size=7)
+    plain = rrm.attribute_aggregated(x, reference=ref, batch_size=7, engine="autograd")
+    assert staged.edges[0].abs().sum() > 0
+    for a, b in zip(staged.edges + staged.relevance, plain.edges + plain.relevance, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

@@ -104,6 +104,11 @@ def test_errors_for_batches_and_attention_pool_heads():
     )
     with pytest.raises(ValueError, match="scale_mlp_norm"):
         Attributor(ResidualReplacementModel(HookedViT.from_model(native.eval()), saes[:2]))
+    native = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, scale_attn_norm=True
+    )
+    with pytest.raises(ValueError, match="scale_attn_norm"):
+        Attributor(ResidualReplacementModel(HookedViT.from_model(native.eval()), saes[:2]))
 
 
 def test_public_intervene_follows_edges_when_frozen_and_is_real_when_free(traced):

@@ -86,3 +86,30 @@ def test_finds_the_marker_shortcut_on_the_biased_shapes_model():
     wb, wa = min(group_accuracy(before, ty, tg).values()), min(group_accuracy(after, ty, tg).values())
     assert wa - wb >= 0.15
     assert float((after == ty).float().mean()) >= float((before == ty).float().mean()) - 0.03
+
+
+def test_spurious_attribution_uses_the_effective_decoder_of_layer_norm_saes():
+    """Summed over features, the total-effect attribution is ``<grad, decode(encode(x)) − decode(0)>``
+    computed with SAELens's own decode (per-token std and mean included)."""
+    from conftest import build_native, images
+    from test_attribution_saes import make_sae
+
+    from sae_vision_ext import HookedViT
+    from sae_vision_ext.circuits.debias import _attribution
+    from sae_vision_ext.circuits.linearise import resid_post_gradients
+    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+
+    model = HookedViT.from_model(build_native("timm_cls")).double()
+    saes = [make_sae("topk_rescale", "layer_norm", True, d_in=32, seed=i, hook=f"blocks.{i}.hook_resid_post")
+            for i in range(2)]  # fmt: skip
+    rrm = ResidualReplacementModel(model, saes)
+    x, y = images(3).double(), torch.tensor([0, 1, 2])
+    total = _attribution(rrm, x, y, assoc=3)
+    resid, grads = resid_post_gradients(model, x, lambda out: (out[:, 3] - out.gather(1, y[:, None])[:, 0]).sum())
+    for layer, sae in enumerate(saes):
+        acts = sae.encode(resid[layer])
+        recon = sae.decode(acts)
+        sae.encode(resid[layer])  # SAELens's decode reads the statistics of the last encode
+        bias = sae.decode(torch.zeros_like(acts))
+        expected = (grads[layer] * (recon - bias)).sum() / len(x)
+        torch.testing.assert_close(total[layer].sum(), expected.detach(), atol=1e-8, rtol=1e-8)

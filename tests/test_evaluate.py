@@ -84,3 +84,20 @@ def test_cli_eval_writes_table_and_json(tmp_path, capsys):
     assert "| explained_variance | 1.0000 |" in out
     saved = json.loads((tmp_path / "eval" / f"{HOOK}.json").read_text())
     assert saved["accuracy"]["spliced"] == saved["accuracy"]["clean"] > 0.7
+
+
+def test_layer_norm_sae_is_evaluated_with_each_chunks_own_statistics():
+    """SAELens keeps a layer_norm SAE's per-token statistics from the last ``encode`` for the next
+    ``decode``; evaluate_sae must decode each chunk right after encoding it (it crashed before)."""
+    from test_attribution_saes import make_sae
+
+    model = HookedViT.from_model(build_native("timm_cls")).double()
+    sae = make_sae("topk", "layer_norm", True, d_in=32, hook=HOOK)
+    pixels = images(6).double()
+    metrics = evaluate_sae(model, sae, pixels, batch_size=4)  # two chunks of different sizes
+    _, cache = model.run_with_cache(pixels, names_filter=HOOK)
+    x = cache[HOOK]
+    recon = sae.decode(sae.encode(x))
+    flat_x, flat_r = x.flatten(0, -2), recon.flatten(0, -2)
+    fvu = float((flat_x - flat_r).pow(2).sum() / (flat_x - flat_x.mean(0)).pow(2).sum())
+    assert abs(metrics["fvu"] - fvu) < 1e-10

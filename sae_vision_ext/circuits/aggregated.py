@@ -36,9 +36,10 @@ per feature active somewhere in the next layer (not one per feature of the dicti
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -46,6 +47,9 @@ from torch import Tensor
 
 from ..saes import affine
 from .replacement import ResidualReplacementModel
+from .rows import attention_half, block_rows, encoder_cotangents, mlp_half_jacobians
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,11 +107,14 @@ def attribute_aggregated(
     target: int | None = None,
     leaf_errors: bool = True,
     batch_size: int = 64,
+    engine: Literal["staged", "autograd"] = "staged",
 ) -> AggregatedGraph:
     """The paper's graph of one image (module docstring). ``reference``: per SAE layer ``[pos, d_sae]``
     (``rrm.reference_values(ref_pixels, kind="median")``; default zero); ``error_reference``: per layer
     ``[pos, d_model]`` (``rrm.reference_values(..., of="errors")``; default zero). ``target``: class id
-    (default: the predicted class), its logit demeaned over classes."""
+    (default: the predicted class), its logit demeaned over classes. ``engine``: ``staged`` rows
+    (``circuits/rows.py``) where a block reads the previous SAE layer directly, else plain batched
+    VJPs; ``autograd`` uses plain VJPs everywhere (the reference the staged rows are tested against)."""
     from .attribution import Attributor, _Leaves
     from .linearise import resid_post_gradients
 
@@ -115,6 +122,8 @@ def attribute_aggregated(
         raise ValueError(f"attribute_aggregated() traces one image; got a batch of {pixels.shape[0]}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if engine not in ("staged", "autograd"):
+        raise ValueError(f"engine must be 'staged' or 'autograd'; got {engine!r}.")
     att = Attributor(rrm, batch_size=batch_size)  # validates the SAEs and the readout
     model, n = rrm.model, rrm.n_layers
     frozen, norms = rrm.frozen_state(pixels)
@@ -134,8 +143,8 @@ def attribute_aggregated(
     direction = -torch.full((clean.shape[-1],), 1.0 / clean.shape[-1], dtype=clean.dtype)
     direction[c] += 1.0
 
-    leaves = _Leaves(n)
-    out, pre = att._forward(pixels, frozen, leaves, norms)
+    leaves, mids = _Leaves(n), {}
+    out, pre = att._forward(pixels, frozen, leaves, norms, mids)
     (grad_last,) = torch.autograd.grad(out[0] @ direction, leaves.values[n - 1], retain_graph=True)
     if leaf_errors:
         grads: list[Tensor | None] = [None] * (n - 1) + [grad_last[0]]
@@ -156,24 +165,39 @@ def attribute_aggregated(
         # rows of layer i's targets (features active somewhere), sources at layer i - 1
         weight = g_feat * (acts[i] != 0)  # c[p', f']
         rows = weight.abs().sum(0).nonzero().flatten()
-        prev, prev_norm = rrm.saes[i - 1], norms[i - 1]
-        e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 1, dtype=torch.float64)
+        prev = rrm.saes[i - 1]
+        # staged rows when the block reads the previous SAE layer directly (rows.py)
+        staged = engine == "staged" and rrm.layers[i - 1] == rrm.layers[i] - 1
+        if staged:
+            mlp_jac = mlp_half_jacobians(model, rrm.layers[i], mids[i], frozen)
+            source = leaves.values[i - 1].detach().requires_grad_()
+            mid = attention_half(model, rrm.layers[i], source, frozen)
+        else:
+            logger.info("attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through "
+                        "them (slower).", rrm.layers[i - 1] + 1, rrm.layers[i])  # fmt: skip
+        sources, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1])
+        e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 2, dtype=torch.float64)  # + a padding column
         grad_prev = torch.zeros_like(leaves.values[i - 1][0])
         for start in range(0, len(rows), batch_size):
             fo = rows[start : start + batch_size]
-            cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
-            cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T
-            (j,) = torch.autograd.grad(pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True,
-                                       retain_graph=True)  # fmt: skip
-            j = j[:, 0].detach()  # [rows, pos, d_model]
-            proj = affine.decoder_projection(prev, j, prev_norm)  # [rows, pos, d_sae_prev]
-            e[fo, :-1] = (proj * d_acts[i - 1]).sum(1).double()
-            e[fo, -1] = (j * d_errs[i - 1]).sum((1, 2)).double()
+            if staged:
+                cot = encoder_cotangents(sae, norm, fo, weight[:, fo].T)
+                j = block_rows(source, mid, cot, mlp_jac).detach()
+            else:
+                cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
+                cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T
+                (j,) = torch.autograd.grad(pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True,
+                                           retain_graph=True)  # fmt: skip
+                j = j[:, 0].detach()  # [rows, pos, d_model]
+            proj = torch.einsum("rpd,pkd->rpk", j, sources).reshape(len(fo), -1).double()
+            e[fo] = e[fo].index_add(1, index, proj)
+            e[fo, -2] = (j * d_errs[i - 1]).sum((1, 2)).double()
             grad_prev += j.sum(0)
+        e = torch.cat([e[:, :-2], e[:, -2:-1]], 1)  # drop the padding column; the error column last
         if leaf_errors:
             grads[i - 1] = grad_prev
         else:
-            g_prev = affine.decoder_projection(prev, grads[i - 1], prev_norm)
+            g_prev = affine.decoder_projection(prev, grads[i - 1], norms[i - 1])
             r_prev = torch.cat([(g_prev * d_acts[i - 1]).sum(0), (grads[i - 1] * d_errs[i - 1]).sum()[None]])
             e[-1] = r_prev.double() - e[:-1].sum(0)
         edges[i - 1] = e
@@ -181,6 +205,23 @@ def attribute_aggregated(
         layers=list(rrm.layers), relevance=[r.double() for r in relevance], edges=edges, target_class=c,
         target_value=float(clean[0] @ direction), leaf_errors=leaf_errors, activation=[a.sum(0).double() for a in acts],
     )  # fmt: skip
+
+
+def _padded_sources(sae: Any, norm: affine.FrozenNorm, d_acts: Tensor) -> tuple[Tensor, Tensor]:
+    """The source directions that can carry an edge, per token: ``d_f[p]·(z − m)[p, f]`` for the ``f``
+    with ``(z − m)[p, f] ≠ 0``, zero-padded to ``[T, k_max, d_model]``, and each slot's feature index
+    (``d_sae + 1`` for padding: a column that is dropped), flattened ``[T·k_max]``."""
+    pos, feat = d_acts.nonzero(as_tuple=True)  # sorted by position
+    n_pos, d_sae = d_acts.shape
+    counts = torch.bincount(pos, minlength=n_pos)
+    slot = torch.arange(len(pos)) - (torch.cumsum(counts, 0) - counts)[pos]
+    k_max = max(int(counts.max()) if len(pos) else 0, 1)
+    dirs = affine.decoder_directions(sae, feat, norm.select(pos)).detach() * d_acts[pos, feat, None]
+    padded = torch.zeros(n_pos, k_max, sae.cfg.d_in, dtype=dirs.dtype)
+    padded[pos, slot] = dirs
+    index = torch.full((n_pos, k_max), d_sae + 1, dtype=torch.long)
+    index[pos, slot] = feat
+    return padded, index.flatten()
 
 
 def _references(given: list[Tensor] | None, like: list[Tensor], name: str) -> list[Tensor]:

@@ -171,9 +171,12 @@ class Attributor:
                 "(attention-pool heads and tanh poolers are not linearised yet). Trace a model whose "
                 "head reads the CLS token or the mean of patches, or targets on the last residual."
             )
-        if any(block.parts.mlp_norm is not None for block in self.model.blocks):
-            raise ValueError("A norm inside the MLP (timm scale_mlp_norm) is not frozen by this linearisation, so "
-                             "edges would not be exact; attribution does not support it yet.")  # fmt: skip
+        for part, flag in (("mlp_norm", "scale_mlp_norm"), ("attn_out_norm", "scale_attn_norm")):
+            if any(getattr(block.parts, part) is not None for block in self.model.blocks):
+                raise ValueError(
+                    f"A norm inside the block ({part}: timm {flag}) is not frozen by this linearisation, so edges "
+                    "would not be exact; attribution does not support it yet."
+                )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
         for sae in rrm.saes:

@@ -134,15 +134,22 @@ class ResidualReplacementModel:
             frozen = record(self.model, pixels)
         return frozen, [affine.frozen_norm(sae, seen[n][0]) for sae, n in zip(self.saes, inputs, strict=True)]
 
-    def attribute_aggregated(self, pixels: Tensor, reference: list[Tensor] | None = None,
-                             error_reference: list[Tensor] | None = None, target: int | None = None,
-                             leaf_errors: bool = True, batch_size: int = 64) -> Any:  # fmt: skip
+    def attribute_aggregated(
+        self,
+        pixels: Tensor,
+        reference: list[Tensor] | None = None,
+        error_reference: list[Tensor] | None = None,
+        target: int | None = None,
+        leaf_errors: bool = True,
+        batch_size: int = 64,
+        engine: str = "staged",
+    ) -> Any:
         """The seed paper's token-aggregated graph of one image (``circuits/aggregated.py``): per SAE
         layer a relevance per feature plus one error node, dense edges between consecutive SAE layers.
         ``reference``: ``self.reference_values(ref_pixels, kind="median")`` (default zero)."""
         from .aggregated import attribute_aggregated
 
-        return attribute_aggregated(self, pixels, reference, error_reference, target, leaf_errors, batch_size)
+        return attribute_aggregated(self, pixels, reference, error_reference, target, leaf_errors, batch_size, engine)
 
     @torch.no_grad()
     def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],

@@ -46,6 +46,12 @@ class FusedQKV:
         q, k, v = out.chunk(3, dim=-1)
         return q, k, v
 
+    def value(self, x: Tensor) -> Tensor:
+        """``v`` alone, from the last third of the fused weight (what a frozen-pattern gradient needs)."""
+        weight, bias = getattr(self.owner, self.weight), getattr(self.owner, self.bias, None)
+        d = weight.shape[0] // 3
+        return F.linear(x, weight[2 * d :], None if bias is None else bias[2 * d :])
+
 
 class SeparateQKV:
     """q, k, v from three projection modules (Hugging Face layout)."""
@@ -55,6 +61,9 @@ class SeparateQKV:
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.q(x), self.k(x), self.v(x)
+
+    def value(self, x: Tensor) -> Tensor:
+        return self.v(x)
 
 
 @dataclass(eq=False)
