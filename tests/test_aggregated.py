@@ -150,14 +150,18 @@ def test_bad_references_are_refused(seed_setup):
     assert all(link["target"] == "output" for link in out["links"] if link["source"].startswith("1_"))
 
 
+@pytest.mark.parametrize("mix_first", [True, False])
 @pytest.mark.parametrize(
     "variant", ["timm_layerscale_deit3", "open_clip_tok", "hf_dinov2", "hf_clip", "hf_vit_classifier"]
 )
-def test_staged_rows_equal_plain_vjp_rows_on_every_adapter_family(variant):
-    """rows.py (closed-form encoder cotangents, per-token MLP Jacobians, value-only attention half)
-    against plain batched VJPs through the whole frozen block, float64."""
+def test_staged_rows_equal_plain_vjp_rows_on_every_adapter_family(variant, mix_first, monkeypatch):
+    """rows.py (rank-one encoder cotangents, the MLP half on the active tokens, the value path of the
+    attention half in either order) against plain batched VJPs through the whole frozen block, float64."""
     from conftest import build_native
 
+    from sae_vision_ext.circuits import rows
+
+    monkeypatch.setattr(rows, "mix_first", lambda *args: mix_first)
     model = HookedViT.from_model(build_native(variant)).double()
     saes = [make_sae("gated" if variant == "hf_clip" else "topk_rescale", "layer_norm", True, d_in=32, seed=i,
                      hook=f"blocks.{i}.hook_resid_post") for i in range(2)]  # fmt: skip

@@ -165,3 +165,38 @@ def test_offline_hub_error_and_unknown_references(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(ValueError, match="Cannot tell the SAE format"):
         load_sae(tmp_path / "junk")
+
+
+def test_prisma_training_folder_takes_the_largest_checkpoint_and_skips_sparsity_files(tmp_path):
+    """VisionSAETrainer.checkpoint() writes several n_images_<N>.pt beside their
+    n_images_<N>_log_feature_sparsity.pt; the newest is the largest N numerically."""
+    folder = tmp_path / "prisma"
+    old, new = weights(), weights()
+    with torch.no_grad():
+        new["W_enc"] += 1.0
+    write_prisma(folder, old, 8, True, file="n_images_999.pt")
+    write_prisma(folder, new, 8, True, file="n_images_1300000.pt")
+    for n in (999, 1300000):
+        torch.save(torch.randn(D_SAE), folder / f"n_images_{n}_log_feature_sparsity.pt")
+    sae = load_sae(folder)
+    torch.testing.assert_close(sae.W_enc, new["W_enc"].float())
+    assert sae.W_enc.is_contiguous() and sae.W_dec.is_contiguous()
+
+
+def test_hub_releases_pass_allow_pickle_and_the_seed_releases_load_the_layer_list(tmp_path, monkeypatch):
+    from test_rrm_checkpoints import write_rrm
+
+    folder = write_prisma(tmp_path / "hub", weights(), 8, True)
+    w = torch.load(folder / "n_images_2600058.pt")
+    torch.save({"state_dict": w, "cfg": argparse.Namespace(d_in=D_IN)}, folder / "n_images_2600058.pt")  # pickled
+    monkeypatch.setattr(loading, "_download", lambda repo, filename, force=False: folder)
+    name = "prisma-clip-b32-topk64-cls-layer9-resid_post"
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load_sae(name)
+    assert load_sae(name, allow_pickle=True).cfg.d_sae == D_SAE  # the opt-in reaches the Hub converter
+    for layer in (0, 1):
+        write_rrm(tmp_path / "rrm_hub", "vit", 4, 0.5, layer, epochs=(50,))
+    monkeypatch.setattr(loading, "_download", lambda repo, filename, force=False: tmp_path / "rrm_hub")
+    saes = load_sae("rrm-vit")
+    assert [s.cfg.metadata.hook_name for s in saes] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert saes[0].cfg.metadata.model_name == "timm:vit_base_patch16_224"

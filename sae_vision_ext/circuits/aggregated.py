@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..saes import affine
 from .replacement import ResidualReplacementModel
-from .rows import attention_half, block_rows, encoder_cotangents, mlp_half_jacobians
+from .rows import target_rows
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +168,8 @@ def attribute_aggregated(
         prev = rrm.saes[i - 1]
         # staged rows when the block reads the previous SAE layer directly (rows.py)
         staged = engine == "staged" and rrm.layers[i - 1] == rrm.layers[i] - 1
-        if staged:
-            mlp_jac = mlp_half_jacobians(model, rrm.layers[i], mids[i], frozen)
-            source = leaves.values[i - 1].detach().requires_grad_()
-            mid = attention_half(model, rrm.layers[i], source, frozen)
+        if staged:  # rows sorted by how many tokens they are active on, so batches pad little
+            rows = rows[(weight[:, rows] != 0).sum(0).argsort(stable=True)]
         else:
             logger.info("attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through "
                         "them (slower).", rrm.layers[i - 1] + 1, rrm.layers[i])  # fmt: skip
@@ -181,8 +179,7 @@ def attribute_aggregated(
         for start in range(0, len(rows), batch_size):
             fo = rows[start : start + batch_size]
             if staged:
-                cot = encoder_cotangents(sae, norm, fo, weight[:, fo].T)
-                j = block_rows(source, mid, cot, mlp_jac).detach()
+                j = target_rows(model, rrm.layers[i], frozen, mids[i], sae, norm, fo, weight[:, fo].T).detach()
             else:
                 cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
                 cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T

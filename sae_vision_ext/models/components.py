@@ -46,11 +46,10 @@ class FusedQKV:
         q, k, v = out.chunk(3, dim=-1)
         return q, k, v
 
-    def value(self, x: Tensor) -> Tensor:
-        """``v`` alone, from the last third of the fused weight (what a frozen-pattern gradient needs)."""
-        weight, bias = getattr(self.owner, self.weight), getattr(self.owner, self.bias, None)
-        d = weight.shape[0] // 3
-        return F.linear(x, weight[2 * d :], None if bias is None else bias[2 * d :])
+    def value_weight(self) -> Tensor:
+        """``W_V`` (``[n_heads * d_head, d_model]``): the last third of the fused weight."""
+        weight = getattr(self.owner, self.weight)
+        return weight[2 * (weight.shape[0] // 3) :]
 
 
 class SeparateQKV:
@@ -62,8 +61,9 @@ class SeparateQKV:
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.q(x), self.k(x), self.v(x)
 
-    def value(self, x: Tensor) -> Tensor:
-        return self.v(x)
+    def value_weight(self) -> Tensor:
+        """``W_V`` (``[n_heads * d_head, d_model]``)."""
+        return self.v.weight
 
 
 @dataclass(eq=False)

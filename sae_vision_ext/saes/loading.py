@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -107,12 +108,19 @@ def _prisma_files(path: Path) -> tuple[Path, Path]:
     if path.is_file() and path.suffix == ".pt":
         weights = path
     else:
-        candidates = (
-            sorted(folder.glob("weights.pt")) or sorted(folder.glob("n_images_*.pt")) or sorted(folder.glob("*.pt"))
-        )
-        if not candidates:
-            raise ValueError(f"No ViT-Prisma weights (weights.pt, n_images_*.pt) in {folder}.")
-        weights = candidates[-1]
+        # VisionSAETrainer.checkpoint() writes n_images_<N>.pt beside n_images_<N>_log_feature_sparsity.pt:
+        # the newest checkpoint is the largest N (numerically: 999 < 1300000), never a sparsity file
+        numbered = [(int(m.group(1)), p) for p in folder.glob("n_images_*.pt")
+                    if (m := re.fullmatch(r"n_images_(\d+)\.pt", p.name))]  # fmt: skip
+        others = sorted(p for p in folder.glob("*.pt") if "sparsity" not in p.name)
+        if (folder / "weights.pt").exists():
+            weights = folder / "weights.pt"
+        elif numbered:
+            weights = max(numbered)[1]
+        elif others:
+            weights = others[-1]
+        else:
+            raise ValueError(f"No ViT-Prisma weights (weights.pt, n_images_<N>.pt) in {folder}.")
     if not cfg.exists():
         raise ValueError(f"No ViT-Prisma config.json beside {weights}.")
     return cfg, weights
@@ -153,7 +161,7 @@ def prisma_disk_converter(
     elif act != "relu":
         raise ValueError(f"Unsupported ViT-Prisma activation_fn_str {act!r}; supported: relu, topk.")
     cfg.update(cfg_overrides or {})
-    return cfg, {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    return cfg, {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in state.items()}
 
 
 def _saev_file(path: Path) -> Path:
@@ -195,7 +203,7 @@ def saev_disk_converter(
     else:
         raise ValueError(f"Unsupported saev activation {cls_name!r}; supported: Relu, TopK, BatchTopK.")
     cfg.update(cfg_overrides or {})
-    return cfg, {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    return cfg, {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in state.items()}
 
 
 def _download(repo_id: str, filename: str | None, force_download: bool = False) -> Path:
@@ -213,19 +221,30 @@ def _download(repo_id: str, filename: str | None, force_download: bool = False) 
 
 
 def prisma_hf_converter(
-    repo_id: str, folder_name: str, device: str, force_download: bool = False, cfg_overrides: dict | None = None
+    repo_id: str,
+    folder_name: str,
+    device: str,
+    force_download: bool = False,
+    cfg_overrides: dict | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
     """SAELens Hub converter (``SAE.from_pretrained(repo_id, folder, converter=...)``) for ViT-Prisma."""
     root = _download(repo_id, None, force_download)
-    return (*prisma_disk_converter(root / folder_name if folder_name else root, device, cfg_overrides), None)
+    folder = root / folder_name if folder_name else root
+    return (*prisma_disk_converter(folder, device, cfg_overrides, allow_pickle=allow_pickle), None)
 
 
 def saev_hf_converter(
-    repo_id: str, folder_name: str, device: str, force_download: bool = False, cfg_overrides: dict | None = None
+    repo_id: str,
+    folder_name: str,
+    device: str,
+    force_download: bool = False,
+    cfg_overrides: dict | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
     """SAELens Hub converter for saev (``folder_name``: path of ``sae.pt`` in the repo, default root)."""
     file = _download(repo_id, f"{folder_name.rstrip('/')}/sae.pt" if folder_name else "sae.pt", force_download)
-    return (*saev_disk_converter(file, device, cfg_overrides), None)
+    return (*saev_disk_converter(file, device, cfg_overrides, allow_pickle=allow_pickle), None)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -272,6 +291,7 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
     if ref_s in RELEASES:
         rel = RELEASES.get(ref_s)
         loader = prisma_hf_converter if rel.format == "prisma" else saev_hf_converter
+        loader = functools.partial(loader, allow_pickle=allow_pickle)
         sae = SAE.from_pretrained(rel.repo_id, "", device=device, converter=loader)
         hook_name = hook_name or rel.hook_name
         sae.cfg.metadata.model_name = sae.cfg.metadata.model_name or rel.model
@@ -293,7 +313,9 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
             sae = SAE.from_pretrained(repo, sub, device=device)
         else:
             loader = prisma_hf_converter if prefix == "prisma" else saev_hf_converter
-            sae = SAE.from_pretrained(repo, sub, device=device, converter=loader)
+            sae = SAE.from_pretrained(
+                repo, sub, device=device, converter=functools.partial(loader, allow_pickle=allow_pickle)
+            )
     else:
         path = Path(ref_s)
         if not path.exists():
