@@ -29,11 +29,11 @@ attention and MLP biases, ``b_enc``), is computed by a separate frozen forward i
 residual is replaced by its bias, so ``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a
 definition (``tests/test_attribution.py``, ``tests/test_attribution_saes.py``).
 Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
-a time, the block's MLP half and the SAE encoder (both per token) are recomputed on just the
-targets' tokens to get each target's cotangent at ``resid_mid``; one batched vector-Jacobian
-product then carries them through the attention half to the source residual. Logit targets and the
-MLP-leaf mode use a plain batched VJP from the target. Source edges project the gradient onto the
-active features' decoder rows only.
+a time whose block reads the previous SAE layer directly, rows are computed in closed form on each
+target's token (``rows.py``: the rank-one encoder cotangent, the MLP half on the targets' tokens,
+the value path of the attention half). Logit targets, the MLP-leaf mode and blocks between SAE
+layers use a plain batched VJP from the target. Source edges project the gradient onto the active
+features' decoder rows only.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from torch import Tensor
 from ..saes import affine
 from .linearise import frozen_hooks, pre_capture_hooks
 from .replacement import ResidualReplacementModel
+from .rows import target_rows
 
 
 @dataclass
@@ -210,30 +211,6 @@ class Attributor:
             out = self.model(pixels)
         return out, [pre_acts[i] for i in range(len(blocks))]
 
-    def _mlp_half_cotangents(self, slot: int, resid_mid: Tensor, pos: Tensor, feat: Tensor,
-                             frozen: dict[str, Tensor], norm: affine.FrozenNorm) -> Tensor:  # fmt: skip
-        """``∂h/∂resid_mid[p]`` for targets ``(pos[i], feat[i])`` of SAE layer ``slot``: the block's MLP half
-        (``ln2`` scale and MLP gate frozen) and the SAE encoder (its normalisation frozen at ``norm``)
-        act per token, so each target only needs its own position: they are recomputed on the gathered
-        positions and differentiated in one backward (row ``i`` depends on input row ``i`` only).
-        ``[len(pos), d_model]``."""
-        layer = self.rrm.layers[slot]
-        block = self.model.blocks[layer]
-        y = resid_mid[0, pos].detach()[None].requires_grad_()  # [1, rows, d_model]
-        prefix = f"blocks.{layer}."
-        gathered = {k: v[:, pos] for k, v in frozen.items()
-                    if k.startswith(prefix + "ln2.") or k == prefix + "mlp.gate"}  # fmt: skip
-        hooks = [h for h in pre_capture_hooks(self.model) if h[0].startswith(prefix)]
-        hooks += frozen_hooks(self.model, gathered)
-        with self.model.hooks(fwd_hooks=hooks):
-            mlp_out = block.mlp(block.ln2(y), block.parts)
-            if block.parts.ls2 is not None:
-                mlp_out = block.parts.ls2(mlp_out)
-            pre = affine.pre_acts(self.rrm.saes[slot], y + mlp_out, norm.select(pos))
-        h = pre[0, torch.arange(len(pos)), feat]
-        (grad,) = torch.autograd.grad(h.sum(), y)
-        return grad[0]
-
     def attribute(
         self,
         pixels: Float[Tensor, "batch chan h w"],
@@ -335,14 +312,13 @@ class Attributor:
             """Rows of the targets ``idx`` (indices into ``seeds[layer]``) of one layer, one VJP batch."""
             inputs = [leaves.values[layer - 1]] + ([leaves.values[("mlp", layer)]] if self.mlp and layer < L else [])
             if layer < L and not self.mlp and rrm.layers[layer] == (rrm.layers[layer - 1] + 1 if layer else 0):
-                # two stages (the block reads the previous leaf directly): MLP half per position, then attention
-                cot = torch.zeros(len(idx), *mids[layer].shape, dtype=mids[layer].dtype)
+                # the block reads the previous leaf directly: closed-form rows on the target's token (rows.py)
                 pos, feat = src_pos[layer][idx], src_feat[layer][idx]
-                cot[torch.arange(len(idx)), 0, pos] = self._mlp_half_cotangents(
-                    layer, mids[layer], pos, feat, frozen, norms[layer]
-                )
-                grads = torch.autograd.grad(mids[layer], inputs, grad_outputs=cot, is_grads_batched=True,
-                                            retain_graph=True)  # fmt: skip
+                weight = torch.zeros(len(idx), n_pos, dtype=mids[layer].dtype)
+                weight[torch.arange(len(idx)), pos] = 1.0
+                rows = target_rows(model, rrm.layers[layer], frozen, mids[layer], rrm.saes[layer], norms[layer], feat,
+                                   weight)  # fmt: skip
+                grads = (rows[:, None],)
             else:
                 onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)
                 onehot[torch.arange(len(idx)), idx] = 1.0
