@@ -16,8 +16,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from jaxtyping import install_import_hook
 
-with install_import_hook("sae_vision_ext", "beartype.beartype"):
-    pass
+with install_import_hook("sae_vision_ext", "beartype.beartype"):  # imported under the hook so shapes are checked
+    import sae_vision_ext.circuits.aggregated
+    import sae_vision_ext.circuits.attribution
+    import sae_vision_ext.circuits.debias
+    import sae_vision_ext.circuits.evaluate
+    import sae_vision_ext.circuits.replacement
+    import sae_vision_ext.circuits.seed_protocol
+    import sae_vision_ext.models
+    import sae_vision_ext.saes.affine  # noqa: F401
 
 import pytest
 import torch
