@@ -52,12 +52,18 @@ def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, err
                    lambda t, hook: box.setdefault("pre", t))]  # fmt: skip
         with rrm.spliced(keep_errors=True), model.hooks(fwd_hooks=hooks):
             model(pixels, stop_at_layer=layer + 1)
-        return box["pre"][0, pos, feat]
+        return box["pre"][0, pos, feat] * norm_t  # SAELens multiplies by |W_dec[f]| after this hook
 
+    # these SAEs have no input normalisation; with rescale_acts_by_decoder_norm an activation a stands
+    # for a·W_dec[f]/|W_dec[f]| in the residual and the activation equals hook_sae_acts_pre·|W_dec[f]|
+    rescale = getattr(rrm.saes[layer].cfg, "rescale_acts_by_decoder_norm", False)
+    norm_t = float(rrm.saes[layer].W_dec[feat].norm()) if rescale else 1.0
     x0 = torch.zeros_like(errors[layer - 1])
     g = jacrev(h)(x0)  # the map is affine under freezing: the Jacobian does not depend on x0
     sp, sf = acts[layer - 1].nonzero().unbind(1)
     w_dec = rrm.saes[layer - 1].W_dec.detach()
+    if getattr(rrm.saes[layer - 1].cfg, "rescale_acts_by_decoder_norm", False):
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
     feature_w = (g[sp] * w_dec[sf]).sum(-1) * acts[layer - 1][sp, sf]
     return torch.cat([feature_w, (g * errors[layer - 1]).sum(-1)])
 
