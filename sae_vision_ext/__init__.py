@@ -35,10 +35,14 @@ _LAZY: dict[str, str] = {
     "evaluate_circuit": "sae_vision_ext.circuits.evaluate",
     "find_spurious_features": "sae_vision_ext.circuits.debias",
     "debias": "sae_vision_ext.circuits.debias",
+    "AggregatedGraph": "sae_vision_ext.circuits.aggregated",
+    "attribute_aggregated": "sae_vision_ext.circuits.aggregated",
+    "FrozenNorm": "sae_vision_ext.saes.affine",
 }
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
+    from .circuits.aggregated import AggregatedGraph, attribute_aggregated
     from .circuits.debias import debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
     from .circuits.replacement import ResidualReplacementModel
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
         register_adapter,
         register_loader,
     )
+    from .saes.affine import FrozenNorm
     from .saes.evaluate import evaluate_sae
     from .saes.loading import load_sae
     from .training.config import VisionSAETrainingConfig
@@ -77,7 +82,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SHAPES",
+    "AggregatedGraph",
     "FeatureStats",
+    "FrozenNorm",
     "HookedViT",
     "HookedViTConfig",
     "ResidualReplacementModel",
@@ -85,6 +92,7 @@ __all__ = [
     "ViTAdapter",
     "VisionSAETrainingConfig",
     "__version__",
+    "attribute_aggregated",
     "build_dashboard",
     "collect_feature_stats",
     "debias",
