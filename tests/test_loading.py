@@ -122,6 +122,15 @@ def test_signed_topk_saves_and_reloads_in_saelens_format(tmp_path):
     x = torch.randn(5, D_IN)
     torch.testing.assert_close(again.encode(x), sae.encode(x))
     assert json.loads((tmp_path / "converted" / "cfg.json").read_text())["architecture"] == "signed_topk"
+    # a fresh process: load_sae registers signed_topk with SAELens before reading the folder
+    import subprocess
+    import sys
+
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import sys, torch, sae_vision_ext as sve; sae = sve.load_sae({str(tmp_path / 'converted')!r}); "
+            f"torch.save(sae.encode(torch.load({str(tmp_path / 'x.pt')!r})), sys.argv[1])")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), sae.encode(x))
 
 
 def test_pickled_objects_need_explicit_opt_in(tmp_path):

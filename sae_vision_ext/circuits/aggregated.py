@@ -170,7 +170,7 @@ def attribute_aggregated(
         staged = engine == "staged" and rrm.layers[i - 1] == rrm.layers[i] - 1
         if staged:  # rows sorted by how many tokens they are active on, so batches pad little
             rows = rows[(weight[:, rows] != 0).sum(0).argsort(stable=True)]
-        else:
+        elif engine == "staged":
             logger.info("attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through "
                         "them (slower).", rrm.layers[i - 1] + 1, rrm.layers[i])  # fmt: skip
         sources, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1])

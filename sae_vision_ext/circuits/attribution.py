@@ -38,6 +38,7 @@ features' decoder rows only.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ from ..saes import affine
 from .linearise import frozen_hooks, pre_capture_hooks
 from .replacement import ResidualReplacementModel
 from .rows import target_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -296,6 +299,10 @@ class Attributor:
         seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
         seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
         node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
+        gaps = [b for a, b in zip([-1, *rrm.layers], rrm.layers, strict=False) if b != a + 1]
+        if gaps and not self.mlp:
+            logger.info("attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).",
+                        gaps)  # fmt: skip
         padded_decoders = [
             _padded_decoder(
                 affine.decoder_directions(sae, src_feat[layer], norms[layer].select(src_pos[layer])).detach(),

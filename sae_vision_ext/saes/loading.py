@@ -325,6 +325,9 @@ def load_sae(ref: str | Path, device: str = "cpu", hook_name: str | None = None,
             )
         fmt = detect_format(path)
         if fmt == "saelens":
+            from .signed_topk import ensure_registered
+
+            ensure_registered()  # a folder this package saved may name its signed_topk class
             sae = SAE.load_from_disk(path, device=device)
         else:
             conv = prisma_disk_converter if fmt == "prisma" else saev_disk_converter
