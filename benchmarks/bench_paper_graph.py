@@ -32,8 +32,19 @@ import torch
 
 from benchmarks._timing import markdown_table
 
-PAPER_VIT = [(4, 0.25), (32, 0.5), (64, 1), (96, 2), (96, 2), (128, 2), (128, 4), (160, 4), (160, 4), (160, 4),
-             (128, 2)]  # fmt: skip
+PAPER_VIT = [
+    (4, 0.25),
+    (32, 0.5),
+    (64, 1),
+    (96, 2),
+    (96, 2),
+    (128, 2),
+    (128, 4),
+    (160, 4),
+    (160, 4),
+    (160, 4),
+    (128, 2),
+]
 """The seed paper's ``(k, width / d_model)`` for ViT-B/16 blocks 0-10 (its ``load_default_sae_configs``)."""
 
 
@@ -47,12 +58,23 @@ def build(d_model: int, depth: int, configs: list[tuple[int, float]], img: int =
     from sae_vision_ext.circuits.replacement import ResidualReplacementModel
 
     torch.manual_seed(seed)
-    model = sve.HookedViT.from_pretrained("timm:vit_base_patch16_224", pretrained=False, depth=depth, img_size=img,
-                                          embed_dim=d_model, num_heads=max(1, d_model // 64))  # fmt: skip
+    model = sve.HookedViT.from_pretrained(
+        "timm:vit_base_patch16_224",
+        pretrained=False,
+        depth=depth,
+        img_size=img,
+        embed_dim=d_model,
+        num_heads=max(1, d_model // 64),
+    )
     saes = []
     for layer, (k, ratio) in enumerate(configs):
-        cfg = TopKSAEConfig(d_in=d_model, d_sae=int(ratio * d_model), k=k, normalize_activations="layer_norm",
-                            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"))  # fmt: skip
+        cfg = TopKSAEConfig(
+            d_in=d_model,
+            d_sae=int(ratio * d_model),
+            k=k,
+            normalize_activations="layer_norm",
+            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"),
+        )
         sae = TopKSAE(cfg)
         with torch.no_grad():
             sae.W_enc.normal_(0, d_model**-0.5)
@@ -73,9 +95,12 @@ def authors_graph(rrm, pixels, refs, err_refs, chunk: int) -> tuple[list[torch.T
     hooks = [s.cfg.metadata.hook_name for s in rrm.saes]
     with torch.no_grad():
         out, cache = model.run_with_cache_with_saes(
-            pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
+            pixels,
+            saes=rrm.saes,
+            use_error_term=True,
+            return_cache_object=False,
             names_filter=[f"{h}.hook_sae_{k}" for h in hooks for k in ("input", "acts_post", "error")],
-        )  # fmt: skip
+        )
     x_in = [cache[f"{h}.hook_sae_input"][0] for h in hooks]
     z = [cache[f"{h}.hook_sae_acts_post"][0] for h in hooks]
     err = [cache[f"{h}.hook_sae_error"][0] - r for h, r in zip(hooks, err_refs, strict=True)]
@@ -161,12 +186,17 @@ def main() -> None:
         "speed-up",
         "max |diff| / max |value| (edges, relevances)",
     ]
-    rows = [compare("6 blocks, d_model 192, 197 tokens, F 384, k 32 (SAEs on 0-4)",
-                    *build(192, 6, [(32, 2)] * 5), args.chunk)]  # fmt: skip
+    rows = [
+        compare(
+            "6 blocks, d_model 192, 197 tokens, F 384, k 32 (SAEs on 0-4)", *build(192, 6, [(32, 2)] * 5), args.chunk
+        )
+    ]
     if not args.quick:
         configs = PAPER_VIT[args.first : args.first + args.depth - 1]
-        name = (f"ViT-B/16 size, {args.depth} blocks, 197 tokens, SAEs on 0-{args.depth - 2} with the paper's k "
-                f"and widths of its layers {args.first}-{args.first + len(configs) - 1}")  # fmt: skip
+        name = (
+            f"ViT-B/16 size, {args.depth} blocks, 197 tokens, SAEs on 0-{args.depth - 2} with the paper's k "
+            f"and widths of its layers {args.first}-{args.first + len(configs) - 1}"
+        )
         rows.append(compare(name, *build(768, args.depth, configs), args.chunk))
     print(markdown_table(header, rows))
 

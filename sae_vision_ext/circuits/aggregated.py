@@ -84,16 +84,28 @@ class AggregatedGraph:
                 is_err = f == len(rel) - 1
                 act = 0.0 if is_err else float(self.activation[i][f]) if self.activation else 0.0
                 if r != 0 or act != 0:
-                    nodes.append({"id": node_id(i, f), "layer": self.layers[i], "feature": -1 if is_err else f,
-                                  "relevance": r, "activation": act})  # fmt: skip
+                    nodes.append(
+                        {
+                            "id": node_id(i, f),
+                            "layer": self.layers[i],
+                            "feature": -1 if is_err else f,
+                            "relevance": r,
+                            "activation": act,
+                        }
+                    )
         nodes.append({"id": "output", "layer": None, "feature": self.target_class, "relevance": self.target_value})
         for i, e in enumerate(self.edges):
             rows, cols = (e.abs() > min_abs_edge).nonzero(as_tuple=True)
             for t, s in zip(rows.tolist(), cols.tolist(), strict=True):
                 target = "output" if i == len(self.edges) - 1 else node_id(i + 1, t)
                 links.append({"source": node_id(i, s), "target": target, "weight": float(e[t, s])})
-        out = {"layers": self.layers, "target_class": self.target_class, "leaf_errors": self.leaf_errors,
-               "nodes": nodes, "links": links}  # fmt: skip
+        out = {
+            "layers": self.layers,
+            "target_class": self.target_class,
+            "leaf_errors": self.leaf_errors,
+            "nodes": nodes,
+            "links": links,
+        }
         if path is not None:
             Path(path).write_text(json.dumps(out))
         return out
@@ -130,9 +142,12 @@ def attribute_aggregated(
     hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
     with torch.no_grad():
         clean, cache = model.run_with_cache_with_saes(
-            pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
+            pixels,
+            saes=rrm.saes,
+            use_error_term=True,
+            return_cache_object=False,
             names_filter=[f"{h}.hook_sae_{k}" for h in hooks for k in ("acts_post", "error")],
-        )  # fmt: skip
+        )
     acts = [cache[f"{h}.hook_sae_acts_post"][0] for h in hooks]
     errors = [cache[f"{h}.hook_sae_error"][0] for h in hooks]
     reference = _references(reference, acts, "reference")
@@ -171,8 +186,11 @@ def attribute_aggregated(
         if staged:  # rows sorted by how many tokens they are active on, so batches pad little
             rows = rows[(weight[:, rows] != 0).sum(0).argsort(stable=True)]
         elif engine == "staged":
-            logger.info("attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through "
-                        "them (slower).", rrm.layers[i - 1] + 1, rrm.layers[i])  # fmt: skip
+            logger.info(
+                "attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through them (slower).",
+                rrm.layers[i - 1] + 1,
+                rrm.layers[i],
+            )
         sources, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1])
         e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 2, dtype=torch.float64)  # + a padding column
         grad_prev = torch.zeros_like(leaves.values[i - 1][0])
@@ -183,8 +201,9 @@ def attribute_aggregated(
             else:
                 cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
                 cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T
-                (j,) = torch.autograd.grad(pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True,
-                                           retain_graph=True)  # fmt: skip
+                (j,) = torch.autograd.grad(
+                    pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True, retain_graph=True
+                )
                 j = j[:, 0].detach()  # [rows, pos, d_model]
             proj = torch.einsum("rpd,pkd->rpk", j, sources).reshape(len(fo), -1).double()
             e[fo] = e[fo].index_add(1, index, proj)
@@ -199,9 +218,14 @@ def attribute_aggregated(
             e[-1] = r_prev.double() - e[:-1].sum(0)
         edges[i - 1] = e
     return AggregatedGraph(
-        layers=list(rrm.layers), relevance=[r.double() for r in relevance], edges=edges, target_class=c,
-        target_value=float(clean[0] @ direction), leaf_errors=leaf_errors, activation=[a.sum(0).double() for a in acts],
-    )  # fmt: skip
+        layers=list(rrm.layers),
+        relevance=[r.double() for r in relevance],
+        edges=edges,
+        target_class=c,
+        target_value=float(clean[0] @ direction),
+        leaf_errors=leaf_errors,
+        activation=[a.sum(0).double() for a in acts],
+    )
 
 
 def _padded_sources(sae: Any, norm: affine.FrozenNorm, d_acts: Tensor) -> tuple[Tensor, Tensor]:

@@ -202,8 +202,10 @@ class Attributor:
         hooks = pre_capture_hooks(self.model) + frozen_hooks(self.model, frozen) + leaves.hooks()
         blocks = self.rrm.layers
         if resid_mid is not None:
-            hooks += [(f"blocks.{b}.hook_resid_mid", lambda t, hook, i=i: resid_mid.__setitem__(i, t))
-                      for i, b in enumerate(blocks)]  # fmt: skip
+            hooks += [
+                (f"blocks.{b}.hook_resid_mid", lambda t, hook, i=i: resid_mid.__setitem__(i, t))
+                for i, b in enumerate(blocks)
+            ]
 
         def site(t: Tensor, hook: Any, i: int) -> Tensor:
             pre_acts[i] = affine.pre_acts(self.rrm.saes[i], t, norms[i])
@@ -271,8 +273,9 @@ class Attributor:
         for layer in range(L):
             block = rrm.layers[layer]  # ``layer`` counts SAE layers; nodes carry the block number
             if self.mlp:
-                mlp_nodes[layer] = add("mlp", block, list(range(n_pos)), [-1] * n_pos,
-                                       mlp_out[block].norm(dim=-1).tolist())  # fmt: skip
+                mlp_nodes[layer] = add(
+                    "mlp", block, list(range(n_pos)), [-1] * n_pos, mlp_out[block].norm(dim=-1).tolist()
+                )
             nz = acts[layer].nonzero()  # sorted by position, then feature
             src_pos[layer], src_feat[layer] = nz[:, 0], nz[:, 1]
             feat_nodes[layer] = add("feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(),
@@ -301,8 +304,9 @@ class Attributor:
         node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
         gaps = [b for a, b in zip([-1, *rrm.layers], rrm.layers, strict=False) if b != a + 1]
         if gaps and not self.mlp:
-            logger.info("attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).",
-                        gaps)  # fmt: skip
+            logger.info(
+                "attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).", gaps
+            )
         padded_decoders = [
             _padded_decoder(
                 affine.decoder_directions(sae, src_feat[layer], norms[layer].select(src_pos[layer])).detach(),
@@ -323,8 +327,9 @@ class Attributor:
                 pos, feat = src_pos[layer][idx], src_feat[layer][idx]
                 weight = torch.zeros(len(idx), n_pos, dtype=mids[layer].dtype)
                 weight[torch.arange(len(idx)), pos] = 1.0
-                rows = target_rows(model, rrm.layers[layer], frozen, mids[layer], rrm.saes[layer], norms[layer], feat,
-                                   weight)  # fmt: skip
+                rows = target_rows(
+                    model, rrm.layers[layer], frozen, mids[layer], rrm.saes[layer], norms[layer], feat, weight
+                )
                 grads = (rows[:, None],)
             else:
                 onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)

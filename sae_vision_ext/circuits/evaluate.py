@@ -174,8 +174,9 @@ def evaluate_circuit(
     if protocol == "seed":
         from .seed_protocol import evaluate_seed_protocol
 
-        return evaluate_seed_protocol(rrm, pixels, labels, fractions, reference, reference_pixels, seed=seed,
-                                      progress=progress)  # fmt: skip
+        return evaluate_seed_protocol(
+            rrm, pixels, labels, fractions, reference, reference_pixels, seed=seed, progress=progress
+        )
 
     if not all(0.0 <= q <= 1.0 for q in fractions) or list(fractions) != sorted(fractions):
         raise ValueError(f"fractions must be increasing values in [0, 1]; got {list(fractions)}.")

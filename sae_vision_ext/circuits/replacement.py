@@ -50,8 +50,10 @@ class ResidualReplacementModel:
             hook = sae.cfg.metadata.hook_name or ""
             parts = hook.split(".")
             if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post" or not parts[1].isdigit():
-                raise ValueError(f"Residual replacement needs SAEs on blocks.L.hook_resid_post; got {hook!r}. "
-                                 "Set sae.cfg.metadata.hook_name (load_sae(..., hook_name=...)).")  # fmt: skip
+                raise ValueError(
+                    f"Residual replacement needs SAEs on blocks.L.hook_resid_post; got {hook!r}. "
+                    "Set sae.cfg.metadata.hook_name (load_sae(..., hook_name=...))."
+                )
             layer = int(parts[1])
             if layer in by_layer:
                 raise ValueError(f"Two SAEs for layer {layer} ({hook!r}); pass one per layer.")
@@ -172,8 +174,10 @@ class ResidualReplacementModel:
         edits: dict[int, list[tuple[int | None, int, float]]] = {}
         for layer, pos, feat, value in interventions:
             if layer not in self.layers or not 0 <= feat < self.sae_at(layer).cfg.d_sae:
-                raise ValueError(f"Intervention {(layer, pos, feat, value)} is out of range: the SAE layers are "
-                                 f"{self.layers}, features 0..d_sae-1.")  # fmt: skip
+                raise ValueError(
+                    f"Intervention {(layer, pos, feat, value)} is out of range: the SAE layers are "
+                    f"{self.layers}, features 0..d_sae-1."
+                )
             edits.setdefault(layer, []).append((pos, feat, float(value)))
 
         def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
@@ -198,8 +202,10 @@ class ResidualReplacementModel:
             with model.hooks(fwd_hooks=hooks):
                 out, cache = model.run_with_cache(pixels, names_filter=names, return_cache_object=False)
         inputs = [cache[f"{s.cfg.metadata.hook_name}.hook_sae_input"] for s in self.saes]
-        pre = [affine.pre_acts(sae, x, norm if freeze else affine.frozen_norm(sae, x))
-               for sae, x, norm in zip(self.saes, inputs, norms if freeze else inputs, strict=True)]  # fmt: skip
+        pre = [
+            affine.pre_acts(sae, x, norm if freeze else affine.frozen_norm(sae, x))
+            for sae, x, norm in zip(self.saes, inputs, norms if freeze else inputs, strict=True)
+        ]
         return {
             "output": out,
             "clean_output": clean,

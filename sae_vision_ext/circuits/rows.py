@@ -32,8 +32,9 @@ from ..saes import affine
 from .linearise import frozen_hooks, pre_capture_hooks
 
 
-def _mlp_half_vjp(model: Any, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor,
-                  frozen: dict[str, Tensor]) -> Tensor:  # fmt: skip
+def _mlp_half_vjp(
+    model: Any, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor, frozen: dict[str, Tensor]
+) -> Tensor:
     """``cot · ∂mlp_half/∂resid_mid`` on the tokens ``pos`` (``[N]``; ``cot``: ``[N, d]``), the MLP half
     recomputed on them with their own frozen ``ln2`` scale and gate."""
     block = model.blocks[layer]
@@ -55,8 +56,16 @@ def mix_first(n_active: int, heads: int, d_model: int) -> bool:
     return n_active * heads > d_model
 
 
-def target_rows(model: Any, layer: int, frozen: dict[str, Tensor], resid_mid: Tensor, sae: Any,
-                norm: affine.FrozenNorm, feats: Tensor, weights: Tensor) -> Tensor:  # fmt: skip
+def target_rows(
+    model: Any,
+    layer: int,
+    frozen: dict[str, Tensor],
+    resid_mid: Tensor,
+    sae: Any,
+    norm: affine.FrozenNorm,
+    feats: Tensor,
+    weights: Tensor,
+) -> Tensor:
     """``[rows, T, d_model]``: the gradient at block ``layer``'s input of ``Σ_p weights[r, p]·h[p, feats[r]]``
     for the SAE after the block (module docstring). ``weights``: ``[rows, T]``; ``resid_mid``:
     ``[1, T, d_model]`` of the traced image."""

@@ -69,8 +69,14 @@ def select_nodes(graph: Any, rule: str, q: float, generator: torch.Generator) ->
 
 
 @torch.no_grad()
-def _masked_outputs(rrm: ResidualReplacementModel, x: Tensor, masks: list[list[Tensor]], refs: list[Tensor],
-                    err_refs: list[Tensor], clean_errors: list[Tensor]) -> Tensor:  # fmt: skip
+def _masked_outputs(
+    rrm: ResidualReplacementModel,
+    x: Tensor,
+    masks: list[list[Tensor]],
+    refs: list[Tensor],
+    err_refs: list[Tensor],
+    clean_errors: list[Tensor],
+) -> Tensor:
     """Row ``b``: features/error nodes ``masks[b][i]`` of SAE layer ``i`` masked (module docstring)."""
     B = len(masks)
     feat_masks, err_vals = [], {}
@@ -84,8 +90,10 @@ def _masked_outputs(rrm: ResidualReplacementModel, x: Tensor, masks: list[list[T
     def edit(acts: Tensor, hook: Any, i: int) -> Tensor:
         return torch.where(feat_masks[i][:, None, :], refs[i].to(acts.dtype)[None], acts)
 
-    hooks = [(f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", lambda a, hook, i=i: edit(a, hook, i))
-             for i, sae in enumerate(rrm.saes)]  # fmt: skip
+    hooks = [
+        (f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", lambda a, hook, i=i: edit(a, hook, i))
+        for i, sae in enumerate(rrm.saes)
+    ]
     with rrm.spliced(keep_errors=True, error_values=err_vals), rrm.model.hooks(fwd_hooks=hooks):
         return rrm.model(x.expand(B, *x.shape[1:]))
 
@@ -103,8 +111,9 @@ def _neuron_outputs(rrm: ResidualReplacementModel, x: Tensor, masks: list[list[T
     def edit(t: Tensor, hook: Any, i: int) -> Tensor:
         return torch.where(dims[i][:, None, :], refs[i].to(t.dtype)[None], t)
 
-    hooks = [(f"blocks.{layer}.hook_resid_post", lambda t, hook, i=i: edit(t, hook, i))
-             for i, layer in enumerate(rrm.layers)]  # fmt: skip
+    hooks = [
+        (f"blocks.{layer}.hook_resid_post", lambda t, hook, i=i: edit(t, hook, i)) for i, layer in enumerate(rrm.layers)
+    ]
     with rrm.model.hooks(fwd_hooks=hooks):
         return rrm.model(x.expand(B, *x.shape[1:]))
 
@@ -142,8 +151,12 @@ def evaluate_seed_protocol(
         names = [f"blocks.{layer}.hook_resid_post" for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = [cache[n] for n in names]
-    neuron_refs = [{"zero": lambda s: torch.zeros_like(s[0]), "mean": lambda s: s.mean(0),
-                    "median": lambda s: s.median(0).values}[reference](s) for s in stack]  # fmt: skip
+    neuron_refs = [
+        {"zero": lambda s: torch.zeros_like(s[0]), "mean": lambda s: s.mean(0), "median": lambda s: s.median(0).values}[
+            reference
+        ](s)
+        for s in stack
+    ]
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, dict[str, dict[str, Tensor]]] = {}
     for i in tqdm(range(len(pixels)), desc="evaluate_circuit (seed protocol)", unit="image", disable=not progress):

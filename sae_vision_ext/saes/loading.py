@@ -110,8 +110,11 @@ def _prisma_files(path: Path) -> tuple[Path, Path]:
     else:
         # VisionSAETrainer.checkpoint() writes n_images_<N>.pt beside n_images_<N>_log_feature_sparsity.pt:
         # the newest checkpoint is the largest N (numerically: 999 < 1300000), never a sparsity file
-        numbered = [(int(m.group(1)), p) for p in folder.glob("n_images_*.pt")
-                    if (m := re.fullmatch(r"n_images_(\d+)\.pt", p.name))]  # fmt: skip
+        numbered = [
+            (int(m.group(1)), p)
+            for p in folder.glob("n_images_*.pt")
+            if (m := re.fullmatch(r"n_images_(\d+)\.pt", p.name))
+        ]
         others = sorted(p for p in folder.glob("*.pt") if "sparsity" not in p.name)
         if (folder / "weights.pt").exists():
             weights = folder / "weights.pt"
