@@ -1,7 +1,9 @@
 """sae_vision_ext: SAELens and TransformerLens workflows for vision transformers.
 
 ``import sae_vision_ext as sve`` is cheap: torch, TransformerLens and the model libraries load on
-first use of a name below (PEP 562 lazy attributes), never at import time.
+first use of a name below (PEP 562 lazy attributes), never at import time. The one thing importing
+does is arrange for this package's SAELens class (``signed_topk``) to be registered with SAELens
+when SAELens is loaded (``_sae_lens_hook``), so plain ``SAE.load_from_disk`` reads such folders.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _sae_lens_hook
+
 __version__ = "0.1.0"
+_sae_lens_hook.install()
 
 _LAZY: dict[str, str] = {
     "HookedViT": "sae_vision_ext.models",

@@ -35,10 +35,3 @@ def first_attr(obj: Any, *paths: str, default: Any = ...) -> Any:
 def is_identity(module: nn.Module | None) -> bool:
     """True for ``None`` and for ``nn.Identity`` (timm and open_clip use it for 'no layer')."""
     return module is None or isinstance(module, nn.Identity)
-
-
-def import_hooked_root_module() -> tuple[type, type]:
-    """``(HookedRootModule, ActivationCache)`` from TransformerLens 3.x or 4.x."""
-    from transformer_lens import ActivationCache, HookedRootModule
-
-    return HookedRootModule, ActivationCache

@@ -3,3 +3,7 @@
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped on SIGINT/SIGTERM after a complete step; a resumable checkpoint was saved."""
+
+
+class CorruptShardError(ValueError):
+    """An activation-cache shard is missing, truncated or fails its checksum (the message names it)."""

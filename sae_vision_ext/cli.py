@@ -45,10 +45,24 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
 
 
 _CONFIG_FLAGS = {
-    "model_name": str, "hook_names": str, "dataset": str, "n_images": int, "token_selection": str,
-    "architecture": str, "k": int, "expansion_factor": float, "training_tokens": int, "train_batch_size": int,
-    "lr": float, "output_dir": str, "cache_dir": str, "cache_dtype": str, "device": str, "seed": int,
-}  # fmt: skip
+    "model_name": str,
+    "hook_names": str,
+    "dataset": str,
+    "n_images": int,
+    "token_selection": str,
+    "architecture": str,
+    "k": int,
+    "expansion_factor": float,
+    "training_tokens": int,
+    "train_batch_size": int,
+    "lr": float,
+    "output_dir": str,
+    "cache_dir": str,
+    "cache_dtype": str,
+    "device": str,
+    "seed": int,
+    "init_seed": int,
+}
 
 
 def _training_config(args: argparse.Namespace):
@@ -65,7 +79,7 @@ def _training_config(args: argparse.Namespace):
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .activations.cache import build_cache
+    from .activations.cache import CachedActivations, build_cache, cache_root
     from .activations.harvest import resolve_hook_names
     from .data.sources import open_image_source
     from .models import HookedViT
@@ -79,7 +93,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
     hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     settings = cache_settings(cfg, hooks, len(dataset))
-    folder = build_cache(model, dataset, settings, cfg.cache_dir, cfg.num_workers, cfg.image_batch_size)
+    root = cache_root(cfg.cache_dir, settings)
+    if args.verify and (root / settings.key / "metadata.json").exists():
+        problems = CachedActivations(root / settings.key, verify=True).verify_shards(remove=True)
+        for problem in problems:
+            print(f"removed: {problem}")
+        print(
+            f"verified {root / settings.key}: {len(problems)} bad shard(s) removed"
+            + (", rewriting" if problems else "")
+        )
+    folder = build_cache(model, dataset, settings, root, cfg.num_workers, cfg.image_batch_size)
     if rank == 0:
         print(f"cache ready: {folder}")
     return 0
@@ -92,10 +115,21 @@ def _join_process_group(args: argparse.Namespace) -> tuple[int, int]:
     return require_launcher() if args.distributed else init_from_env()
 
 
+def _given_any_config(args: argparse.Namespace) -> bool:
+    return bool(args.config or args.layers or any(getattr(args, key, None) is not None for key in _CONFIG_FLAGS))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
     from .training.train import train_saes
 
     cfg = _training_config(args)
+    if not (_given_any_config(args) or args.yes or args.resume):
+        print("No config given. `sae-vision train` would run these defaults (all fields of VisionSAETrainingConfig):")
+        print(json.dumps(cfg.to_dict(), indent=1))
+        print("Run them with `sae-vision train --yes`, or pass --config FILE.yaml and/or flags (see --help).")
+        return 2
     rank, _ = _join_process_group(args)
     saes = train_saes(cfg, resume=args.resume)
     if rank == 0:
@@ -237,9 +271,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _cmd_saes(args: argparse.Namespace) -> int:
     from .models.embedded import checkpoint_dir
+    from .saes.formats import FORMATS
     from .saes.loading import RELEASES
 
-    print("Public releases (load_sae(NAME) fetches and converts them when online):")
+    print("Checkpoint formats (load_sae(PATH) detects them; '<format>:<org>/<repo>' on the Hub):")
+    for name, fmt in FORMATS.items():
+        print(f"  {name:<20} {fmt.description}")
+    print("\nPublic releases (load_sae(NAME) fetches and converts them when online):")
     for name, rel in RELEASES.items():
         print(f"  {name:<46} {rel.format:<7} {rel.repo_id}")
     root = checkpoint_dir() / "saes"
@@ -275,13 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", action="store_true", help="random weights (pretrained=False): no download")
     p.set_defaults(func=_cmd_hooks)
 
-    for name, func, text in (("cache", _cmd_cache, "harvest activations into the on-disk cache (resumable)"),
-                             ("train", _cmd_train, "train one SAE per hook and save in SAELens format")):  # fmt: skip
+    for name, func, text in (
+        ("cache", _cmd_cache, "harvest activations into the on-disk cache (resumable)"),
+        ("train", _cmd_train, "train one SAE per hook and save in SAELens format"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML or JSON VisionSAETrainingConfig; flags below override it")
         p.add_argument("--layers", help="comma-separated layers for an all_* hook group, e.g. 0,3,5")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+            p.add_argument("--yes", action="store_true", help="run the default config (shown when none is given)")
+        else:
+            p.add_argument(
+                "--verify", action="store_true", help="check every shard's checksum; remove bad shards (then rerun)"
+            )
         p.add_argument(
             "--distributed",
             action="store_true",

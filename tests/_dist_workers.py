@@ -34,16 +34,16 @@ def signalled_rank(rank: int, world: int, port: int, argv: list[str], after_batc
     different steps, as they would when a job is preempted)."""
     import signal
 
-    from sae_vision_ext.training import train as train_module
+    from sae_vision_ext.training import checkpoints as train_module
 
-    original = train_module._CountingStream.__next__
+    original = train_module.CountingStream.__next__
 
     def next_then_signal(self):
         if self.count == after_batches + 3 * rank:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self)
 
-    train_module._CountingStream.__next__ = next_then_signal
+    train_module.CountingStream.__next__ = next_then_signal
     from sae_vision_ext.distributed import _cli_rank
 
     _cli_rank(rank, world, port, argv, threads=1)

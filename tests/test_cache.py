@@ -132,3 +132,58 @@ def test_cli_cache_then_train_from_cache(tmp_path, capsys):
                  "--output-dir", str(out)]) == 0  # fmt: skip
     assert (out / "blocks.2.hook_resid_post" / "cfg.json").exists()
     assert len(list((tmp_path / "cache").iterdir())) == 1, "train reused the cache built by `cache`"
+
+
+def test_shards_get_the_same_mode_as_their_markers(model, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = build_cache(model, RandomImages(6), settings(n_images=6), tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_cli_verify_removes_bad_shards_and_rewrites_them_and_accepts_the_printed_key_folder(tmp_path, capsys):
+    common = ["--model-name", "sve:shapes-vit", "--layers", "2", "--n-images", "600", "--cache-dir",
+              str(tmp_path / "cache")]  # fmt: skip
+    assert main(["cache", *common]) == 0
+    key_dir = capsys.readouterr().out.split("cache ready: ")[-1].strip()
+    shard = next(iter(sorted((tmp_path / "cache").glob("*/shard_00001.safetensors"))))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    (shard.parent / "shard_00002.safetensors").unlink()
+    assert main(["cache", *common[:-1], key_dir, "--verify"]) == 0  # the key folder it printed is accepted
+    out = capsys.readouterr().out
+    assert "Checksum mismatch" in out and "shard_00002.safetensors (or its marker) is missing" in out
+    assert "2 bad shard(s) removed" in out and f"cache ready: {key_dir}" in out
+    assert shard.read_bytes() == good  # rewritten deterministically
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [shard.parent.name], "no nested copy"
+
+
+def test_a_corrupt_shard_met_in_training_checkpoints_first_then_names_the_shard(tmp_path):
+    from sae_vision_ext._errors import CorruptShardError
+    from sae_vision_ext.training.config import VisionSAETrainingConfig
+    from sae_vision_ext.training.train import train_saes
+
+    cfg = VisionSAETrainingConfig(model_name="sve:shapes-vit", layers=[2], n_images=512, images_per_shard=32,
+                                  training_tokens=512 * 100, train_batch_size=512, shuffle_buffer_tokens=1024, k=8,
+                                  expansion_factor=2, cache_dir=str(tmp_path / "cache"),
+                                  output_dir=str(tmp_path / "run"))  # fmt: skip
+    train_saes(VisionSAETrainingConfig(**{**cfg.to_dict(), "training_tokens": 512, "output_dir": str(tmp_path / "w")}))
+    # the reader visits shards in the order of its seeded permutation: damage the last one it reads
+    last = torch.randperm(16, generator=torch.Generator().manual_seed(cfg.seed))[-1].item()
+    shard = next(iter((tmp_path / "cache").glob(f"*/shard_{last:05d}.safetensors")))
+    data = bytearray(shard.read_bytes())
+    data[-9] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        CorruptShardError, match=rf"shard_{last:05d}\.safetensors.*checkpoint saved to .*--resume"
+    ) as err:
+        train_saes(cfg)
+    assert "sae-vision cache --verify" in str(err.value)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["n_training_steps"] > 0  # the steps done before the bad shard are kept

@@ -112,3 +112,9 @@ def test_trace_with_budget_and_mlp_leaves(tmp_path):
     assert "mlp output" in kinds and "cross layer transcoder" in kinds
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["scores"]["mlp_share"] < 1
+
+
+def test_train_without_a_config_shows_the_defaults_and_asks_for_yes(capsys):
+    assert main(["train"]) == 2
+    out = capsys.readouterr().out
+    assert '"n_images": 20000' in out and "sae-vision train --yes" in out

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._errors import CorruptShardError
 from .harvest import ShuffleBuffer, TokenSelection, harvest
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ class CacheSettings:
         if self.dtype not in _DTYPES:
             raise ValueError(f"Unknown cache dtype {self.dtype!r}; valid: {tuple(_DTYPES)}.")
         if self.images_per_shard <= 0 or self.n_images <= 0:
-            raise ValueError(f"n_images and images_per_shard must be positive, got {self.n_images}, "
-                             f"{self.images_per_shard}.")  # fmt: skip
+            raise ValueError(
+                f"n_images and images_per_shard must be positive, got {self.n_images}, {self.images_per_shard}."
+            )
 
     @property
     def key(self) -> str:
@@ -103,14 +105,43 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def shard_path(folder: Path, i: int) -> Path:
+    """Shard ``i``'s tensors; :func:`marker_path` is its completion marker."""
+    return folder / f"shard_{i:05d}.safetensors"
+
+
+def marker_path(folder: Path, i: int) -> Path:
+    return folder / f"shard_{i:05d}.json"
+
+
+def _file_mode() -> int:
+    """The mode ordinary files get here (``0o666`` minus the umask): shards match their markers."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename onto ``path``, with the usual file mode."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    write(tmp)
+    os.chmod(tmp, _file_mode())
     os.replace(tmp, path)
 
 
-def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | Path, num_workers: int = 0,
-                image_batch_size: int = 64, progress: bool = True) -> Path:  # fmt: skip
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def build_cache(
+    model: Any,
+    dataset: Any,
+    settings: CacheSettings,
+    root: str | Path,
+    num_workers: int = 0,
+    image_batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
     """Write (or finish) the cache for ``settings`` under ``root``; return its directory.
 
     ``dataset`` yields preprocessed image tensors (see ``data.sources.open_image_source``). Complete
@@ -124,7 +155,8 @@ def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | P
     from ..distributed import barrier, owned, rank_and_world_size
 
     rank, world = rank_and_world_size()
-    folder = Path(root) / settings.key
+    root = cache_root(root, settings)
+    folder = root / settings.key
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "metadata.json"
     if rank == 0 and not meta_path.exists():
@@ -132,10 +164,11 @@ def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | P
     dtype = _DTYPES[settings.dtype]
     gen = torch.Generator().manual_seed(settings.seed)
     mine = owned(range(settings.n_shards), rank, world)
-    todo = [i for i in mine if not (folder / f"shard_{i:05d}.json").exists()]
+    todo = [i for i in mine if not (marker_path(folder, i).exists() and shard_path(folder, i).exists())]
     desc = f"cache {settings.key}" + (f" rank {rank}/{world}" if world > 1 else "")
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard",
-               disable=not progress or rank != 0)  # fmt: skip
+    bar = tqdm(
+        total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard", disable=not progress or rank != 0
+    )
     t0, tokens = time.perf_counter(), 0
     for shard in todo:
         start = shard * settings.images_per_shard
@@ -145,33 +178,37 @@ def build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | P
         device = next(model.parameters()).device
         parts: dict[str, list[Tensor]] = {h: [] for h in settings.hook_names}
         batches = ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in loader)
-        for chunk in harvest(model, batches, list(settings.hook_names), settings.token_selection,
-                             settings.patches_per_image, gen):  # fmt: skip
+        for chunk in harvest(
+            model, batches, list(settings.hook_names), settings.token_selection, settings.patches_per_image, gen
+        ):
             for h, t in chunk.items():
                 parts[h].append(t.to("cpu", dtype))
         tensors = {h: torch.cat(v).contiguous() for h, v in parts.items()}
         n_tokens = next(iter(tensors.values())).shape[0]
-        tmp = folder / f".shard_{shard:05d}.safetensors.tmp"
-        final = folder / f"shard_{shard:05d}.safetensors"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final)
+        final = shard_path(folder, shard)
+        _atomic_write(final, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
         record = {"n_tokens": n_tokens, "n_images": stop - start, "sha256": _sha256(final)}
-        tmp_json = folder / f".shard_{shard:05d}.json.tmp"
-        tmp_json.write_text(json.dumps(record))
-        os.replace(tmp_json, folder / f"shard_{shard:05d}.json")
+        _write_json(marker_path(folder, shard), record)
         tokens += n_tokens
         bar.update(1)
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     barrier()  # every rank's shards are written (a dead rank makes this raise on the others)
     if rank == 0:
-        missing = [i for i in range(settings.n_shards) if not (folder / f"shard_{i:05d}.json").exists()]
+        missing = [i for i in range(settings.n_shards) if not marker_path(folder, i).exists()]
         if missing:
-            raise ValueError(f"Cache {folder} lacks shards {missing[:8]}{'...' if len(missing) > 8 else ''}: "
-                             "a process stopped early. Rerun the same command to write only those.")  # fmt: skip
-        records = [json.loads((folder / f"shard_{i:05d}.json").read_text()) for i in range(settings.n_shards)]
-        meta = {"settings": asdict(settings), "complete": True, "n_tokens": sum(r["n_tokens"] for r in records),
-                "n_images": sum(r["n_images"] for r in records), "n_shards": settings.n_shards}  # fmt: skip
+            raise ValueError(
+                f"Cache {folder} lacks shards {missing[:8]}{'...' if len(missing) > 8 else ''}: "
+                "a process stopped early. Rerun the same command to write only those."
+            )
+        records = [json.loads(marker_path(folder, i).read_text()) for i in range(settings.n_shards)]
+        meta = {
+            "settings": asdict(settings),
+            "complete": True,
+            "n_tokens": sum(r["n_tokens"] for r in records),
+            "n_images": sum(r["n_images"] for r in records),
+            "n_shards": settings.n_shards,
+        }
         _write_json(meta_path, meta)
     barrier()  # the metadata is complete before anyone reads the cache
     return folder
@@ -191,25 +228,55 @@ class CachedActivations:
         self.settings = self.metadata["settings"]
         self.hook_names: list[str] = list(self.settings["hook_names"])
         self.verify = verify
+        self._verified: set[int] = set()  # each shard's checksum is checked on its first read in this process
 
     @property
     def n_tokens(self) -> int:
         return int(self.metadata["n_tokens"])
 
     def load_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, Tensor]:
-        """Shard ``i`` as float32 tensors of ``hooks`` (default all; checksum verified unless ``verify=False``)."""
+        """Shard ``i`` as float32 tensors of ``hooks`` (default all); its checksum is verified on the first read
+        in this reader unless ``verify=False``."""
         from safetensors import safe_open
 
-        path = self.folder / f"shard_{i:05d}.safetensors"
-        record = json.loads((self.folder / f"shard_{i:05d}.json").read_text())
-        if self.verify and _sha256(path) != record["sha256"]:
-            raise ValueError(f"Checksum mismatch in {path}: the shard is corrupt. Delete it and its .json, "
-                             "then rerun build_cache to rewrite it.")  # fmt: skip
-        with safe_open(str(path), framework="pt") as f:
-            return {h: f.get_tensor(h).float() for h in (hooks or self.hook_names)}
+        path, marker = shard_path(self.folder, i), marker_path(self.folder, i)
+        if not path.exists() or not marker.exists():
+            raise CorruptShardError(f"Cache shard {path} (or its marker) is missing.")
+        record = json.loads(marker.read_text())
+        if self.verify and i not in self._verified:
+            if _sha256(path) != record["sha256"]:
+                raise CorruptShardError(f"Checksum mismatch in {path}: the shard is corrupt.")
+            self._verified.add(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {h: f.get_tensor(h).float() for h in (hooks or self.hook_names)}
+        except Exception as e:
+            raise CorruptShardError(f"Cache shard {path} cannot be read ({type(e).__name__}: {e}).") from e
 
-    def batches(self, batch_size: int, buffer_tokens: int = 65_536, seed: int = 0, epochs: int | None = 1,
-                hooks: list[str] | None = None) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+    def verify_shards(self, remove: bool = False) -> list[str]:
+        """Every shard's presence and checksum; the problems found (``remove``: delete bad shards and their
+        markers, and mark the cache incomplete, so ``build_cache`` rewrites exactly those)."""
+        problems = []
+        for i in range(int(self.metadata["n_shards"])):
+            try:
+                self.load_shard(i, hooks=self.hook_names[:1])
+            except CorruptShardError as e:
+                problems.append(str(e))
+                if remove:
+                    shard_path(self.folder, i).unlink(missing_ok=True)
+                    marker_path(self.folder, i).unlink(missing_ok=True)
+        if problems and remove:
+            _write_json(self.folder / "metadata.json", {**self.metadata, "complete": False})
+        return problems
+
+    def batches(
+        self,
+        batch_size: int,
+        buffer_tokens: int = 65_536,
+        seed: int = 0,
+        epochs: int | None = 1,
+        hooks: list[str] | None = None,
+    ) -> Iterator[dict[str, Tensor]]:
         """Shuffled training batches: shards in a seeded random order per epoch, tokens mixed in a buffer.
         ``hooks`` (default all) selects the tensors read; the token order does not depend on it."""
         unknown = sorted(set(hooks or []) - set(self.hook_names))
@@ -228,10 +295,46 @@ class CachedActivations:
         return ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, gen)(shards())
 
 
-def open_or_build_cache(model: Any, dataset: Any, settings: CacheSettings, root: str | Path,
-                        **kwargs: Any) -> CachedActivations:  # fmt: skip
-    folder = Path(root) / settings.key
+def cache_root(path: str | Path, settings: CacheSettings) -> Path:
+    """The root for ``settings``: ``path`` itself, or its parent when ``path`` is the key folder that
+    ``sae-vision cache`` printed (``ValueError`` if that folder holds a cache of other settings)."""
+    path = Path(path)
+    meta = path / "metadata.json"
+    if not meta.exists():
+        return path
+    theirs = json.loads(meta.read_text()).get("settings", {})
+    if path.name == settings.key:
+        return path.parent
+    diff = {k: (theirs.get(k), v) for k, v in asdict(settings).items() if theirs.get(k) != v and k != "hook_names"}
+    raise ValueError(
+        f"{path} is the cache of other settings (differing: {diff or 'hooks'}); pass the folder above it as "
+        "cache_dir, or the same settings."
+    )
+
+
+def warn_if_near_miss(root: Path, settings: CacheSettings) -> None:
+    """Log which settings differ when ``root`` holds caches but none for ``settings`` (a new one is built)."""
+    mine = asdict(settings)
+    for meta in sorted(root.glob("*/metadata.json")):
+        theirs = json.loads(meta.read_text()).get("settings", {})
+        diff = {k: f"{theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v}
+        if len(diff) <= 2:
+            logger.warning(
+                "building a new cache %s beside %s, whose settings differ only in %s",
+                settings.key,
+                meta.parent.name,
+                diff,
+            )
+
+
+def open_or_build_cache(
+    model: Any, dataset: Any, settings: CacheSettings, root: str | Path, **kwargs: Any
+) -> CachedActivations:
+    root = cache_root(root, settings)
+    folder = root / settings.key
     meta = folder / "metadata.json"
+    if not meta.exists():
+        warn_if_near_miss(root, settings)
     if not (meta.exists() and json.loads(meta.read_text()).get("complete")):
         build_cache(model, dataset, settings, root, **kwargs)
     return CachedActivations(folder)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..saes import affine
 from ..saes.affine import FrozenNorm
+from ..saes.splice import warn_if_trained_on_another_model
 
 Reference = Literal["zero", "mean", "median"]
 
@@ -62,6 +63,7 @@ class ResidualReplacementModel:
             if sae.cfg.d_in != model.cfg.d_model:
                 raise ValueError(f"SAE of layer {layer} has d_in={sae.cfg.d_in}, the model's d_model is "
                                  f"{model.cfg.d_model}.")  # fmt: skip
+            warn_if_trained_on_another_model(sae, model)
             by_layer[layer] = sae
         self.model = model
         self.layers: list[int] = sorted(by_layer)
@@ -172,13 +174,20 @@ class ResidualReplacementModel:
 
         model = self.model
         edits: dict[int, list[tuple[int | None, int, float]]] = {}
+        n_ctx = model.cfg.n_ctx
         for layer, pos, feat, value in interventions:
             if layer not in self.layers or not 0 <= feat < self.sae_at(layer).cfg.d_sae:
                 raise ValueError(
                     f"Intervention {(layer, pos, feat, value)} is out of range: the SAE layers are "
                     f"{self.layers}, features 0..d_sae-1."
                 )
+            if pos is not None and not -n_ctx <= pos < n_ctx:
+                raise ValueError(
+                    f"Intervention {(layer, pos, feat, value)}: position {pos} is outside the {n_ctx} tokens "
+                    "(token order: prefix tokens, then patches row-major); use None for every position."
+                )
             edits.setdefault(layer, []).append((pos, feat, float(value)))
+        _warn_inactive(self, pixels, edits)
 
         def edit(acts: Tensor, hook: Any, layer: int) -> Tensor:
             acts = acts.clone()
@@ -275,3 +284,22 @@ class ResidualReplacementModel:
                 row["accuracy_clean"] = float((clean.argmax(-1) == labels).float().mean())
             rows.append(row)
         return rows
+
+
+def _warn_inactive(rrm: ResidualReplacementModel, pixels: Tensor, edits: dict[int, list]) -> None:
+    """Setting a feature that is inactive everywhere on these images adds its decoder direction (a
+    steering edit, not an ablation of something present): say so, once per feature."""
+    import warnings
+
+    wanted = [(layer, feat) for layer, items in edits.items() for _, feat, value in items if value != 0]
+    if not wanted:
+        return
+    acts = dict(zip(rrm.layers, rrm.feature_acts(pixels), strict=True))
+    for layer, feat in dict.fromkeys(wanted):
+        if not acts[layer][..., feat].any():
+            warnings.warn(
+                f"Feature {feat} of layer {layer} is inactive on every token of these images: setting it adds its "
+                "decoder direction (steering), it does not scale an existing activation.",
+                UserWarning,
+                stacklevel=3,
+            )

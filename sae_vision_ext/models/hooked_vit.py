@@ -127,8 +127,13 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
     def image_size(self) -> tuple[int, int]:
         return self.cfg.image_size
 
-    def check_input(self, pixels: Tensor, check_finite: bool = False) -> None:
-        """Raise ``ValueError`` for a batch this model cannot take (shape, channels, size, NaN/inf)."""
+    check_finite_inputs: bool = True
+    """Reject NaN/inf pixels in every forward (one ``isfinite`` pass); set ``False`` to skip the check."""
+
+    def check_input(self, pixels: Tensor, check_finite: bool | None = None) -> Tensor:
+        """``pixels`` as this model takes them, or ``ValueError`` naming what is wrong and the fix (shape,
+        channels-last layout, integer dtype, size, empty batch, NaN/inf). Floating dtypes are cast to
+        the model's dtype."""
         cfg = self.cfg
         if not isinstance(pixels, Tensor) or pixels.ndim != 4:
             shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
@@ -136,8 +141,22 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
                 f"Expected images as a [batch, channels, height, width] tensor, got {shape}. "
                 "Use model.preprocess on PIL images and torch.stack the results; add a batch dim with x[None]."
             )
+        if pixels.shape[0] == 0:
+            raise ValueError("Got an empty batch (0 images); pass at least one image.")
         if pixels.shape[1] != cfg.in_chans:
-            raise ValueError(f"Expected {cfg.in_chans} channels, got {pixels.shape[1]} (shape {tuple(pixels.shape)}).")
+            hint = (
+                " The tensor looks channels-last [batch, height, width, channels]: use pixels.permute(0, 3, 1, 2)."
+                if pixels.shape[-1] == cfg.in_chans
+                else ""
+            )
+            raise ValueError(
+                f"Expected {cfg.in_chans} channels, got {pixels.shape[1]} (shape {tuple(pixels.shape)}).{hint}"
+            )
+        if not pixels.is_floating_point():
+            raise ValueError(
+                f"Images are {pixels.dtype}: raw pixel values, not the model's normalised input. Use model.preprocess "
+                "on PIL images, or model.preprocess(x.float() / 255) style conversion for uint8 tensors."
+            )
         h, w = pixels.shape[-2:]
         if cfg.dynamic_img_size:
             if h % cfg.patch_size or w % cfg.patch_size:
@@ -147,23 +166,35 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
                 f"Image size {h}x{w} does not match the model's {cfg.image_size[0]}x{cfg.image_size[1]}. "
                 "Resize with model.preprocess (or torch.nn.functional.interpolate)."
             )
-        if check_finite and not torch.isfinite(pixels).all():
-            raise ValueError("Input contains NaN or inf values.")
+        if (self.check_finite_inputs if check_finite is None else check_finite) and not torch.isfinite(pixels).all():
+            bad = (~torch.isfinite(pixels)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Images {bad[:10]}{'...' if len(bad) > 10 else ''} of the batch contain NaN or inf values; fix or "
+                "drop them (model.check_finite_inputs = False skips this check)."
+            )
+        dtype = next(self.parameters()).dtype
+        return pixels if pixels.dtype == dtype else pixels.to(dtype)
 
     def forward(
         self,
         pixels: Tensor,
         stop_at_layer: int | None = None,
-        check_finite: bool = False,
+        check_finite: bool | None = None,
     ) -> Tensor:
         """The wrapped model's output; with ``stop_at_layer=L`` the residual stream before block L.
 
-        ``stop_at_layer`` follows TransformerLens: exclusive, negative counts from the end, and
-        nothing after block ``L - 1`` is computed. ``check_finite`` rejects NaN/inf pixels.
-        ``pixels`` is ``[batch, chan, height, width]``, checked by :meth:`check_input` (which gives
-        clearer errors than a type checker would).
+        ``stop_at_layer`` follows TransformerLens: exclusive, negative counts from the end (``-n_layers
+        <= L <= n_layers``), and nothing after block ``L - 1`` is computed. ``pixels`` is ``[batch,
+        chan, height, width]``, checked by :meth:`check_input` (NaN/inf rejected unless
+        ``check_finite=False`` or ``model.check_finite_inputs = False``).
         """
-        self.check_input(pixels, check_finite)
+        pixels = self.check_input(pixels, check_finite)
+        n_layers = len(self.blocks)
+        if stop_at_layer is not None and not -n_layers <= stop_at_layer <= n_layers:
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer} is out of range for a {n_layers}-layer model "
+                f"(valid: {-n_layers}..{n_layers})."
+            )
         a = self.adapter
         tok, pos = a.embed(pixels)
         tok = self.hook_embed(tok)

@@ -76,13 +76,13 @@ class SAESplice(nn.Module):
         sae = self.sae
         sae_in = self._captured if self._captured is not None else x
         self._captured = None
-        recon = sae.decode(sae.encode(sae_in))
+        recon = sae.decode(sae.encode(sae_in)).to(x.dtype)  # an fp16 SAE on an fp32 model hands back fp32
         if self.use_error_term:
             with torch.no_grad():
                 points = list(sae.hook_dict.values())
                 if any(p._forward_hooks for p in points):
                     with _hooks_disabled(points):
-                        clean = sae.decode(sae.encode(sae_in))
+                        clean = sae.decode(sae.encode(sae_in)).to(x.dtype)
                 else:
                     clean = recon
                 error = self.hook_sae_error(x - clean)
@@ -222,3 +222,19 @@ class SAESplicingMixin:
             return self.run_with_hooks(*args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks),
                                        reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts,
                                        **kwargs)  # fmt: skip
+
+
+def warn_if_trained_on_another_model(sae: Any, model: Any) -> None:
+    """A ``UserWarning`` when the SAE's ``metadata.model_name`` names a different model than ``model``'s
+    (both known): its features are meaningless on this model's activations."""
+    import warnings
+
+    theirs = getattr(sae.cfg.metadata, "model_name", None)
+    ours = getattr(model.cfg, "model_name", None)
+    if theirs and ours and ours != "unknown" and theirs != ours:
+        warnings.warn(
+            f"The SAE on {sae.cfg.metadata.hook_name} was trained on {theirs!r}, but this model is {ours!r}. "
+            "Load the model it was trained on (HookedViT.from_pretrained(sae.cfg.metadata.model_name)).",
+            UserWarning,
+            stacklevel=3,
+        )

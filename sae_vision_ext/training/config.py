@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from .._config import ConfigMixin
+from .._config import ConfigMixin, coerce_numbers
+from .._registry import unknown_name_message
 from ..activations.harvest import TOKEN_SELECTIONS, TokenSelection
 
-Architecture = Literal["standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk", "gated"]
-ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 LrScheduler = Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"]
+BDecInit = Literal["zeros", "mean", "geometric_median"]
+PER_LAYER_KEYS = ("k", "d_sae", "expansion_factor", "l1_coefficient", "k_aux")
+_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu)(:\d+)?)$")
+_TOPK_LIKE = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def training_architectures() -> list[str]:
+    """The training architectures SAELens registers (``standard``, ``topk``, ``batchtopk``, ...)."""
+    import sae_lens  # noqa: F401  (importing SAELens fills its registry)
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    return list(SAE_TRAINING_CLASS_REGISTRY)
 
 
 @dataclass
@@ -32,8 +44,9 @@ class VisionSAETrainingConfig(ConfigMixin):
     """Which tokens train the SAEs: all | patches | cls | prefix | no_registers."""
     patches_per_image: int | None = None
     """Keep a random subset of this many patch tokens per image (``None``: all selected patches)."""
-    architecture: Architecture = "topk"
-    """SAELens training architecture."""
+    architecture: str = "topk"
+    """A SAELens training architecture (its registry: ``standard``, ``topk``, ``batchtopk``, ``jumprelu``,
+    ``matryoshka_batchtopk``, ``gated``, ... and any class registered with ``register_sae_training_class``)."""
     d_sae: int | None = None
     """SAE width; ``None`` uses ``expansion_factor * d_in``."""
     expansion_factor: float = 4.0
@@ -43,7 +56,22 @@ class VisionSAETrainingConfig(ConfigMixin):
     l1_coefficient: float = 5.0
     """Sparsity coefficient for standard and gated SAEs (``l0_coefficient`` for jumprelu)."""
     per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-hook overrides of ``k``, ``d_sae``, ``expansion_factor``, ``l1_coefficient`` (hook name -> dict)."""
+    """Per-hook overrides of ``k``, ``d_sae``, ``expansion_factor``, ``l1_coefficient``, ``k_aux`` (hook name ->
+    dict); every key must name a trained hook."""
+    b_dec_init: BDecInit = "mean"
+    """Initial ``b_dec``: ``mean`` (or ``geometric_median``) of the first ``b_dec_init_tokens`` training
+    tokens in the SAE's input space, or ``zeros`` (SAELens's own default)."""
+    b_dec_init_tokens: int = 16_384
+    """Tokens used to initialise ``b_dec`` (they are trained on afterwards as usual)."""
+    decoder_init_norm: float | None = 1.0
+    """Norm of each decoder row at initialisation (SAELens's default is 0.1; ``None`` keeps its raw init)."""
+    aux_coefficient: float = 1 / 32
+    """AuxK loss coefficient for ``topk`` SAEs (Gao et al. and the seed paper: 1/32; 0 turns AuxK off)."""
+    k_aux: int | None = None
+    """Dead latents per token in the AuxK loss (``None``: ``d_in // 2``; the seed paper: 256)."""
+    dead_feature_window_tokens: int | None = None
+    """A feature that fires on none of this many consecutive training tokens is dead (AuxK trains it,
+    ``num_dead_features`` counts it). ``None``: a tenth of the run, between 1 and 1000 batches."""
     normalize_activations: Normalization = "expected_average_only_in"
     """SAELens input normalisation (``layer_norm``: per-token standardisation, as the seed paper)."""
     lr: float = 4e-4
@@ -69,7 +97,9 @@ class VisionSAETrainingConfig(ConfigMixin):
     dtype: str = "float32"
     """SAE dtype."""
     seed: int = 0
-    """Seed for SAE initialisation, shuffling and patch subsampling."""
+    """Seed of the data: image draw, cache key, shuffling and patch subsampling."""
+    init_seed: int | None = None
+    """Seed of the SAE initialisation (``None``: ``seed``), so SAE seeds can vary on fixed activations."""
     cache_dir: str | None = None
     """Harvest once into an on-disk cache under this folder and train from it (``None``: harvest live)."""
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -79,30 +109,48 @@ class VisionSAETrainingConfig(ConfigMixin):
     output_dir: str = "runs/sae"
     """Each SAE is saved in SAELens format under ``output_dir/<hook_name>``."""
     n_checkpoints: int = 0
-    """Intermediate SAELens checkpoints under ``output_dir/checkpoints``."""
+    """Intermediate SAELens checkpoints under ``output_dir/checkpoints`` (kept; for inspection)."""
+    checkpoint_every_tokens: int | None = None
+    """Write the resumable checkpoint every this many training tokens (``None``: by time only)."""
+    checkpoint_every_seconds: float | None = 300.0
+    """...and at least every this many seconds (``None``: by tokens only), so a ``kill -9`` loses at most
+    one interval; SIGINT/SIGTERM always checkpoint before stopping."""
     log_to_wandb: bool = False
     """Log to Weights & Biases through SAELens."""
     wandb_project: str = "sae_vision_ext"
     """W&B project when ``log_to_wandb``."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}; valid: {ARCHITECTURES}.")
-        if self.token_selection not in TOKEN_SELECTIONS:
-            raise ValueError(f"Unknown token_selection {self.token_selection!r}; valid: {TOKEN_SELECTIONS}.")
-        if self.normalize_activations not in get_args(Normalization):
-            raise ValueError(
-                f"Unknown normalize_activations {self.normalize_activations!r}; valid: {get_args(Normalization)}."
-            )
-        for name in ("k", "train_batch_size", "training_tokens", "image_batch_size", "n_images"):
+        coerce_numbers(self)
+        archs = training_architectures()
+        if self.architecture not in archs:
+            raise ValueError(unknown_name_message("SAELens training architecture", self.architecture, archs))
+        for name, value, valid in (
+            ("token_selection", self.token_selection, TOKEN_SELECTIONS),
+            ("normalize_activations", self.normalize_activations, get_args(Normalization)),
+            ("lr_scheduler_name", self.lr_scheduler_name, get_args(LrScheduler)),
+            ("b_dec_init", self.b_dec_init, get_args(BDecInit)),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}.")
+        for name in ("k", "train_batch_size", "training_tokens", "image_batch_size", "n_images", "b_dec_init_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
         if self.expansion_factor <= 0 or (self.d_sae is not None and self.d_sae <= 0):
             raise ValueError(
                 f"SAE width must be positive (d_sae={self.d_sae}, expansion_factor={self.expansion_factor})."
             )
+        if self.d_sae is not None and self.architecture in _TOPK_LIKE and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: a token cannot have more active features.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        for name in ("checkpoint_every_tokens", "checkpoint_every_seconds"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}.")
+        if self.aux_coefficient < 0 or (self.k_aux is not None and self.k_aux <= 0):
+            raise ValueError(
+                f"aux_coefficient must be >= 0 and k_aux positive (got {self.aux_coefficient}, {self.k_aux})."
+            )
         if self.shuffle_buffer_tokens < 2 * self.train_batch_size:
             raise ValueError(
                 f"shuffle_buffer_tokens={self.shuffle_buffer_tokens} must be at least twice "
@@ -110,11 +158,59 @@ class VisionSAETrainingConfig(ConfigMixin):
             )
         if self.patches_per_image is not None and self.patches_per_image <= 0:
             raise ValueError(f"patches_per_image must be positive or None, got {self.patches_per_image!r}.")
-        allowed = {"k", "d_sae", "expansion_factor", "l1_coefficient"}
+        if not _DEVICE.match(str(self.device)):
+            hint = " (did you mean 'cuda'?)" if str(self.device).lower() in ("gpu", "cuda0", "nvidia") else ""
+            raise ValueError(f"device={self.device!r} is not a torch device{hint}; use 'cpu', 'cuda' or 'cuda:<i>'.")
         for hook, over in self.per_layer.items():
-            bad = set(over) - allowed
+            bad = set(over) - set(PER_LAYER_KEYS)
             if bad:
-                raise ValueError(f"per_layer[{hook!r}] has unknown keys {sorted(bad)}; valid: {sorted(allowed)}.")
+                raise ValueError(f"per_layer[{hook!r}] has unknown keys {sorted(bad)}; valid: {list(PER_LAYER_KEYS)}.")
+            for key, value in over.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"per_layer[{hook!r}][{key!r}] must be a positive number, got {value!r}.")
+                if key in ("k", "d_sae", "k_aux") and value != int(value):
+                    raise ValueError(f"per_layer[{hook!r}][{key!r}] must be a whole number, got {value!r}.")
+
+    @property
+    def sae_init_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
+
+    @classmethod
+    def seed_paper(
+        cls, model: Literal["vit", "dinov2", "clip_vit"] = "vit", **overrides: Any
+    ) -> VisionSAETrainingConfig:
+        """The seed paper's recipe (Kim et al. 2025, ``2_train_TopKSAE.py``): TopK SAEs on blocks 0-10 with
+        their per-layer ``k`` and width, per-token standardisation, AuxK (``k_aux`` 256, coefficient 1/32,
+        dead after 60 batches), unit-norm decoder, Adam 2e-4. ``overrides`` replace any field (the
+        model id defaults to the paper's model)."""
+        from ..saes.rrm_checkpoints import RRM_LAYER_CONFIGS, RRM_MODELS
+
+        table = RRM_LAYER_CONFIGS[model]
+        d_model = 768
+        per_layer = {
+            f"blocks.{layer}.hook_resid_post": {"k": k, "d_sae": int(ratio * d_model)}
+            for layer, (k, ratio) in table.items()
+        }
+        base: dict[str, Any] = dict(
+            model_name=RRM_MODELS[model],
+            hook_names="all_resid_post",
+            layers=sorted(table),
+            architecture="topk",
+            normalize_activations="layer_norm",
+            k=max(k for k, _ in table.values()),
+            per_layer=per_layer,
+            k_aux=256,
+            aux_coefficient=1 / 32,
+            lr=2e-4,
+            decoder_init_norm=1.0,
+            b_dec_init="zeros",
+            train_batch_size=4096,
+            dead_feature_window_tokens=60 * 4096,
+        )
+        base.update(overrides)
+        if "train_batch_size" in overrides and "dead_feature_window_tokens" not in overrides:
+            base["dead_feature_window_tokens"] = 60 * int(base["train_batch_size"])
+        return cls(**base)
 
     def for_hook(self, hook: str, key: str) -> Any:
         """``key`` for ``hook``: its per-layer override if any, else the run-wide value."""

@@ -8,12 +8,13 @@ token selection -> ShuffleBuffer -> {hook: [train_batch_size, d_in]}``, consumed
 geometry, dataset and this package's version; ``sparsity.safetensors`` (log10 firing frequency per
 feature, as SAELens writes it) sits beside each.
 
-Interruption: SIGINT (Ctrl-C) or SIGTERM only sets a flag; the data stream raises at the next batch
-boundary, so every SAE has finished the same number of steps when ``output_dir/checkpoints/latest``
-is written (SAELens checkpoints per hook + ``state.json`` with the number of stream batches
-consumed). ``train_saes(cfg, resume=True)`` reloads weights, optimiser, schedulers, scalers and
-counters and replays the deterministic stream past the consumed batches, so a resumed run ends
-with the same SAEs as an uninterrupted one (tested).
+Interruption (``training/checkpoints.py``): SIGINT (Ctrl-C) or SIGTERM only sets a flag; the data
+stream stops at the next batch boundary, so every SAE has finished the same number of steps when the
+checkpoint is written; the same checkpoint is also written every ``checkpoint_every_tokens`` /
+``checkpoint_every_seconds`` (committed atomically: a ``kill -9`` loses at most one interval).
+``train_saes(cfg, resume=True)`` reloads weights, optimiser, schedulers, scalers and counters
+(``weights_only``) and replays the deterministic stream past the consumed batches, so a resumed run
+ends with the same SAEs as an uninterrupted one (tested, with a real SIGKILL too).
 
 Under ``torchrun`` training is layer-parallel (``sae_vision_ext.distributed``): hook ``j`` belongs to
 rank ``j mod world_size``; the cache is built by all ranks together and each rank reads only its
@@ -24,31 +25,19 @@ checkpoint state (``state_rank{r}_of_{w}.json``); every rank returns all SAEs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._errors import TrainingInterrupted
+from .._errors import CorruptShardError, TrainingInterrupted
+from .checkpoints import CountingStream, RunCheckpoint, StopFlag, load_trainer_state, stop_on_signals
 from .config import VisionSAETrainingConfig
 
 logger = logging.getLogger(__name__)
-
-_TRAINING_CLASSES = {
-    "standard": "StandardTrainingSAE",
-    "topk": "TopKTrainingSAE",
-    "batchtopk": "BatchTopKTrainingSAE",
-    "jumprelu": "JumpReLUTrainingSAE",
-    "matryoshka_batchtopk": "MatryoshkaBatchTopKTrainingSAE",
-    "gated": "GatedTrainingSAE",
-}
 
 
 def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_size: int) -> dict[str, Any]:
@@ -69,27 +58,56 @@ def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_si
     }
 
 
-def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metadata: dict[str, Any]):
-    """A SAELens ``TrainingSAE`` of ``cfg.architecture`` for one hook (per-layer overrides applied)."""
-    import sae_lens
+def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metadata: dict[str, Any]) -> Any:
+    """A SAELens ``TrainingSAE`` of ``cfg.architecture`` from SAELens's training registry, for one hook
+    (per-layer overrides applied); ``topk`` is :class:`~.auxk.AuxKTopKTrainingSAE` (configurable AuxK)."""
+    import dataclasses
+
+    from sae_lens.registry import get_sae_training_class
     from sae_lens.saes.sae import SAEMetadata
 
-    cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture])
-    config_cls = getattr(sae_lens, _TRAINING_CLASSES[cfg.architecture] + "Config")
-    d_sae = cfg.for_hook(hook, "d_sae") or round(cfg.for_hook(hook, "expansion_factor") * d_in)
-    kwargs: dict[str, Any] = {
-        "d_in": d_in, "d_sae": d_sae, "dtype": cfg.dtype, "device": cfg.device,
-        "normalize_activations": cfg.normalize_activations, "metadata": SAEMetadata(**metadata),
-    }  # fmt: skip
-    if cfg.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        kwargs["k"] = cfg.for_hook(hook, "k")
-    if cfg.architecture == "matryoshka_batchtopk":
-        kwargs["matryoshka_widths"] = [d_sae // 4, d_sae // 2, d_sae]
-    if cfg.architecture in ("standard", "gated"):
-        kwargs["l1_coefficient"] = cfg.for_hook(hook, "l1_coefficient")
-    if cfg.architecture == "jumprelu":
-        kwargs["l0_coefficient"] = cfg.for_hook(hook, "l1_coefficient")
-    return cls(config_cls(**kwargs))
+    if cfg.architecture == "topk":
+        from .auxk import AuxKTopKTrainingSAE as cls
+        from .auxk import AuxKTopKTrainingSAEConfig as config_cls
+    else:
+        cls, config_cls = get_sae_training_class(cfg.architecture)
+    d_sae = int(cfg.for_hook(hook, "d_sae") or round(cfg.for_hook(hook, "expansion_factor") * d_in))
+    k = int(cfg.for_hook(hook, "k"))
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if "k" in fields and k > d_sae:
+        raise ValueError(f"{hook}: k={k} is larger than its d_sae={d_sae}; lower k or widen the SAE.")
+    wanted: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "normalize_activations": cfg.normalize_activations,
+        "metadata": SAEMetadata(**metadata),
+        "decoder_init_norm": cfg.decoder_init_norm,
+        "k": k,
+        "matryoshka_widths": [d_sae // 4, d_sae // 2, d_sae],
+        "l1_coefficient": cfg.for_hook(hook, "l1_coefficient"),
+        "l0_coefficient": cfg.for_hook(hook, "l1_coefficient"),
+        "aux_loss_coefficient": cfg.aux_coefficient,
+        "k_aux": cfg.for_hook(hook, "k_aux"),
+    }
+    return cls(config_cls(**{key: value for key, value in wanted.items() if key in fields}))
+
+
+@torch.no_grad()
+def initial_b_dec(trainer: Any, sae: Any, batches: list[torch.Tensor], method: str) -> torch.Tensor:
+    """``b_dec`` at the mean or geometric median of ``batches`` in the SAE's input space (after the
+    trainer's activation scaler and the SAE's run-time normalisation, where ``b_dec`` is subtracted)."""
+    x = torch.cat([sae.run_time_activation_norm_fn_in(trainer.activation_scaler(b.to(sae.W_enc))) for b in batches])
+    centre = x.mean(0)
+    if method == "geometric_median":  # Weiszfeld iterations, started at the mean
+        for _ in range(50):
+            w = 1.0 / (x - centre).norm(dim=-1).clamp_min(1e-8)
+            new = (w[:, None] * x).sum(0) / w.sum()
+            if (new - centre).norm() <= 1e-6 * (1 + centre.norm()):
+                return new
+            centre = new
+    return centre
 
 
 def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> Any:
@@ -97,16 +115,21 @@ def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: 
     from ..activations.cache import CacheSettings, dataset_fingerprint
 
     return CacheSettings(
-        model_name=cfg.model_name, hook_names=tuple(hooks),
+        model_name=cfg.model_name,
+        hook_names=tuple(hooks),
         dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
-        n_images=min(cfg.n_images, dataset_len), token_selection=cfg.token_selection,
-        patches_per_image=cfg.patches_per_image, dtype=cfg.cache_dtype,
-        images_per_shard=cfg.images_per_shard, seed=cfg.seed,
-    )  # fmt: skip
+        n_images=min(cfg.n_images, dataset_len),
+        token_selection=cfg.token_selection,
+        patches_per_image=cfg.patches_per_image,
+        dtype=cfg.cache_dtype,
+        images_per_shard=cfg.images_per_shard,
+        seed=cfg.seed,
+    )
 
 
-def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str],
-                      read_hooks: list[str] | None = None) -> tuple[Iterator[dict], int]:  # fmt: skip
+def activation_stream(
+    cfg: VisionSAETrainingConfig, model: Any, hooks: list[str], read_hooks: list[str] | None = None
+) -> tuple[Iterator[dict], int]:
     """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image.
     The cache (if any) holds ``hooks``; batches carry ``read_hooks`` (default: all of them)."""
     read_hooks = read_hooks or hooks
@@ -126,63 +149,40 @@ def activation_stream(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]
         from ..activations.cache import open_or_build_cache
 
         settings = cache_settings(cfg, hooks, len(dataset))
-        cached = open_or_build_cache(model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers,
-                                     image_batch_size=cfg.image_batch_size)  # fmt: skip
-        stream = cached.batches(cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None,
-                                hooks=read_hooks)  # fmt: skip
+        cached = open_or_build_cache(
+            model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers, image_batch_size=cfg.image_batch_size
+        )
+        stream = cached.batches(
+            cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None, hooks=read_hooks
+        )
         return stream, per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
-    stream = harvest(model, (b.to(cfg.device) for b in batches), read_hooks, cfg.token_selection,
-                     cfg.patches_per_image, gen)  # fmt: skip
+    stream = harvest(
+        model, (b.to(cfg.device) for b in batches), read_hooks, cfg.token_selection, cfg.patches_per_image, gen
+    )
     return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
-
-
-class _StopFlag:
-    def __init__(self) -> None:
-        self.requested = False
-
-    def request(self, *_: Any) -> None:
-        self.requested = True
-
-
-@contextlib.contextmanager
-def _stop_on_signals(flag: _StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, flag.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-class _CountingStream:
-    """Counts batches handed out; stops cleanly at a batch boundary once a stop was requested."""
-
-    def __init__(self, stream: Iterator[dict], flag: _StopFlag, skip: int = 0) -> None:
-        self.stream, self.flag, self.count = stream, flag, 0
-        for _ in range(skip):  # replay the deterministic stream up to where the interrupted run stopped
-            next(self.stream)
-            self.count += 1
-
-    def __iter__(self) -> _CountingStream:
-        return self
-
-    def __next__(self) -> dict:
-        if self.flag.requested:
-            raise TrainingInterrupted("stop requested")
-        batch = next(self.stream)
-        self.count += 1
-        return batch
 
 
 def _trainer_class():
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
     class VisionMultiSAETrainer(MultiSAETrainer):
-        """SAELens's MultiSAETrainer with loss, L0 and explained variance (means over hooks) in the bar."""
+        """SAELens's MultiSAETrainer with ``b_dec`` initialised from the data after SAELens's scaling
+        estimate, and loss, L0 and explained variance (means over hooks) in the bar."""
+
+        b_dec_init: str = "zeros"
+        b_dec_init_batches: int = 0
+
+        def _estimate_scaling_factors(self) -> None:
+            super()._estimate_scaling_factors()
+            if self.b_dec_init == "zeros" or self.b_dec_init_batches <= 0:
+                return
+            peeked = self.data_provider.peek(self.b_dec_init_batches)
+            for name, sae in self.saes.items():
+                hook = self.hook_names[name]
+                sae.b_dec.data.copy_(
+                    initial_b_dec(self.trainers[name], sae, [b[hook] for b in peeked], self.b_dec_init)
+                )
 
         @torch.no_grad()
         def _update_pbar(self, step_outputs: dict, pbar: Any, update_interval: int = 100) -> None:
@@ -201,6 +201,33 @@ def _trainer_class():
     return VisionMultiSAETrainer
 
 
+def check_hooks(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]) -> None:
+    """Every hook to train exists on ``model`` and every ``per_layer`` key names one of them; the device
+    is usable. ``ValueError`` naming the value, with close valid names."""
+    from .._registry import unknown_name_message
+
+    valid = list(model.hook_dict)
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            raise ValueError(unknown_name_message(f"hook of {cfg.model_name}", hook, valid))
+    for hook in cfg.per_layer:
+        if hook not in hooks:
+            raise ValueError(
+                f"per_layer names {hook!r}, which this run does not train; "
+                + unknown_name_message("trained hook", hook, hooks).split(". ", 1)[-1]
+            )
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device here; use device='cpu'.")
+
+
+def dead_window_steps(cfg: VisionSAETrainingConfig) -> int:
+    """SAELens's ``dead_feature_window`` (training steps) for ``cfg``: its tokens over the batch size,
+    or a tenth of the run between 1 and 1000 steps."""
+    if cfg.dead_feature_window_tokens is not None:
+        return max(1, cfg.dead_feature_window_tokens // cfg.train_batch_size)
+    return min(1000, max(1, cfg.training_tokens // cfg.train_batch_size // 10))
+
+
 def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = False) -> dict[str, Any]:
     """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference).
 
@@ -217,31 +244,25 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
 
     rank, world = rank_and_world_size()
     out = Path(cfg.output_dir)
-    ckpt = out / "checkpoints" / "latest"
-    state_file = ckpt / ("state.json" if world == 1 else f"state_rank{rank}_of_{world}.json")
-    state = None
-    if resume:
-        if not state_file.exists():
-            raise ValueError(f"Nothing to resume: no {state_file.name} at {ckpt} (a distributed run resumes with "
-                             "the same number of processes). Run without resume to start.")  # fmt: skip
-        state = json.loads(state_file.read_text())
-        if state["config"] != json.loads(json.dumps(cfg.to_dict())):
-            raise ValueError(f"The config differs from the interrupted run's (saved in {state_file}); "
-                             "resume needs the same config.")  # fmt: skip
+    run_ckpt = RunCheckpoint(out, rank, world)
+    state, ckpt = run_ckpt.load(cfg.to_dict()) if resume else (None, run_ckpt.root)
     torch.manual_seed(cfg.seed)
     model = model or HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
     model.eval()
     all_hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    check_hooks(cfg, model, all_hooks)
     hooks = owned(all_hooks, rank, world)
     if world > 1 and cfg.cache_dir is None:
-        logger.warning("Distributed training without cache_dir: every rank runs the model over all images. "
-                       "Set cache_dir to harvest once, split across ranks.")  # fmt: skip
+        logger.warning(
+            "Distributed training without cache_dir: every rank runs the model over all images. "
+            "Set cache_dir to harvest once, split across ranks."
+        )
     widths = model.hook_shapes(batch_size=1)
     stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
     saes = {}
     for h in hooks:  # seeded per hook: the same SAE whichever rank builds it
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed * 1_000_003 + all_hooks.index(h))
+            torch.manual_seed(cfg.sae_init_seed * 1_000_003 + all_hooks.index(h))
             saes[h] = build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image))
     if not saes:
         logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)
@@ -250,8 +271,8 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
     if state is not None:
         for h, sae in saes.items():
             sae.load_weights_from_checkpoint(ckpt / h)
-    flag = _StopFlag()
-    provider = _CountingStream(stream, flag, skip=state["batches_consumed"] if state else 0)
+    flag = StopFlag()
+    provider = CountingStream(stream, flag, skip=state["batches_consumed"] if state else 0)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.training_tokens,
         train_batch_size_samples=cfg.train_batch_size,
@@ -264,27 +285,47 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
         checkpoint_path=str(out / "checkpoints") if cfg.n_checkpoints else None,
         logger=LoggingConfig(log_to_wandb=cfg.log_to_wandb, wandb_project=cfg.wandb_project),
         n_batches_for_norm_estimate=min(100, max(1, cfg.training_tokens // cfg.train_batch_size // 10)),
+        dead_feature_window=dead_window_steps(cfg),
     )
     trainer = _trainer_class()(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in hooks}, data_provider=provider)
+    if state is None:  # a resumed run has its b_dec in the checkpoint
+        trainer.b_dec_init = cfg.b_dec_init
+        total_steps = max(1, cfg.training_tokens // cfg.train_batch_size)
+        trainer.b_dec_init_batches = min(total_steps, -(-cfg.b_dec_init_tokens // cfg.train_batch_size))
     if state is not None:
         for h, t in trainer.trainers.items():
-            t.load_trainer_state(ckpt / h)
+            load_trainer_state(t, ckpt / h)
         trainer.n_training_samples = state["n_training_samples"]
         trainer.n_training_steps = state["n_training_steps"]
         logger.info("resumed at %d tokens from %s", trainer.n_training_samples, ckpt)
-    with _stop_on_signals(flag):
+
+    def periodic() -> None:
+        if trainer.n_training_steps and run_ckpt.due(
+            trainer.n_training_samples, cfg.checkpoint_every_tokens, cfg.checkpoint_every_seconds
+        ):
+            logger.info(
+                "checkpoint at %d tokens: %s",
+                trainer.n_training_samples,
+                run_ckpt.save(trainer, provider, cfg.to_dict()),
+            )
+
+    provider.before_batch = periodic
+    with stop_on_signals(flag):
         try:
             trained = trainer.fit()
         except TrainingInterrupted:
-            for h, t in trainer.trainers.items():
-                t.save_checkpoint(h, base_path=ckpt)
-            state_file.write_text(json.dumps({
-                "batches_consumed": provider.count, "n_training_steps": trainer.n_training_steps,
-                "n_training_samples": trainer.n_training_samples, "config": cfg.to_dict()}))  # fmt: skip
+            saved = run_ckpt.save(trainer, provider, cfg.to_dict())
             raise TrainingInterrupted(
-                f"Training interrupted after {trainer.n_training_samples} tokens; checkpoint saved to {ckpt}. "
+                f"Training interrupted after {trainer.n_training_samples} tokens; checkpoint saved to {saved}. "
                 "Continue with train_saes(cfg, resume=True) or `sae-vision train ... --resume`."
             ) from None
+        except CorruptShardError as e:  # the state is at a batch boundary: keep the work, then stop
+            saved = run_ckpt.save(trainer, provider, cfg.to_dict())
+            raise CorruptShardError(
+                f"{e} Training stopped after {trainer.n_training_samples} tokens; checkpoint saved to {saved}. "
+                "Rewrite the shard (`sae-vision cache --verify` lists and removes bad shards; rerun `sae-vision "
+                "cache` to rebuild them), then continue with --resume."
+            ) from e
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -292,9 +333,8 @@ def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = F
         sae.save_inference_model(out / hook)
         save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
         logger.info("saved %s to %s", hook, out / hook)
-        shutil.rmtree(ckpt / hook, ignore_errors=True)  # done: its checkpoint must not be resumed later
-    state_file.unlink(missing_ok=True)
+    run_ckpt.clear(hooks)  # done: nothing of these hooks may be resumed later
     barrier()
-    if rank == 0 and ckpt.exists() and not any(ckpt.iterdir()):
-        ckpt.rmdir()
+    if rank == 0:
+        run_ckpt.remove_if_empty()
     return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}

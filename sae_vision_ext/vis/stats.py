@@ -220,8 +220,11 @@ def collect_feature_stats(
     single = not isinstance(saes, (list, tuple, dict))
     sae_list = [saes] if single else list(saes.values() if isinstance(saes, dict) else saes)
     hooks = [s.cfg.metadata.hook_name for s in sae_list]
-    for h in hooks:
+    from ..saes.splice import warn_if_trained_on_another_model
+
+    for h, sae in zip(hooks, sae_list, strict=True):
         model.check_hook_name(h)
+        warn_if_trained_on_another_model(sae, model)
     deepest = deepest_block(hooks)
     stop = None if deepest is None else deepest + 1
     n_classes = n_classes if n_classes is not None else (int(labels.max()) + 1 if labels is not None else 0)
