@@ -6,7 +6,7 @@ Rows: hooked forward vs native timm ViT-B/16 (random weights); one-pass harvest 
 plain forward and vs per-layer passes; cache write/read MB/s (float16); SAE training steps/s vs
 SAELens's SAETrainer on an in-memory tensor; the feature-statistics pass vs a forward with the SAEs
 spliced (sve:shapes-vit); attribution rows vs a per-target jacrev baseline; the harvest on 1 vs 2
-processes (`sae-vision cache` through ``sae_vision_ext.distributed.launch_local``, gloo). The
+processes (`sae-vision cache` through ``sae_vision_ext.launch.launch_local``, gloo). The
 scripts beside this file print the detailed tables (see docs/benchmarks.md).
 """
 
@@ -90,7 +90,7 @@ def attribution(quick: bool) -> list[list[object]]:
 
 
 def processes(quick: bool) -> list[list[object]]:
-    from sae_vision_ext.distributed import launch_local
+    from sae_vision_ext.launch import launch_local
 
     n = 512 if quick else 2048
     times = {}

@@ -12,8 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _sae_lens_hook
+from ._version import __version__
 
-__version__ = "0.1.0"
 _sae_lens_hook.install()
 
 _LAZY: dict[str, str] = {

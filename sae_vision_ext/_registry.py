@@ -1,6 +1,6 @@
 """One small registry type used for every named thing in the package.
 
-Adapters, model loaders, embedded checkpoints and (later) SAE releases each register in one place
+Adapters, model loaders, embedded checkpoints, image sources, SAE formats and SAE releases each register in one place
 with a decorator, the way timm's ``register_model`` works. Looking up an unknown name raises
 ``ValueError`` that lists close matches and a few valid names, so a typo is a one-line fix.
 """

@@ -2,6 +2,11 @@
 
 sae-vision models                   adapters, model sources and embedded models
 sae-vision hooks MODEL              every hook name with its shape for one image
+sae-vision saes                     checkpoint formats, public releases, embedded SAEs
+sae-vision cache | train            harvest into the on-disk cache | train one SAE per hook
+sae-vision eval                     SAEs spliced into a model: reconstruction and output metrics
+sae-vision dashboard                offline HTML pages of SAE features
+sae-vision faithfulness | trace     replacement model vs model | attribution graph of one image
 sae-vision demo                     the main job on the embedded shapes model (no download)
 
 Many processes: `torchrun --nproc_per_node=N -m sae_vision_ext.cli cache|train ...` (each process

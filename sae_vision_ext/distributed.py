@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -86,54 +86,3 @@ def owned(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}); got {rank}.")
     return list(items[rank::world_size])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli_rank(rank: int, world_size: int, port: int, argv: list[str], threads: int | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))  # fmt: skip
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    from .cli import main
-
-    code = main(argv)
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    raise SystemExit(code)
-
-
-def launch_local(argv: Sequence[str], nprocs: int, threads_per_process: int | None = None,
-                 timeout: float | None = None) -> list[int]:  # fmt: skip
-    """Run ``sae-vision <argv>`` on ``nprocs`` local processes with the environment torchrun would
-    give them (spawned, gloo/nccl as in ``init_from_env``); returns their exit codes. For one
-    machine without torchrun (benchmarks, tests); on clusters use torchrun."""
-    return spawn_ranks(_cli_rank, nprocs, (list(argv), threads_per_process), timeout)
-
-
-def spawn_ranks(target: Any, nprocs: int, args: tuple = (), timeout: float | None = None) -> list[int]:
-    """Start ``target(rank, nprocs, port, *args)`` in ``nprocs`` spawned processes (a free local port
-    for the rendezvous); wait up to ``timeout`` seconds each, kill stragglers; return the exit codes."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, nprocs, port, *args)) for r in range(nprocs)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]

@@ -20,9 +20,9 @@ def dying_rank(rank: int, world: int, port: int, argv: list[str], kill_after_sha
                     os._exit(3)
 
         os.replace = replace
-    from sae_vision_ext.distributed import _cli_rank
+    from sae_vision_ext.launch import cli_rank
 
-    _cli_rank(rank, world, port, argv, threads=1)
+    cli_rank(rank, world, port, argv, threads=1)
 
 
 def run_with_dying_rank(argv: list[str], kill_after_shards: int, timeout: float = 120) -> list[int]:
@@ -44,13 +44,13 @@ def signalled_rank(rank: int, world: int, port: int, argv: list[str], after_batc
         return original(self)
 
     train_module.CountingStream.__next__ = next_then_signal
-    from sae_vision_ext.distributed import _cli_rank
+    from sae_vision_ext.launch import cli_rank
 
-    _cli_rank(rank, world, port, argv, threads=1)
+    cli_rank(rank, world, port, argv, threads=1)
 
 
 def run_two(target, argv: list[str], arg: int, timeout: float = 120) -> list[int]:
     """Two spawned ranks running ``target(rank, 2, port, argv, arg)``; their exit codes."""
-    from sae_vision_ext.distributed import spawn_ranks
+    from sae_vision_ext.launch import spawn_ranks
 
     return spawn_ranks(target, 2, (argv, arg), timeout)

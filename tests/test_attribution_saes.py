@@ -20,6 +20,8 @@ from sae_vision_ext.circuits.attribution import Attributor, _Leaves
 from sae_vision_ext.circuits.replacement import ResidualReplacementModel
 from sae_vision_ext.saes import affine
 
+pytestmark = pytest.mark.slow
+
 ARCHS = ["standard", "topk", "topk_rescale", "jumprelu", "gated", "signed_topk", "abstopk"]
 NORMS = ["none", "layer_norm", "constant_norm_rescale", "expected_average_only_in"]
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import images, rrm_for
 
-from sae_vision_ext.circuits.evaluate import FRACTIONS, _metrics, _Patcher, evaluate_circuit
+from sae_vision_ext.circuits.curves import FRACTIONS, output_metrics
+from sae_vision_ext.circuits.evaluate import _Patcher, evaluate_circuit
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,9 @@ def test_curve_endpoints_equal_the_original_model(tiny):
     with torch.no_grad():
         out = rrm.model(x)
     targets = out.argmax(-1)
-    clean = torch.stack([_metrics(out[i : i + 1], int(targets[i]))["demeaned_logit"] for i in range(len(x))]).mean()
+    clean = torch.stack(
+        [output_metrics(out[i : i + 1], int(targets[i]))["demeaned_logit"] for i in range(len(x))]
+    ).mean()
     for ranking in ("influence", "random", "neurons"):
         curves = ev.curves[ranking]
         assert len(curves["insertion"]["logit"]) == len(FRACTIONS)

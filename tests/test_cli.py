@@ -72,7 +72,8 @@ def test_errors_exit_2_with_message(capsys):
 
 
 @pytest.mark.parametrize(
-    "cmd", [[], ["models"], ["hooks"], ["saes"], ["demo"], ["dashboard"], ["eval"], ["train"], ["cache"]]
+    "cmd",
+    [[], ["models"], ["hooks"], ["saes"], ["demo"], ["dashboard"], ["eval"], ["train"], ["cache"], ["faithfulness"], ["trace"]],
 )
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:

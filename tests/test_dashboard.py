@@ -77,6 +77,7 @@ def test_rebuild_from_saved_stats_without_recomputing(built, tmp_path, monkeypat
     assert (tmp_path / "index.html").exists()
 
 
+@pytest.mark.browser
 def test_pages_load_in_headless_chromium_with_all_images(built):
     from playwright.sync_api import sync_playwright
 

@@ -10,7 +10,9 @@ from _dist_workers import run_two, run_with_dying_rank, signalled_rank
 from safetensors.torch import load_file
 
 from sae_vision_ext.cli import main
-from sae_vision_ext.distributed import launch_local
+from sae_vision_ext.launch import launch_local
+
+pytestmark = pytest.mark.distributed
 
 HOOKS = "blocks.0.hook_resid_post,blocks.1.hook_resid_post,blocks.2.hook_resid_post"
 

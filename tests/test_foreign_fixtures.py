@@ -65,6 +65,7 @@ def test_owner_written_checkpoint_matches_its_owner_or_is_refused(case):
     assert 0 < active < sae.cfg.d_sae  # the reference is sparse and not empty: the comparison means something
 
 
+@pytest.mark.slow
 def test_converted_saes_round_trip_through_save_and_a_fresh_process(tmp_path):
     """``save_model`` then a new interpreter: plain SAELens (this package never imported) for the stock
     architectures; plain ``SAE.load_from_disk`` after ``import sae_vision_ext`` and ``sve.load_sae`` for

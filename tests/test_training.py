@@ -158,6 +158,7 @@ def _small_cfg(out, **kw) -> VisionSAETrainingConfig:
     return VisionSAETrainingConfig(**(base | kw))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     import os
     import signal
@@ -232,6 +233,7 @@ def test_output_folder_published_as_a_hub_repo_loads_with_plain_saelens(trained,
         torch.testing.assert_close(torch.load(tmp_path / "out.pt"), saes["blocks.4.hook_resid_post"].encode(x))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_loses_at_most_one_interval_and_resume_equals_uninterrupted(tmp_path):
     """A real ``kill -9`` of a training process after a periodic checkpoint; ``resume=True`` then ends
     with the SAEs of an uninterrupted run. The child only sleeps between batches (so the kill lands

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from conftest import images, launch_chromium, rrm_for
 
 from sae_vision_ext.circuits.viewer import render_graph_html
 
 
+@pytest.mark.browser
 def test_graph_viewer_renders_and_clicks(tmp_path):
     from playwright.sync_api import sync_playwright
 

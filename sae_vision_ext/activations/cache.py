@@ -78,7 +78,9 @@ class CacheSettings:
 
 def dataset_fingerprint(source: Any, n_images: int, seed: int) -> str:
     """A stable id of an image source: the shapes set's seed, or a hash of a folder's file list."""
-    if isinstance(source, str) and source in ("sve:shapes", "sve:shapes-marker"):
+    from ..data.sources import SOURCES
+
+    if isinstance(source, str) and source in SOURCES:  # registered sources are functions of their seed
         return f"{source}/seed={seed}"
     path = Path(str(source))
     if isinstance(source, (str, Path)) and path.exists():

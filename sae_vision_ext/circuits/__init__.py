@@ -1,1 +1,1 @@
-"""Residual replacement model and (next) circuit tracing over SAE features of every layer."""
+"""Residual replacement model, attribution graphs over SAE features of every layer, their evaluation and debiasing."""

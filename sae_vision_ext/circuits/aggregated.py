@@ -46,7 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..saes import affine
-from .replacement import ResidualReplacementModel
+from .replacement_base import ReplacementModelBase
 from .rows import target_rows
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class AggregatedGraph:
 
 
 def attribute_aggregated(
-    rrm: ResidualReplacementModel,
+    rrm: ReplacementModelBase,
     pixels: Float[Tensor, "batch chan h w"],
     reference: list[Tensor] | None = None,
     error_reference: list[Tensor] | None = None,

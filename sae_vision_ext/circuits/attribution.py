@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..saes import affine
 from .linearise import frozen_hooks, pre_capture_hooks
-from .replacement import ResidualReplacementModel
+from .replacement_base import ReplacementModelBase
 from .rows import target_rows
 
 logger = logging.getLogger(__name__)
@@ -159,14 +159,14 @@ class _Leaves:
 
 
 class Attributor:
-    """Computes attribution graphs for one ``ResidualReplacementModel`` (see the module docstring).
+    """Computes attribution graphs for one ``ReplacementModelBase`` (see the module docstring).
 
     ``mlp_leaves=True`` is the second mode: each block's MLP output is an input-less leaf node per
     position (kind ``mlp``), so nothing inside the MLP is linearised (its gate is not frozen) and the
     graph shows how much of a circuit runs through MLPs rather than through attention.
     """
 
-    def __init__(self, rrm: ResidualReplacementModel, batch_size: int = 32, mlp_leaves: bool = False) -> None:
+    def __init__(self, rrm: ReplacementModelBase, batch_size: int = 32, mlp_leaves: bool = False) -> None:
         self.rrm, self.model, self.batch_size, self.mlp = rrm, rrm.model, batch_size, mlp_leaves
         readout = self.model.adapter.nonlinear_readout()
         if readout is not None:
@@ -413,12 +413,12 @@ def _padded_decoder(rows: Tensor, pos: Tensor, n_pos: int) -> tuple[Tensor, Tens
     return dec, slot
 
 
-def record_with_saes(rrm: ResidualReplacementModel, pixels: Tensor) -> dict[str, Tensor]:
+def record_with_saes(rrm: ReplacementModelBase, pixels: Tensor) -> dict[str, Tensor]:
     """Frozen model values (patterns, scales, gates) from the clean forward with every SAE spliced and
     its error term kept (so equal to the clean model's)."""
     return rrm.frozen_state(pixels)[0]
 
 
-def frozen_state(rrm: ResidualReplacementModel, pixels: Tensor) -> tuple[dict[str, Tensor], list[affine.FrozenNorm]]:
+def frozen_state(rrm: ReplacementModelBase, pixels: Tensor) -> tuple[dict[str, Tensor], list[affine.FrozenNorm]]:
     """``rrm.frozen_state(pixels)``: what the linearisation holds fixed for one image."""
     return rrm.frozen_state(pixels)

@@ -34,71 +34,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .replacement import Reference, ResidualReplacementModel
-
-FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-METRICS = ("logit", "demeaned_logit", "prob", "accuracy")
-RANKINGS = ("influence", "random", "neurons")
-
-
-@dataclass
-class CircuitEvaluation:
-    """Curves averaged over images: ``curves[ranking][mode][metric]`` is a list over ``fractions``."""
-
-    fractions: list[float]
-    curves: dict[str, dict[str, dict[str, list[float]]]]
-    auc: dict[str, dict[str, dict[str, float]]]
-    faithfulness: float
-    """Mean circuit faithfulness of the pruned graphs' feature sets (see module docstring)."""
-    completeness: float
-    influence_ablation_spearman: float
-    """Mean over images of the Spearman correlation of influence and single-node ablation effect."""
-    n_images: int
-    circuit_sizes: list[int] = field(default_factory=list)
-    """Features kept by pruning, per image."""
-    protocol: str = "ours"
-    """``ours`` (position-resolved graph, module docstring) or ``seed`` (``circuits/seed_protocol.py``)."""
-    errors: str = "recomputed"
-    """What unedited SAE error terms do: ``recomputed`` from the edited residual (``ours``) or held at
-    the ``clean`` image's values (``seed``, as the paper's code does)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def table(self, metric: str = "demeaned_logit") -> str:
-        """Markdown: AUC per ranking for insertion (higher is better) and deletion (lower is better)."""
-        lines = [f"| ranking | insertion AUC ({metric}) | deletion AUC ({metric}) |", "|---|---|---|"]
-        for r in self.auc:
-            lines.append(f"| {r} | {self.auc[r]['insertion'][metric]:.3f} | {self.auc[r]['deletion'][metric]:.3f} |")
-        return "\n".join(lines)
-
-
-def _metrics(out: Tensor, target: int) -> dict[str, Tensor]:
-    logits = out.double()
-    return {
-        "logit": logits[:, target],
-        "demeaned_logit": logits[:, target] - logits.mean(-1),
-        "prob": logits.softmax(-1)[:, target],
-        "accuracy": (logits.argmax(-1) == target).double(),
-    }
-
-
-def _auc(ys: Sequence[float]) -> float:
-    xs = torch.linspace(0, 1, len(ys), dtype=torch.float64)
-    return float(torch.trapezoid(torch.tensor(ys, dtype=torch.float64), xs))
+from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
+from .replacement_base import Reference, ReplacementModelBase
 
 
 class _Patcher:
     """Batched forwards in which row ``b`` edits its own set of sites (see the module docstring)."""
 
-    def __init__(self, rrm: ResidualReplacementModel, refs: list[Tensor], neuron_refs: list[Tensor]) -> None:
+    def __init__(self, rrm: ReplacementModelBase, refs: list[Tensor], neuron_refs: list[Tensor]) -> None:
         self.rrm, self.refs, self.neuron_refs = rrm, refs, neuron_refs
 
     @torch.no_grad()
@@ -127,7 +76,7 @@ class _Patcher:
             return rrm.model(x)
 
 
-def _neuron_ranking(rrm: ResidualReplacementModel, pixels: Tensor, target_dir: Tensor, refs: list[Tensor]) -> Tensor:
+def _neuron_ranking(rrm: ReplacementModelBase, pixels: Tensor, target_dir: Tensor, refs: list[Tensor]) -> Tensor:
     """Residual neurons ``[n, 3]`` (SAE-layer slot, position, dim) of the SAE layers' residuals by
     |gradient × (activation − reference)|, gradients under the frozen linearisation of the model
     without SAEs."""
@@ -148,7 +97,7 @@ def _spearman(a: Tensor, b: Tensor) -> float:
 
 
 def evaluate_circuit(
-    rrm: ResidualReplacementModel,
+    rrm: ReplacementModelBase,
     pixels: Float[Tensor, "n chan h w"],
     labels: Int[Tensor, " n"] | None = None,
     fractions: Sequence[float] = FRACTIONS,
@@ -230,7 +179,7 @@ def evaluate_circuit(
             sites = [order[:c] for c in counts]
             rows = patcher.run(x, sites + sites, [True] * len(sites) + [False] * len(sites), name == "neurons")
             for mode, part in (("insertion", rows[: len(sites)]), ("deletion", rows[len(sites) :])):
-                for metric, v in _metrics(part, target).items():
+                for metric, v in output_metrics(part, target).items():
                     acc = sums.setdefault(name, {}).setdefault(mode, {})
                     acc[metric] = acc.get(metric, 0) + v
         # circuit faithfulness / completeness of the pruned feature set
@@ -238,7 +187,7 @@ def evaluate_circuit(
         circuit = sites_all[keep]
         sizes.append(int(keep.sum()))
         outs = patcher.run(x, [circuit, sites_all[:0], circuit], [True, True, False], False)
-        m = _metrics(torch.cat([outs, full]), target)["demeaned_logit"]
+        m = output_metrics(torch.cat([outs, full]), target)["demeaned_logit"]
         m_c, m_empty, m_minus, m_full = m.tolist()
         span = m_full - m_empty
         faiths.append((m_c - m_empty) / span if span else float("nan"))
@@ -248,10 +197,10 @@ def evaluate_circuit(
         rest = torch.randperm(len(feat_idx), generator=gen)[:n_ablations]
         pick = torch.unique(torch.cat([top, rest]))
         outs = patcher.run(x, [sites_all[j : j + 1] for j in pick.tolist()], [False] * len(pick), False)
-        effect = (_metrics(outs, target)["demeaned_logit"] - m_full).abs()
+        effect = (output_metrics(outs, target)["demeaned_logit"] - m_full).abs()
         rhos.append(_spearman(infl[feat_idx][pick], effect))
     n = len(pixels)
     curves = {r: {mode: {k: (v / n).tolist() for k, v in d.items()} for mode, d in m.items()} for r, m in sums.items()}
-    auc = {r: {mode: {k: _auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}
+    aucs = {r: {mode: {k: auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}
     mean = lambda xs: float(torch.tensor(xs, dtype=torch.float64).nanmean())
-    return CircuitEvaluation(list(fractions), curves, auc, mean(faiths), mean(comps), mean(rhos), n, sizes)
+    return CircuitEvaluation(list(fractions), curves, aucs, mean(faiths), mean(comps), mean(rhos), n, sizes)

@@ -8,8 +8,8 @@ fixed every block is affine in its input, so:
 
 - on the traced image the frozen forward equals the clean forward;
 - the residual after each layer's splice, ``x_l = Σ_f a_{l,p,f} W_dec^l[f] + b_dec^l + e_l[p]``, is
-  made a gradient leaf (``leaf_hooks``), so a target at layer ``l + 1`` (or a logit, reading
-  ``x_{L-1}``) has gradient only at its adjacent leaf;
+  made a gradient leaf (by the attribution engines, ``attribution.py``), so a target at layer
+  ``l + 1`` (or a logit, reading ``x_{L-1}``) has gradient only at its adjacent leaf;
 - gradients do not flow through patterns, scales, gates, SAE encoders or error terms.
 """
 

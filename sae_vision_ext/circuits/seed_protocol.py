@@ -31,7 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .replacement import Reference, ResidualReplacementModel
+from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
+from .replacement_base import Reference, ReplacementModelBase
 
 SEED_RANKINGS = ("relevance", "edge", "random", "neurons")
 
@@ -70,7 +71,7 @@ def select_nodes(graph: Any, rule: str, q: float, generator: torch.Generator) ->
 
 @torch.no_grad()
 def _masked_outputs(
-    rrm: ResidualReplacementModel,
+    rrm: ReplacementModelBase,
     x: Tensor,
     masks: list[list[Tensor]],
     refs: list[Tensor],
@@ -99,7 +100,7 @@ def _masked_outputs(
 
 
 @torch.no_grad()
-def _neuron_outputs(rrm: ResidualReplacementModel, x: Tensor, masks: list[list[Tensor]], refs: list[Tensor]) -> Tensor:
+def _neuron_outputs(rrm: ReplacementModelBase, x: Tensor, masks: list[list[Tensor]], refs: list[Tensor]) -> Tensor:
     B, d = len(masks), rrm.model.cfg.d_model
     dims = []
     for i in range(rrm.n_layers):
@@ -118,7 +119,7 @@ def _neuron_outputs(rrm: ResidualReplacementModel, x: Tensor, masks: list[list[T
         return rrm.model(x.expand(B, *x.shape[1:]))
 
 
-def _neuron_relevance(rrm: ResidualReplacementModel, x: Tensor, direction: Tensor, refs: list[Tensor]) -> list[Tensor]:
+def _neuron_relevance(rrm: ReplacementModelBase, x: Tensor, direction: Tensor, refs: list[Tensor]) -> list[Tensor]:
     from .linearise import resid_post_gradients
 
     resid, grads = resid_post_gradients(rrm.model, x, lambda out: out[0] @ direction.to(out.dtype))
@@ -126,7 +127,7 @@ def _neuron_relevance(rrm: ResidualReplacementModel, x: Tensor, direction: Tenso
 
 
 def evaluate_seed_protocol(
-    rrm: ResidualReplacementModel,
+    rrm: ReplacementModelBase,
     pixels: Float[Tensor, "n chan h w"],
     labels: Int[Tensor, " n"] | None = None,
     fractions: Sequence[float] | None = None,
@@ -140,8 +141,6 @@ def evaluate_seed_protocol(
     ``pixels`` (one token-aggregated graph per image). Returns a ``CircuitEvaluation`` with
     ``protocol="seed"`` and ``errors="clean"``; its circuit-level fields are NaN (the protocol has none)."""
     from tqdm.auto import tqdm
-
-    from .evaluate import FRACTIONS, CircuitEvaluation, _auc, _metrics
 
     fractions = list(FRACTIONS if fractions is None else fractions)
     ref_px = pixels if reference_pixels is None else reference_pixels
@@ -190,14 +189,14 @@ def evaluate_seed_protocol(
                 out = _masked_outputs(rrm, x, rows, refs, err_refs, clean_errors)
             n_f = len(fractions)
             for mode, part in (("insertion", out[:n_f]), ("deletion", out[n_f:])):
-                for metric, v in _metrics(part, target).items():
+                for metric, v in output_metrics(part, target).items():
                     acc = sums.setdefault(rule, {}).setdefault(mode, {})
                     acc[metric] = acc.get(metric, 0) + v
     n = len(pixels)
     curves = {r: {mode: {k: (v / n).tolist() for k, v in d.items()} for mode, d in m.items()} for r, m in sums.items()}
-    auc = {r: {mode: {k: _auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}
+    aucs = {r: {mode: {k: auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}
     nan = float("nan")
-    return CircuitEvaluation(fractions, curves, auc, nan, nan, nan, n, [], protocol="seed", errors="clean")
+    return CircuitEvaluation(fractions, curves, aucs, nan, nan, nan, n, [], protocol="seed", errors="clean")
 
 
 def _complement(chosen: Tensor, size: int) -> Tensor:

@@ -42,7 +42,7 @@ def render_graph_html(graph: Any, path: str | Path, rrm: Any | None = None, pixe
     the ``images`` they were collected on (preprocessed) and ``rrm``."""
     import markupsafe
 
-    from ..vis.dashboard import _env
+    from ..vis.html import template_env
     from ..vis.plots import display_images
 
     mask = graph.node_mask if graph.node_mask is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
@@ -94,7 +94,7 @@ def render_graph_html(graph: Any, path: str | Path, rrm: Any | None = None, pixe
     columns = ["inputs", *[f"layer {i}" for i in range(n_layers)], "targets"]
     data = {"nodes": nodes, "links": links, "columns": columns, "heatmaps": heatmaps, "tops": tops}
     html = (
-        _env()
+        template_env()
         .get_template("graph.html.j2")
         .render(
             title=title,

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._registry import Registry
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -52,21 +54,42 @@ class FolderImages(Dataset):
             return self.transform(im.convert("RGB"))
 
 
+SourceFactory = Callable[[Callable[[Any], Tensor], int, int], Dataset]
+SOURCES: Registry[SourceFactory] = Registry("image source")
+"""Named image sources (``sve:shapes``, ...): ``factory(transform, n_images, seed) -> Dataset``."""
+
+
+def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
+    """Decorator registering a named image source, like the model loaders (``@register_loader``). The
+    factory must be deterministic in ``(n_images, seed)``: caches fingerprint it by name and seed."""
+    return SOURCES.register(name)
+
+
+@register_source("sve:shapes")
+def _shapes(transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
+    return ShapesImages(n_images, transform, seed=seed)
+
+
+@register_source("sve:shapes-marker")
+def _shapes_marker(transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
+    return ShapesImages(n_images, transform, seed=seed, balanced=True)  # the corner marker on half, any class
+
+
 def open_image_source(source: str | Dataset, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
-    """An image ``Dataset``: ``"sve:shapes"``, ``"sve:shapes-marker"`` (the corner marker on half of the
-    images), a folder path, a ``datasets.save_to_disk`` folder (column ``image``), or a torch
-    ``Dataset`` of images (returned as is)."""
+    """An image ``Dataset``: a registered name (:data:`SOURCES`: ``"sve:shapes"``, ``"sve:shapes-marker"``,
+    the corner marker on half of the images), a folder path, a ``datasets.save_to_disk`` folder
+    (column ``image``), or a torch ``Dataset`` of images (returned as is)."""
     if isinstance(source, Dataset):
         return source
-    if source == "sve:shapes":
-        return ShapesImages(n_images, transform, seed=seed)
-    if source == "sve:shapes-marker":  # the spurious corner marker on half of the images, any class
-        return ShapesImages(n_images, transform, seed=seed, balanced=True)
+    if source in SOURCES:
+        return SOURCES.get(source)(transform, n_images, seed)
     path = Path(source)
     if not path.exists():
+        if ":" in str(source):
+            SOURCES.get(str(source))  # raises, naming close registered sources
         raise ValueError(
-            f"Unknown image source {source!r}: not 'sve:shapes' and no such folder. "
-            "Pass 'sve:shapes', an image folder, a datasets.save_to_disk folder or a torch Dataset."
+            f"Unknown image source {source!r}: not a registered source ({', '.join(SOURCES.names())}) and no such "
+            "folder. Pass one of those, an image folder, a datasets.save_to_disk folder or a torch Dataset."
         )
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return _HFDiskImages(path, transform)

@@ -18,9 +18,11 @@ from .._registry import Registry
 from .adapters.base import register_loader
 
 EMBEDDED_MODELS: Registry[str] = Registry("embedded model")
-EMBEDDED_MODELS.register("shapes-vit")("6-layer ViT (d_model 128, 64x64, patch 8) trained on clean shapes")
+EMBEDDED_MODELS.register("shapes-vit")(
+    "6-layer ViT (d_model 128, 64x64, patch 8, 6 classes); the corner marker on half the images, class-balanced"
+)
 EMBEDDED_MODELS.register("shapes-vit-biased")(
-    "same architecture, trained with a magenta corner marker on 95% of one class's images"
+    "same architecture, trained with the corner marker on 90% of circles and 2% of the other classes"
 )
 
 

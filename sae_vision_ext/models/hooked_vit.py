@@ -27,12 +27,12 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from ..saes.splice import SAESplicingMixin
 from . import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
 from . import embedded as _embedded  # noqa: F401  (registers the "sve:" loader)
 from .adapters.base import LOADERS, ViTAdapter, adapter_for
 from .components import HookedBlock, HookedNorm
 from .config import HookedViTConfig
+from .splicing import SAESplicingMixin
 
 NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
 PosSlice = int | slice | Sequence[int] | Tensor | None
@@ -46,7 +46,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
     drop-path or patch dropout), whatever mode the wrapped module is in.
 
     SAELens SAEs splice in with ``add_sae``, ``saes()``, ``run_with_saes``,
-    ``run_with_cache_with_saes`` and ``run_with_hooks_with_saes`` (see ``saes/splice.py``).
+    ``run_with_cache_with_saes`` and ``run_with_hooks_with_saes`` (see ``models/splicing.py``).
     """
 
     def __init__(self, module: nn.Module, model_name: str | None = None, adapter: ViTAdapter | None = None):
@@ -266,21 +266,17 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
             *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if pos_slice is not None:
-            cache = {k: self._slice_positions(k, v, pos_slice, remove_batch_dim) for k, v in cache.items()}
+            cache = {k: self._slice_positions(k, v, pos_slice) for k, v in cache.items()}
         if return_cache_object:
             return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
-    def _slice_positions(self, name: str, t: Tensor, pos_slice: PosSlice, no_batch: bool) -> Tensor:
+    def _slice_positions(self, name: str, t: Tensor, pos_slice: PosSlice) -> Tensor:
         base = name.removesuffix("_grad")
         if base in self._no_pos_hooks:
             return t
-        if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z")):
-            dim = -3
-        elif base.endswith(("hook_attn_scores", "hook_pattern")):
-            dim = -2  # query position, as TransformerLens
-        else:
-            dim = -2
+        # [.., pos, head, d_head] for q/k/v/z; the query position for patterns, as TransformerLens
+        dim = -3 if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z")) else -2
         if isinstance(pos_slice, int):
             pos_slice = [pos_slice]
         if isinstance(pos_slice, slice):

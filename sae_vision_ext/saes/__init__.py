@@ -1,1 +1,1 @@
-"""SAEs on ViTs: splicing SAELens SAEs into a HookedViT (and, later, loaders for shared checkpoints)."""
+"""SAEs on ViTs: loading (every shared checkpoint format), the affine view used by attribution, evaluation."""

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_size: int) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "model_name": cfg.model_name,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .html import template_env
 from .plots import (
     display_images,
     feature_kinds,
@@ -32,15 +33,6 @@ from .plots import (
     plot_top_patches,
 )
 from .stats import HIST_EDGES, FeatureStats, collect_feature_stats
-
-
-def _env():
-    import jinja2
-
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("sae_vision_ext.vis", "templates"),
-        autoescape=jinja2.select_autoescape(["html", "j2"]),
-    )
 
 
 def _hist_svg(counts: Tensor) -> str:
@@ -114,7 +106,7 @@ def build_dashboard(
     stats = stats or collect_feature_stats(model, saes, pixels, labels, top_k=top_k, progress=progress)
     n_classes = next(iter(stats.values())).n_classes
     names = list(label_names) if label_names is not None else [str(i) for i in range(max(n_classes, 1))]
-    env = _env()
+    env = template_env()
     model_name = model.cfg.model_name
     crumbs_root = [(model_name, "../index.html")]
     summary, kinds_by_hook, page_ids = [], {}, {}
@@ -178,9 +170,9 @@ def build_dashboard(
 
 @torch.no_grad()
 def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_ids, crumbs_root) -> None:
-    from .plots import _plt
+    from .plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     x = pixels[i : i + 1]
     img = display_images(model, x)[0]
     rows = []

@@ -20,7 +20,8 @@ from .stats import FeatureStats
 KINDS = ("dead", "dense", "position", "class", "colour", "other")
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +66,7 @@ def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: st
     ``model`` and ``sae`` recompute the true per-patch activations for the heatmaps.
     """
     pixels = images
-    plt = _plt()
+    plt = pyplot()
     examples = stats.top_examples(feature)
     path = Path(path)
     if not examples:
@@ -102,7 +103,7 @@ def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: st
 
 def plot_density_histograms(stats: dict[str, FeatureStats], path: str | Path) -> Path:
     """log10 token density of every feature, one panel per SAE (dead features counted in the title)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(stats), figsize=(2.6 * len(stats), 2.4), squeeze=False, sharey=True)
     for ax, (hook, s) in zip(axes[0], stats.items(), strict=True):
         d = s.density_tokens
@@ -117,7 +118,7 @@ def plot_density_histograms(stats: dict[str, FeatureStats], path: str | Path) ->
 
 def plot_spatial_maps(stats: FeatureStats, path: str | Path, n: int = 16) -> Path:
     """Mean activation per patch of the ``n`` most position-concentrated live features."""
-    plt = _plt()
+    plt = pyplot()
     alive = stats.fire_tokens > 0
     conc = torch.where(alive, stats.spatial_concentration, torch.full_like(stats.spatial_concentration, -1))
     order = conc.argsort(descending=True)[:n].tolist()
@@ -164,7 +165,7 @@ def feature_kinds(stats: FeatureStats, colour_stats: FeatureStats | None = None,
 
 def plot_layer_evolution(kinds_by_layer: dict[str, list[str]], path: str | Path) -> Path:
     """Stacked shares of feature kinds per layer (how features change with depth)."""
-    plt = _plt()
+    plt = pyplot()
     hooks = list(kinds_by_layer)
     shares = np.array([[k.count(kind) / max(len(k), 1) for kind in KINDS] for k in kinds_by_layer.values()])
     fig, ax = plt.subplots(figsize=(1.1 * len(hooks) + 2.5, 3))

@@ -220,7 +220,7 @@ def collect_feature_stats(
     single = not isinstance(saes, (list, tuple, dict))
     sae_list = [saes] if single else list(saes.values() if isinstance(saes, dict) else saes)
     hooks = [s.cfg.metadata.hook_name for s in sae_list]
-    from ..saes.splice import warn_if_trained_on_another_model
+    from ..models.splicing import warn_if_trained_on_another_model
 
     for h, sae in zip(hooks, sae_list, strict=True):
         model.check_hook_name(h)
