@@ -73,7 +73,19 @@ def test_errors_exit_2_with_message(capsys):
 
 @pytest.mark.parametrize(
     "cmd",
-    [[], ["models"], ["hooks"], ["saes"], ["demo"], ["dashboard"], ["eval"], ["train"], ["cache"], ["faithfulness"], ["trace"]],
+    [
+        [],
+        ["models"],
+        ["hooks"],
+        ["saes"],
+        ["demo"],
+        ["dashboard"],
+        ["eval"],
+        ["train"],
+        ["cache"],
+        ["faithfulness"],
+        ["trace"],
+    ],
 )
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
