@@ -23,6 +23,11 @@ from collections.abc import Sequence
 from ._errors import TrainingInterrupted
 
 
+def _step(message: str) -> None:
+    """One progress line on stderr (stdout keeps the results)."""
+    print(f"[sae-vision] {message}...", file=sys.stderr, flush=True)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import LOADERS, list_adapters, list_embedded_models
 
@@ -226,6 +231,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    _step("loading the model and its SAEs")
     rrm = _rrm(args)
     model = rrm.model
     if args.image:
@@ -236,13 +242,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     else:
         pixels, _, _ = _load_images(model, "sve:shapes", args.shapes_index + 1, args.seed)
         pixels = pixels[args.shapes_index : args.shapes_index + 1]
+    _step("attributing (one row per active feature)")
     graph = rrm.attribute(
-        pixels, target=args.target, max_feature_nodes=args.max_feature_nodes, mlp_leaves=args.mlp_leaves
+        pixels, target=args.target, max_feature_nodes=args.max_feature_nodes, mlp_leaves=args.mlp_leaves, progress=True
     )
+    _step(f"pruning {graph.n_nodes} nodes, {graph.adjacency._nnz()} edges")
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pruned.to_json(str(out / "graph.json"), slug=Path(args.image).stem if args.image else "shapes")
     from .circuits.viewer import render_graph_html
 
     stats = ref = None
@@ -250,16 +257,19 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         from .vis.stats import collect_feature_stats
 
         ref, _, _ = _load_images(model, "sve:shapes", args.reference_images, args.seed + 1)
-        stats = collect_feature_stats(model, rrm.saes, ref, top_k=4, progress=False)
+        stats = collect_feature_stats(model, rrm.saes, ref, top_k=4, progress=True)
+    slug = Path(args.image).stem if args.image else f"shapes-{args.shapes_index}"
+    _step("writing circuit-tracer's files and the viewer")
+    exported = pruned.to_json(out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref)
     render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref)
-    from .circuits.graph_ops import influence, normalised_abs
+    from .circuits.graph_ops import node_influence
 
-    infl = influence(normalised_abs(graph.adjacency), graph.weights)
+    infl = node_influence(graph)
     feats = [i for i, k in enumerate(graph.node_kind) if k == "feature"]
     top = sorted(feats, key=lambda i: -float(infl[i]))[:10]
     summary = {
         "target": graph.target_names, "n_nodes": graph.n_nodes, "n_edges": int(graph.adjacency._nnz()),
-        "kept_nodes": int(pruned.node_mask.sum()), "kept_edges": int(pruned.edge_mask.sum()),
+        "kept_nodes": len(exported["nodes"]), "kept_edges": len(exported["links"]),
         "scores": pruned.scores(),
         "top_features": [{"layer": int(graph.node_layer[i]), "position": int(graph.node_pos[i]),
                           "feature": int(graph.node_feature[i]), "activation": float(graph.activation[i]),
@@ -269,7 +279,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     print(f"traced {graph.target_names[0]}: {graph.n_nodes} nodes, {summary['n_edges']} edges; kept "
           f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges")  # fmt: skip
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
-    print(f"graph (circuit-tracer JSON): {(out / 'graph.json').resolve()}")
+    ct_dir = (out / "circuit-tracer").resolve()
+    serve = f"from circuit_tracer.frontend.local_server import serve; serve('{ct_dir}', port=8032).server_thread.join()"
+    print(f"circuit-tracer files: {ct_dir}")
+    print(f'  open them in its frontend: python -c "{serve}", then http://localhost:8032')
     print(f"viewer (open from disk): {(out / 'graph.html').resolve()}")
     return 0
 

@@ -113,8 +113,8 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
               f"{row['accuracy']:.3f} ({row['accuracy_clean']:.3f})")  # fmt: skip
     graph = rrm.attribute(pixels[:1], batch_size=64)
     pruned = graph.prune()
-    path = Path(out_dir) / "graph.json"
-    pruned.to_json(str(path), slug="shapes-demo")
+    path = Path(out_dir) / "circuit-tracer" / "shapes-demo.json"
+    pruned.to_json(path, rrm=rrm)
     s = pruned.scores()
     label = SHAPES[int(labels[0])]
     print(
@@ -125,7 +125,7 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
         f"scores: replacement {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), "
         f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
     )
-    print(f"graph (circuit-tracer JSON): {path.resolve()}")
+    print(f"graph (circuit-tracer's files; serve the folder with its local_server): {path.parent.resolve()}")
     from .circuits.viewer import render_graph_html
 
     viewer = render_graph_html(pruned, Path(out_dir) / "graph.html", rrm, pixels[:1],

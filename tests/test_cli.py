@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -31,7 +32,11 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert acc > 0.7
     assert "explained var" in out and (tmp_path / "dashboard" / "index.html").exists()
     assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
-    assert "Residual replacement model" in out and (tmp_path / "graph.json").exists()
+    assert "Residual replacement model" in out and (tmp_path / "circuit-tracer" / "shapes-demo.json").exists()
+    assert (
+        json.loads((tmp_path / "circuit-tracer" / "graph-metadata.json").read_text())["graphs"][0]["slug"]
+        == "shapes-demo"
+    )
     assert (tmp_path / "graph.html").exists()
     assert "associated with 'circle'" in out and "debiased" in out
 
@@ -107,12 +112,16 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["scores"]["replacement"] <= 1 and 0 < summary["scores"]["completeness_pruned"] <= 1
     assert summary["kept_nodes"] < summary["n_nodes"] and len(summary["top_features"]) == 10
-    graph = json.loads((tmp_path / "graph.json").read_text())
-    assert len(graph["nodes"]) == summary["kept_nodes"]
-    assert (tmp_path / "graph.html").stat().st_size > 10_000
+    graph = json.loads((tmp_path / "circuit-tracer" / "shapes-3.json").read_text())
+    assert len(graph["nodes"]) == summary["kept_nodes"] and len(graph["links"]) == summary["kept_edges"]
+    assert graph["metadata"]["scan"] == "./data/features"
+    codes = {n["feature"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert {int(f.stem) for f in (tmp_path / "circuit-tracer" / "features").glob("*.json")} == codes
     html = (tmp_path / "graph.html").read_text()
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S)[1])
-    assert data["tops"] and all(n.get("tops") in data["tops"] for n in data["nodes"] if n["kind"] == "feature")
+    assert len(data["nodes"]) == summary["kept_nodes"]
+    features = {f"{n['l']}_{n['f']}" for n in data["nodes"] if n["k"] == "feature"}
+    assert data["tops"] and set(data["tops"]) == features and set(data["maps"]) == features
 
 
 def test_trace_with_budget_and_mlp_leaves(tmp_path):
@@ -120,7 +129,7 @@ def test_trace_with_budget_and_mlp_leaves(tmp_path):
 
     args = ["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path)]
     assert main([*args, "--max-feature-nodes", "128", "--mlp-leaves"]) == 0
-    graph = json.loads((tmp_path / "graph.json").read_text())
+    graph = json.loads((tmp_path / "circuit-tracer" / "shapes-0.json").read_text())
     kinds = {n["feature_type"] for n in graph["nodes"]}
     assert "mlp output" in kinds and "cross layer transcoder" in kinds
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,13 +79,19 @@ class AttributionGraph:
     target_classes: list[int] = field(default_factory=list)
     """Class of each target when targets are (demeaned) class logits."""
     weights: Tensor | None = None
-    """Target weights ``w`` for influence (softmax probability of each target's class)."""
+    """Target weights ``w`` for influence (softmax probability of each target's class, normalised)."""
+    target_probs: Tensor | None = None
+    """The model's softmax probability of each target's class (NaN for targets that are not classes)."""
     n_prefix: int = 1
     has_cls: bool = True
     grid: tuple[int, int] = (1, 1)
     node_mask: Tensor | None = None
     """Kept nodes after ``prune`` (``None``: unpruned)."""
     edge_mask: Tensor | None = None
+    cumulative_influence: Tensor | None = None
+    """After ``prune``: each node's cumulative influence share (circuit-tracer's exported ``influence``)."""
+    pruning: tuple[float, float] | None = None
+    """``(node_threshold, edge_threshold)`` of ``prune``."""
 
     @property
     def n_nodes(self) -> int:
@@ -99,8 +106,16 @@ class AttributionGraph:
 
         from .graph_ops import prune
 
-        nodes, edges = prune(self, node_threshold, edge_threshold)
-        return replace(self, node_mask=nodes, edge_mask=edges)
+        result = prune(self, node_threshold, edge_threshold)
+        pruned = replace(
+            self,
+            node_mask=result.node_mask,
+            edge_mask=result.edge_mask,
+            cumulative_influence=result.cumulative_scores,
+            pruning=(node_threshold, edge_threshold),
+        )
+        pruned.__dict__["_influence_cache"] = self.__dict__.get("_influence_cache", {})  # same adjacency
+        return pruned
 
     def scores(self) -> dict[str, float]:
         """Replacement and completeness, unpruned and (if pruned) pruned."""
@@ -111,11 +126,16 @@ class AttributionGraph:
             out |= {f"{k}_pruned": v for k, v in scores(self, self.node_mask).items()}
         return out
 
-    def to_json(self, path: str, slug: str = "vit-graph") -> dict:
-        """circuit-tracer's graph JSON (pruned nodes and edges left out when pruned)."""
-        from .graph_ops import to_circuit_tracer_json
+    def to_json(self, path: str | Path, **kwargs: Any) -> dict[str, Any]:
+        """Write circuit-tracer's files for this graph and return the graph JSON: ``path`` is
+        ``<dir>/<slug>.json`` (``graph-metadata.json`` and ``features/`` go beside it, as
+        circuit-tracer's server reads them); keyword arguments as in ``export.write_circuit_tracer``."""
+        from .export import write_circuit_tracer
 
-        return to_circuit_tracer_json(self, path, slug, self.node_mask, self.edge_mask)
+        path = Path(path)
+        if path.suffix != ".json":
+            raise ValueError(f"to_json writes <dir>/<slug>.json; got {str(path)!r}. Pass a path ending in .json.")
+        return write_circuit_tracer(self, path.parent, slug=path.stem, **kwargs)
 
     def aggregate_positions(self) -> tuple[list[tuple[str, int, int]], Tensor]:
         """Token-aggregated view (as the seed paper reports): nodes ``(kind, layer, feature)`` with
@@ -222,6 +242,7 @@ class Attributor:
         targets: Tensor | int | None = None,
         target_names: list[str] | None = None,
         max_feature_nodes: int | None = None,
+        progress: bool = False,
     ) -> AttributionGraph:
         """The graph for one image ``[1, chan, h, w]``.
 
@@ -230,6 +251,7 @@ class Attributor:
         computes every active feature's row. With a budget, target rows come first, then features in
         order of their influence on the targets through the rows computed so far, ``batch_size`` at a
         time (circuit-tracer's exploration); unexplored features stay as source-only nodes.
+        ``progress``: a tqdm bar over the rows.
         """
         if pixels.shape[0] != 1:
             raise ValueError(f"attribute() traces one image; got a batch of {pixels.shape[0]}.")
@@ -255,7 +277,8 @@ class Attributor:
             c = int(clean_out[0].argmax()) if targets is None else int(targets)
             targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1])
             targets[0, c] += 1.0
-            target_names = target_names or [f"class {c} (demeaned logit)"]
+            names = model.cfg.class_names
+            target_names = target_names or [names[c] if c < len(names) else f"class {c}"]
             target_classes = [c]
         targets = targets.to(clean_out.dtype).reshape(-1, clean_out.shape[-1])
 
@@ -362,6 +385,7 @@ class Attributor:
                 idx = torch.tensor([j[1] for j in jobs if j[0] == layer], dtype=torch.long)
                 for start in range(0, len(idx), self.batch_size):
                     compute_rows(layer, idx[start : start + self.batch_size])
+                    bar.update(len(idx[start : start + self.batch_size]))
 
         def adjacency() -> Tensor:
             indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
@@ -370,6 +394,12 @@ class Attributor:
         from .graph_ops import influence, normalised_abs, target_weights
 
         weights = target_weights(kinds, target_classes, clean_out[0] if target_classes else None)
+        from tqdm.auto import tqdm
+
+        n_rows = len(targets) + sum(len(seeds[layer]) for layer in range(L))
+        if max_feature_nodes is not None:
+            n_rows = min(n_rows, len(targets) + max_feature_nodes)
+        bar = tqdm(total=n_rows, desc="attribute", unit="row", disable=not progress)
         run([(L, i) for i in range(len(targets))])
         feature_jobs = [(layer, i) for layer in range(L) for i in range(len(seeds[layer]))]
         if max_feature_nodes is None:
@@ -389,15 +419,33 @@ class Attributor:
                 open_[order] = False
                 n_done += len(order)
                 run([node_of[i] for i in order])
+        bar.close()
         graph = AttributionGraph(
-            node_kind=kinds, node_layer=torch.tensor(layers), node_pos=torch.tensor(poss),
-            node_feature=torch.tensor(feats), activation=torch.tensor(vals, dtype=torch.float64),
-            adjacency=adjacency(), value=value, constant=constant,
+            node_kind=kinds,
+            node_layer=torch.tensor(layers),
+            node_pos=torch.tensor(poss),
+            node_feature=torch.tensor(feats),
+            activation=torch.tensor(vals, dtype=torch.float64),
+            adjacency=adjacency(),
+            value=value,
+            constant=constant,
             target_names=list(target_names or [f"target {i}" for i in range(len(targets))]),
-            target_classes=target_classes, n_prefix=model.cfg.n_prefix_tokens, has_cls=model.cfg.has_cls_token,
-            grid=model.cfg.grid_size, weights=weights,
-        )  # fmt: skip
+            target_classes=target_classes,
+            n_prefix=model.cfg.n_prefix_tokens,
+            has_cls=model.cfg.has_cls_token,
+            grid=model.cfg.grid_size,
+            weights=weights,
+            target_probs=target_probs(target_classes, len(targets), clean_out),
+        )
         return graph
+
+
+def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> Tensor:
+    """The model's probability of each target's class (NaN where targets are not classes)."""
+    out = torch.full((n_targets,), float("nan"), dtype=torch.float64)
+    if len(target_classes) == n_targets:
+        out[:] = torch.softmax(logits[0].double(), -1)[torch.tensor(target_classes, dtype=torch.long)]
+    return out
 
 
 def _padded_decoder(rows: Tensor, pos: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:

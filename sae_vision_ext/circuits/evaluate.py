@@ -149,9 +149,9 @@ def evaluate_circuit(
         target = None if labels is None else int(labels[i])
         graph = rrm.attribute(x, target=target, max_feature_nodes=max_feature_nodes)
         target = graph.target_classes[0]
-        from .graph_ops import influence, normalised_abs
+        from .graph_ops import node_influence
 
-        infl = influence(normalised_abs(graph.adjacency), graph.weights)
+        infl = node_influence(graph)
         feat_idx = torch.tensor([j for j, k in enumerate(graph.node_kind) if k == "feature"], dtype=torch.long)
         slots = slot_of[graph.node_layer[feat_idx]]  # sites name SAE layers by slot (widths may differ)
         sites_all = torch.stack([slots, graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)

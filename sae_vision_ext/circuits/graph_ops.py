@@ -1,4 +1,4 @@
-"""Influence, pruning, scores and export of attribution graphs (circuit-tracer's algorithm).
+"""Influence, pruning and scores of attribution graphs (circuit-tracer's algorithms).
 
 With ``Â = |A| / rowsum|A|`` (rows: targets, columns: sources; zero rows stay zero) and ``w`` the
 target weights (the softmax probability of each target's class when targets are logits, else
@@ -6,9 +6,9 @@ uniform), node influence is ``I = w (Â + Â² + …)``: the share of the target
 flows through each node along all paths. The series is finite because edges only run from a layer
 to the next.
 
-- ``prune``: keep feature nodes by decreasing influence up to a cumulative share
-  ``node_threshold`` of all feature influence, then edges by decreasing ``Â[t, s] · (I_t + w_t)``
-  up to ``edge_threshold``; input, error and target nodes are never pruned.
+- ``prune``: circuit-tracer 0.5.0's ``prune_graph`` (see :func:`prune`): nodes of any kind by
+  influence up to the cumulative share ``node_threshold``, edges up to ``edge_threshold``, then
+  nodes left without kept edges dropped; inputs and targets are always kept.
 - ``scores``: ``replacement`` = Σ_inputs I / (Σ_inputs I + Σ_errors I) (how much of the
   explanation reaches the image rather than stopping at SAE errors); ``completeness`` =
   Σ_n (1 − Σ_err Â[n, err]) (I_n + w_n) / Σ_n (I_n + w_n) (how much of each node's direct input is
@@ -20,34 +20,68 @@ to the next.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 
-def normalised_abs(adjacency: Tensor) -> Tensor:
-    """``|A| / rowsum|A|`` as a sparse tensor (rows with no inputs stay zero)."""
+def edges(adjacency: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(target, source, weight)`` of every stored edge of a sparse adjacency (coalesced order)."""
     a = adjacency.coalesce()
-    idx, vals = a.indices(), a.values().abs()
-    rowsum = torch.zeros(a.shape[0], dtype=vals.dtype).index_add_(0, idx[0], vals)
+    dst, src = a.indices()
+    return dst, src, a.values()
+
+
+def normalised_values(dst: Tensor, vals: Tensor, n_nodes: int) -> Tensor:
+    """``|A| / rowsum|A|`` on the stored edges (rows with no inputs stay zero)."""
+    mag = vals.abs()
+    rowsum = torch.zeros(n_nodes, dtype=mag.dtype).index_add_(0, dst, mag)
+    return mag / rowsum[dst].clamp_min(1e-30)
+
+
+def normalised_abs(adjacency: Tensor) -> Tensor:
+    """``|A| / rowsum|A|`` as a sparse tensor with ``adjacency``'s indices."""
+    a = adjacency.coalesce()
+    dst, _, vals = edges(a)
     return torch.sparse_coo_tensor(
-        idx, vals / rowsum[idx[0]].clamp_min(1e-30), a.shape, check_invariants=False
-    ).coalesce()
+        a.indices(), normalised_values(dst, vals, a.shape[0]), a.shape, is_coalesced=True, check_invariants=False
+    )
+
+
+def propagate(dst: Tensor, src: Tensor, a_hat: Tensor, weights: Tensor, max_steps: int = 1000) -> Tensor:
+    """``w (Â + Â² + …)`` over edge lists sorted by target (coalesced order), by repeated
+    propagation from targets to sources until nothing is left (finite on a layered graph). Each
+    step reads only the edges whose targets lie in the span of nodes still carrying weight, so on a
+    layered graph every edge is read about once."""
+    v = weights.to(a_hat.dtype)
+    total = torch.zeros_like(v)
+    for _ in range(max_steps):
+        live = v.nonzero().squeeze(1)
+        if not len(live):
+            break
+        span = torch.searchsorted(dst, torch.stack([live.min(), live.max() + 1]))
+        lo, hi = int(span[0]), int(span[1])
+        v = torch.zeros_like(v).index_add_(0, src[lo:hi], a_hat[lo:hi] * v[dst[lo:hi]])
+        total += v
+    return total
 
 
 def influence(a_hat: Tensor, weights: Tensor, max_steps: int = 1000) -> Tensor:
-    """``w (Â + Â² + …)`` by repeated propagation (stops when nothing is left to propagate)."""
-    t = a_hat.t().coalesce()
-    v, total = weights.to(a_hat.dtype), torch.zeros_like(weights, dtype=a_hat.dtype)
-    for _ in range(max_steps):
-        v = torch.sparse.mm(t, v[:, None]).squeeze(1)
-        if not v.abs().max() > 0:
-            break
-        total += v
-    return total
+    """``w (Â + Â² + …)`` for a sparse ``Â`` (see :func:`propagate`)."""
+    dst, src, vals = edges(a_hat)
+    return propagate(dst, src, vals, weights, max_steps)
+
+
+def node_influence(graph: Any) -> Tensor:
+    """Influence of every node of ``graph`` on its weighted targets (cached on the graph object)."""
+    cache = graph.__dict__.setdefault("_influence_cache", {})
+    key = id(graph.adjacency)
+    if key not in cache:
+        dst, src, vals = edges(graph.adjacency)
+        cache.clear()
+        cache[key] = propagate(dst, src, normalised_values(dst, vals, graph.n_nodes), graph.weights)
+    return cache[key]
 
 
 def target_weights(node_kind: list[str], target_classes: list[int], logits: Tensor | None = None) -> Tensor:
@@ -63,48 +97,80 @@ def target_weights(node_kind: list[str], target_classes: list[int], logits: Tens
     return w
 
 
-def prune(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> tuple[Tensor, Tensor]:
-    """``(node_mask, edge_mask)`` per the module docstring (edge mask over the coalesced adjacency values)."""
-    a_hat = normalised_abs(graph.adjacency)
-    w = graph.weights
-    infl = influence(a_hat, w)
+class PruneResult(NamedTuple):
+    """circuit-tracer's ``PruneResult``: masks over nodes and over the coalesced adjacency values."""
+
+    node_mask: Tensor
+    edge_mask: Tensor
+    cumulative_scores: Tensor
+    """Per node, the cumulative share of influence of the nodes at least as influential as it
+    (ascending from the most influential node): what circuit-tracer exports as ``influence``."""
+
+
+def _threshold(scores: Tensor, share: float) -> Tensor:
+    """circuit-tracer's ``find_threshold``: the score of the node at which the cumulative share of
+    the descending scores reaches ``share``."""
+    ordered = scores.sort(descending=True).values
+    cum = ordered.cumsum(0) / ordered.sum()
+    index = min(int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype))), len(cum) - 1)
+    return ordered[index]
+
+
+def prune(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+    """circuit-tracer 0.5.0's ``prune_graph`` on the sparse adjacency (same masks, tested against it).
+
+    Nodes are kept when their influence reaches the score at which the descending cumulative share
+    of all nodes' influence passes ``node_threshold`` (inputs and targets always kept); edges among
+    kept nodes are scored ``Â'[t, s] · (I'_t + w_t)`` on the re-normalised pruned graph and kept up
+    to ``edge_threshold``; then, until nothing changes, feature, error and MLP nodes without a kept
+    outgoing edge and feature nodes without a kept incoming edge are dropped with their edges.
+    """
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]; got {value!r}.")
     kinds = graph.node_kind
+    w = graph.weights
+    dst, src, vals = edges(graph.adjacency)
+    infl = node_influence(graph)
+    always = torch.tensor([k in ("input", "target") for k in kinds])
     is_feature = torch.tensor([k == "feature" for k in kinds])
-    keep = ~is_feature
-    feat_idx = is_feature.nonzero().squeeze(1)
-    if len(feat_idx):
-        order = feat_idx[infl[feat_idx].argsort(descending=True)]
-        share = infl[order].cumsum(0) / infl[order].sum().clamp_min(1e-30)
-        n_keep = int((share < node_threshold).sum()) + 1
-        keep[order[:n_keep]] = True
-    a = graph.adjacency.coalesce()
-    src, dst = a.indices()[1], a.indices()[0]
-    alive = keep[src] & keep[dst]
-    score = a_hat.values() * (infl + w)[dst]
-    score = torch.where(alive, score, torch.zeros_like(score))
-    order = score.argsort(descending=True)
-    cum = score[order].cumsum(0) / score.sum().clamp_min(1e-30)
-    n_edges = int((cum < edge_threshold).sum()) + 1
-    edge_mask = torch.zeros_like(alive)
-    edge_mask[order[:n_edges]] = True
-    return keep, edge_mask & alive
+    node_mask = (infl >= _threshold(infl, node_threshold)) | always
+    alive = node_mask[src] & node_mask[dst]
+    a_hat = normalised_values(dst, vals * alive, len(kinds))
+    edge_scores = a_hat * (propagate(dst, src, a_hat, w) + w)[dst]
+    kept_scores = edge_scores[alive]  # the others are zero: they cannot move the threshold
+    edge_mask = (edge_scores >= _threshold(kept_scores, edge_threshold)) & alive if len(kept_scores) else alive
+    n = len(kinds)
+    while True:
+        before = node_mask.clone()
+        edge_mask &= node_mask[src] & node_mask[dst]
+        has_out = torch.zeros(n, dtype=torch.bool).index_fill_(0, src[edge_mask], True)
+        has_in = torch.zeros(n, dtype=torch.bool).index_fill_(0, dst[edge_mask], True)
+        node_mask &= always | has_out
+        node_mask &= ~is_feature | has_in
+        if torch.equal(node_mask, before):
+            break
+    ordered, order = infl.sort(descending=True)
+    cumulative = torch.zeros_like(infl)
+    cumulative[order] = ordered.cumsum(0) / ordered.sum()
+    return PruneResult(node_mask, edge_mask, cumulative)
 
 
 def scores(graph: Any, node_mask: Tensor | None = None) -> dict[str, float]:
     """Replacement and completeness scores; features outside ``node_mask`` count as errors."""
-    a_hat = normalised_abs(graph.adjacency)
+    dst, src, vals = edges(graph.adjacency)
+    a_hat = normalised_values(dst, vals, graph.n_nodes)
     w = graph.weights
-    infl = influence(a_hat, w)
+    infl = node_influence(graph)
     kinds = graph.node_kind
     is_error = torch.tensor([k == "error" for k in kinds])
     if node_mask is not None:
         is_error |= torch.tensor([k == "feature" for k in kinds]) & ~node_mask
     is_input = torch.tensor([k == "input" for k in kinds])
     inp, err = float(infl[is_input].sum()), float(infl[is_error].sum())
-    idx, vals = a_hat.indices(), a_hat.values()
-    err_in = torch.zeros(graph.n_nodes, dtype=vals.dtype).index_add_(0, idx[0], vals * is_error[idx[1]])
+    err_in = torch.zeros(graph.n_nodes, dtype=a_hat.dtype).index_add_(0, dst, a_hat * is_error[src])
     has_inputs = torch.zeros(graph.n_nodes, dtype=torch.bool)
-    has_inputs[idx[0]] = True
+    has_inputs[dst] = True
     mass = (infl + w) * has_inputs
     if node_mask is not None:
         mass = mass * (node_mask | ~torch.tensor([k == "feature" for k in kinds]))
@@ -114,68 +180,4 @@ def scores(graph: Any, node_mask: Tensor | None = None) -> dict[str, float]:
     if is_mlp.any():
         mlp = float(infl[is_mlp].sum())
         out["mlp_share"] = mlp / max(inp + err + mlp, 1e-30)
-    return out
-
-
-def position_label(pos: int, n_prefix: int, has_cls: bool, grid_w: int) -> str:
-    """``CLS``, ``reg{i}`` / ``dist``, or ``p(row,col)`` for patches."""
-    if pos < n_prefix:
-        if has_cls and pos == 0:
-            return "CLS"
-        return f"reg{pos - int(has_cls)}"
-    r, c = divmod(pos - n_prefix, grid_w)
-    return f"p({r},{c})"
-
-
-def to_circuit_tracer_json(graph: Any, path: str | Path, slug: str = "vit-graph", node_mask: Tensor | None = None,
-                           edge_mask: Tensor | None = None, labels: list[str] | None = None) -> dict:  # fmt: skip
-    """Write circuit-tracer's graph JSON (metadata, qParams, nodes, links); returns the dict.
-
-    Node ids: features ``{layer}_{feature}_{pos}``, errors ``{layer}_-1_{pos}``, inputs
-    ``E_{pos}_{pos}``, MLP leaves ``{layer}_mlp_{pos}``, targets ``{n_layers + 1}_{target}_{0}``.
-    Positions are prompt tokens labelled ``CLS``, ``reg{i}``, ``p(row,col)``. Note: circuit-tracer's
-    frontend hides features active on more than 2/3 of positions, which dense vision features often are.
-    """
-    n_pos = int((torch.tensor([k == "input" for k in graph.node_kind])).sum())
-    tokens = labels or [position_label(p, graph.n_prefix, graph.has_cls, graph.grid[1]) for p in range(n_pos)]
-    infl = influence(normalised_abs(graph.adjacency), graph.weights)
-    L = int(graph.node_layer.max())
-    ids, nodes = [], []
-    for i, kind in enumerate(graph.node_kind):
-        layer, pos, feat = int(graph.node_layer[i]), int(graph.node_pos[i]), int(graph.node_feature[i])
-        if kind == "feature":
-            nid, ftype, lay = f"{layer}_{feat}_{pos}", "cross layer transcoder", str(layer)
-        elif kind == "error":
-            nid, ftype, lay = f"{layer}_-1_{pos}", "mlp reconstruction error", str(layer)
-        elif kind == "mlp":
-            nid, ftype, lay = f"{layer}_mlp_{pos}", "mlp output", str(layer)
-        elif kind == "input":
-            nid, ftype, lay = f"E_{pos}_{pos}", "embedding", "E"
-        else:
-            t = i - graph.node_kind.index("target")
-            nid, ftype, lay, pos = f"{L + 1}_{t}_0", "logit", str(L + 1), 0
-        ids.append(nid)
-        if node_mask is not None and not bool(node_mask[i]):
-            continue
-        nodes.append({
-            "node_id": nid, "feature": feat, "layer": lay, "ctx_idx": pos, "feature_type": ftype,
-            "token_prob": float(graph.weights[i]) if kind == "target" else 0.0, "is_target_logit": kind == "target",
-            "run_idx": 0, "reverse_ctx_idx": n_pos - 1 - pos, "jsNodeId": nid,
-            "clerp": graph.target_names[i - graph.node_kind.index("target")] if kind == "target" else "",
-            "influence": float(infl[i]), "activation": float(graph.activation[i]),
-        })  # fmt: skip
-    a = graph.adjacency.coalesce()
-    links = []
-    for j, ((t, s), wgt) in enumerate(zip(a.indices().T.tolist(), a.values().tolist(), strict=True)):
-        if edge_mask is not None and not bool(edge_mask[j]):
-            continue
-        links.append({"source": ids[s], "target": ids[t], "weight": wgt})
-    out = {
-        "metadata": {"slug": slug, "scan": "sae_vision_ext", "prompt_tokens": tokens, "prompt": " ".join(tokens),
-                     "node_threshold": None, "schema_version": 1},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": nodes,
-        "links": links,
-    }  # fmt: skip
-    Path(path).write_text(json.dumps(out))
     return out

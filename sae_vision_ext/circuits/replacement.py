@@ -20,12 +20,21 @@ __all__ = ["Reference", "ResidualReplacementModel"]
 class ResidualReplacementModel(ReplacementModelBase):
     """A ViT with one SAE on the residual stream of each chosen block (see ``ReplacementModelBase``)."""
 
-    def attribute(self, pixels: Tensor, target: Tensor | int | None = None, batch_size: int = 64,
-                  max_feature_nodes: int | None = None, mlp_leaves: bool = False) -> AttributionGraph:  # fmt: skip
+    def attribute(
+        self,
+        pixels: Tensor,
+        target: Tensor | int | None = None,
+        batch_size: int = 64,
+        max_feature_nodes: int | None = None,
+        mlp_leaves: bool = False,
+        progress: bool = False,
+    ) -> AttributionGraph:
         """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
         predicted class, a class id, or output direction(s). ``max_feature_nodes``: budget of feature
-        rows, explored in order of influence (``None``: all). ``mlp_leaves``: MLP outputs as leaf nodes."""
-        return Attributor(self, batch_size, mlp_leaves).attribute(pixels, target, max_feature_nodes=max_feature_nodes)
+        rows, explored in order of influence (``None``: all). ``mlp_leaves``: MLP outputs as leaf nodes.
+        ``progress``: a progress bar over rows."""
+        attributor = Attributor(self, batch_size, mlp_leaves)
+        return attributor.attribute(pixels, target, max_feature_nodes=max_feature_nodes, progress=progress)
 
     def attribute_aggregated(
         self,

@@ -1,12 +1,20 @@
-"""``render_graph_html``: a self-contained, offline HTML view of a (pruned) attribution graph.
+"""``render_graph_html``: a self-contained, offline viewer of an attribution graph over an image.
 
-Layers are columns (inputs, layers 0..L-1, targets), nodes are sized by influence and coloured by
-kind, edges drawn with width and opacity by |weight| (blue positive, red negative). Clicking a
-feature node shows where that feature fires on the traced image (a heatmap computed with the
-SAE's ``encode``), its top patches over a reference image set when feature statistics are given
-(``stats`` from ``collect_feature_stats`` and the ``images`` they were collected on: each top
-image with its hottest patch outlined), and, when a dashboard folder is given, a link to its
-feature page. Everything (data and images) is embedded: no server, no network.
+Layout: one column per layer (inputs, each SAE layer, targets), and inside a column the image's
+patch grid, so a node sits where its token is on the image (prefix tokens, CLS then registers, in a
+row above the grid; the inputs column shows the traced image itself). Nodes are drawn on a canvas
+(thousands stay responsive); only the selected node's edges are drawn (blue raises the target,
+red lowers it, width by |weight|), and the side panel lists its signed inputs and outputs, the
+feature's activation map on the traced image with a colour scale, its top patches over a reference
+set (``stats`` and ``images``), and a link to its dashboard page when that page exists. Hover shows
+a node's label; a slider hides nodes beyond a cumulative-influence share (circuit-tracer's
+``influence``); shift-click selects several nodes and "group" makes them a supernode, kept in the
+browser and downloadable as circuit-tracer's ``qParams.supernodes``. With ``aggregated`` (from
+``rrm.attribute_aggregated``) a second tab draws the paper's token-aggregated circuit as cards.
+
+Node ids, labels and feature codes come from ``nodes.py``; a pruned graph shows what
+``export.write_circuit_tracer`` exports; an unpruned graph shows every node with each node's
+``max_edges_per_node`` strongest inputs and outputs. Everything is embedded: no server, no network.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .graph_ops import influence, normalised_abs, position_label
+from .export import exported_masks
+from .graph_ops import edges, node_influence
+from .nodes import clerps, node_ids, position_labels
 
 
 def _png_data_uri(rgb: np.ndarray) -> str:
@@ -32,93 +43,170 @@ def _png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@torch.no_grad()
-def render_graph_html(graph: Any, path: str | Path, rrm: Any | None = None, pixels: Tensor | None = None,
-                      dashboard_dir: str | None = None, title: str = "attribution graph",
-                      stats: dict[str, Any] | None = None, images: Tensor | None = None,
-                      n_top: int = 4) -> Path:  # fmt: skip
-    """Write the viewer for ``graph`` (its pruning masks are honoured); heatmaps need ``rrm`` and the
-    traced ``pixels`` ``[1, chan, h, w]``; top patches need ``stats`` (``{hook_name: FeatureStats}``),
-    the ``images`` they were collected on (preprocessed) and ``rrm``."""
+def _image_uri(model: Any, pixels: Tensor, max_side: int = 192) -> str:
+    from PIL import Image
+
+    from ..vis.plots import display_images
+
+    rgb = (display_images(model, pixels)[0] * 255).astype(np.uint8)
+    im = Image.fromarray(rgb)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side))
+    return _png_data_uri(np.asarray(im))
+
+
+def strongest_edges(graph: Any, per_node: int) -> Tensor:
+    """Mask over the stored edges keeping, for every node, its ``per_node`` strongest inputs and
+    outputs by |weight| (an edge is kept when either end keeps it)."""
+    dst, src, vals = edges(graph.adjacency)
+    keep = torch.zeros(len(vals), dtype=torch.bool)
+    order = vals.abs().argsort(descending=True)
+    for ends in (dst, src):
+        grouped = order[ends[order].argsort(stable=True)]  # by node, strongest first within a node
+        node = ends[grouped]
+        first = torch.ones_like(node, dtype=torch.bool)
+        first[1:] = node[1:] != node[:-1]
+        start = torch.cummax(torch.where(first, torch.arange(len(node)), torch.zeros_like(node)), 0).values
+        keep[grouped[(torch.arange(len(node)) - start) < per_node]] = True
+    return keep
+
+
+def viewer_data(
+    graph: Any,
+    rrm: Any | None = None,
+    pixels: Tensor | None = None,
+    stats: Mapping[str, Any] | None = None,
+    images: Tensor | None = None,
+    n_top: int = 4,
+    dashboard_dir: str | None = None,
+    base_dir: Path | None = None,
+    aggregated: Any | None = None,
+    max_edges_per_node: int = 40,
+    supernodes: Sequence[Sequence[str]] | None = None,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
+) -> dict[str, Any]:
+    """What the viewer page embeds (see the module docstring)."""
+    ids, labels = node_ids(graph), clerps(graph, feature_labels)
+    raw = (node_influence(graph) + graph.weights).tolist()
+    cum = graph.cumulative_influence.tolist() if graph.cumulative_influence is not None else None
+    if graph.node_mask is not None:
+        shown, edge_keep = exported_masks(graph)
+    else:
+        shown, edge_keep = torch.ones(graph.n_nodes, dtype=torch.bool), strongest_edges(graph, max_edges_per_node)
+    kinds, layers = graph.node_kind, graph.node_layer.tolist()
+    poss, feats, acts = graph.node_pos.tolist(), graph.node_feature.tolist(), graph.activation.tolist()
+    n_pos = sum(k == "input" for k in kinds)
+    index = {i: j for j, i in enumerate(shown.nonzero().squeeze(1).tolist())}
+    maps: dict[str, list[float]] = {}
+    for i, kind in enumerate(kinds):  # each feature's activation at every position (all nodes, pruned or not)
+        if kind == "feature":
+            maps.setdefault(f"{layers[i]}_{feats[i]}", [0.0] * n_pos)[poss[i]] = round(acts[i], 5)
+    first_target = kinds.index("target") if "target" in kinds else len(kinds)
+    nodes = []
+    for i in index:
+        node = {"id": ids[i], "k": kinds[i], "l": layers[i], "p": poss[i], "f": feats[i], "c": labels[i],
+                "a": acts[i], "i": raw[i], "q": cum[i] if cum is not None else None}  # fmt: skip
+        if kinds[i] == "target":
+            node["c"] = graph.target_names[i - first_target]
+            node["p"] = -1
+        nodes.append(node)
+    shown_feats = {f"{n['l']}_{n['f']}" for n in nodes if n["k"] == "feature"}
+    dst, src, vals = edges(graph.adjacency)
+    keep = edge_keep & shown[src] & shown[dst]
+    triples = zip(src[keep].tolist(), dst[keep].tolist(), vals[keep].tolist(), strict=True)
+    links = [[index[s], index[d], round(w, 6)] for s, d, w in triples]
+    data: dict[str, Any] = {
+        "grid": list(graph.grid), "n_prefix": graph.n_prefix, "tokens": position_labels(graph),
+        "layers": sorted({layers[i] for i in range(len(kinds)) if kinds[i] in ("feature", "error", "mlp")}),
+        "targets": graph.target_names, "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
+        "nodes": nodes, "links": links, "maps": {k: maps[k] for k in shown_feats}, "image": None,
+        "refs": {}, "tops": {}, "pages": {}, "supernodes": [list(s) for s in supernodes or []], "aggregated": None,
+    }  # fmt: skip
+    if rrm is not None and pixels is not None:
+        data["image"] = _image_uri(rrm.model, pixels)
+    if stats is not None and images is not None and rrm is not None:
+        used: set[int] = set()
+        for key in shown_feats:
+            layer, feat = (int(x) for x in key.split("_"))
+            hook = f"blocks.{layer}.hook_resid_post"
+            if hook in stats:
+                tops = [(float(a), int(img), int(tok)) for a, img, tok in stats[hook].top_examples(feat)[:n_top]]
+                data["tops"][key] = tops
+                used |= {t[1] for t in tops}
+        data["refs"] = {str(i): _image_uri(rrm.model, images[i : i + 1], 96) for i in sorted(used)}
+    if dashboard_dir is not None:
+        root = Path(base_dir or ".") / dashboard_dir
+        for key in shown_feats:
+            layer, feat = key.split("_")
+            page = f"blocks.{layer}.hook_resid_post/f{feat}.html"
+            if (root / page).exists():  # links only to pages that exist
+                data["pages"][key] = f"{dashboard_dir}/{page}"
+    if aggregated is not None:
+        data["aggregated"] = _aggregated_cards(aggregated)
+    return data
+
+
+def _aggregated_cards(agg: Any, per_layer: int = 6) -> dict[str, Any]:
+    """The paper's token-aggregated circuit: per SAE layer the ``per_layer`` features of largest
+    |relevance| (plus the error node), and the edges among them."""
+    cards, keep = [], []
+    for i, rel in enumerate(agg.relevance):
+        feats = rel[:-1].abs().argsort(descending=True)[:per_layer].tolist()
+        chosen = [f for f in feats if float(rel[f]) != 0] + [len(rel) - 1]
+        keep.append(chosen)
+        for f in chosen:
+            err = f == len(rel) - 1
+            cards.append({"id": f"{agg.layers[i]}_{'err' if err else f}", "layer": agg.layers[i],
+                          "feature": -1 if err else f, "relevance": float(rel[f])})  # fmt: skip
+    links = []
+    for i, e in enumerate(agg.edges[:-1]):
+        for t in keep[i + 1]:
+            for s in keep[i]:
+                w = float(e[t, s])
+                if w != 0:
+                    tid = f"{agg.layers[i + 1]}_{'err' if t == len(agg.relevance[i + 1]) - 1 else t}"
+                    sid = f"{agg.layers[i]}_{'err' if s == len(agg.relevance[i]) - 1 else s}"
+                    links.append([sid, tid, w])
+    return {"cards": cards, "links": links, "target": agg.target_value}
+
+
+def render_graph_html(
+    graph: Any,
+    path: str | Path,
+    rrm: Any | None = None,
+    pixels: Tensor | None = None,
+    dashboard_dir: str | None = None,
+    title: str = "attribution graph",
+    stats: Mapping[str, Any] | None = None,
+    images: Tensor | None = None,
+    n_top: int = 4,
+    aggregated: Any | None = None,
+    max_edges_per_node: int = 40,
+    supernodes: Sequence[Sequence[str]] | None = None,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
+) -> Path:
+    """Write the viewer for ``graph`` to ``path`` (see the module docstring). ``rrm`` and the traced
+    ``pixels`` ``[1, chan, h, w]`` draw the image under the grid; top patches need ``stats``
+    (``{hook_name: FeatureStats}``), the preprocessed ``images`` they were collected on and ``rrm``;
+    ``dashboard_dir`` is relative to ``path``'s folder (only existing pages are linked)."""
     import markupsafe
 
     from ..vis.html import template_env
-    from ..vis.plots import display_images
 
-    mask = graph.node_mask if graph.node_mask is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
-    infl = influence(normalised_abs(graph.adjacency), graph.weights) + graph.weights
-    n_layers = int(graph.node_layer.max())
-    heatmaps: dict[str, str] = {}
-    tops: dict[str, list[dict[str, Any]]] = {}
-    image = feats_by_layer = None
-    if rrm is not None and pixels is not None:
-        image = display_images(rrm.model, pixels)[0]
-        feats_by_layer = rrm.feature_acts(pixels)
-    nodes = []
-    for i in mask.nonzero().squeeze(1).tolist():
-        kind, layer, pos = graph.node_kind[i], int(graph.node_layer[i]), int(graph.node_pos[i])
-        feat = int(graph.node_feature[i])
-        node = {
-            "id": {"feature": f"{layer}_{feat}_{pos}", "error": f"{layer}_-1_{pos}", "input": f"E_{pos}",
-                   "mlp": f"{layer}_mlp_{pos}", "target": f"T_{i}"}[kind],
-            "kind": kind, "layer": layer, "col": layer + 1, "influence": float(infl[i]),
-            "activation": float(graph.activation[i]),
-            "label": graph.target_names[i - graph.node_kind.index("target")] if kind == "target"
-            else position_label(pos, graph.n_prefix, graph.has_cls, graph.grid[1]),
-        }  # fmt: skip
-        if kind == "feature" and image is not None:
-            key = f"{layer}_{feat}"
-            if key not in heatmaps:
-                acts = feats_by_layer[layer][0, graph.n_prefix :, feat].reshape(*graph.grid).cpu().numpy()
-                cell = np.ones((image.shape[0] // graph.grid[0], image.shape[1] // graph.grid[1]))
-                heat = np.kron(acts / max(float(acts.max()), 1e-12), cell)
-                overlay = image * (1 - 0.6 * heat[..., None]) + 0.6 * heat[..., None] * np.array([1.0, 0.2, 0.1])
-                heatmaps[key] = _png_data_uri((overlay.clip(0, 1) * 255).astype(np.uint8))
-            node["heatmap"] = key
-        hook = f"blocks.{layer}.hook_resid_post"
-        if kind == "feature" and stats is not None and images is not None and rrm is not None and hook in stats:
-            key = f"{layer}_{feat}"
-            if key not in tops:
-                tops[key] = [_top_patch(rrm.model, images, i, tok, graph, act)
-                             for act, i, tok in stats[hook].top_examples(feat)[:n_top]]  # fmt: skip
-            node["tops"] = key
-        if kind == "feature" and dashboard_dir is not None:
-            node["link"] = f"{dashboard_dir}/blocks.{layer}.hook_resid_post/f{feat}.html"
-        nodes.append(node)
-    ids = {i: n["id"] for i, n in zip(mask.nonzero().squeeze(1).tolist(), nodes, strict=True)}
-    a = graph.adjacency.coalesce()
-    emask = graph.edge_mask if graph.edge_mask is not None else torch.ones(a._nnz(), dtype=torch.bool)
-    links = [{"source": ids[s], "target": ids[t], "weight": w}
-             for (t, s), w, keep in zip(a.indices().T.tolist(), a.values().tolist(), emask.tolist(), strict=True)
-             if keep and s in ids and t in ids]  # fmt: skip
-    columns = ["inputs", *[f"layer {i}" for i in range(n_layers)], "targets"]
-    data = {"nodes": nodes, "links": links, "columns": columns, "heatmaps": heatmaps, "tops": tops}
+    path = Path(path)
+    data = viewer_data(graph, rrm, pixels, stats, images, n_top, dashboard_dir, path.parent, aggregated,
+                       max_edges_per_node, supernodes, feature_labels)  # fmt: skip
+    n_feat = sum(n["k"] == "feature" for n in data["nodes"])
+    subtitle = f"{len(data['nodes'])} nodes ({n_feat} features), {len(data['links'])} edges"
+    subtitle += f"; target: {', '.join(graph.target_names)}"
     html = (
         template_env()
         .get_template("graph.html.j2")
         .render(
             title=title,
-            subtitle=f"{len(nodes)} nodes, {len(links)} edges; target: {', '.join(graph.target_names)}",
+            subtitle=subtitle,
             data_json=markupsafe.Markup(json.dumps(data).replace("</", "<\\/")),  # "</" escaped: safe in <script>
         )
     )
-    path = Path(path)
     path.write_text(html)
     return path
-
-
-def _top_patch(model: Any, images: Tensor, index: int, token: int, graph: Any, act: float) -> dict[str, Any]:
-    """One top example: the image with its hottest patch outlined (prefix tokens: the whole image)."""
-    from ..vis.plots import display_images
-
-    img = (display_images(model, images[index : index + 1])[0] * 255).astype(np.uint8).copy()
-    if token >= graph.n_prefix:
-        gh, gw = graph.grid
-        ph, pw = img.shape[0] // gh, img.shape[1] // gw
-        r, c = divmod(token - graph.n_prefix, gw)
-        box = img[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw]
-        red = np.array([255, 40, 40], dtype=np.uint8)
-        box[[0, -1], :] = red
-        box[:, [0, -1]] = red
-    label = position_label(token, graph.n_prefix, graph.has_cls, graph.grid[1])
-    return {"src": _png_data_uri(img), "caption": f"image {index}, {label}, {act:.2f}"}

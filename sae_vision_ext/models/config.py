@@ -51,6 +51,9 @@ class HookedViTConfig(ConfigMixin):
     """Adapter that wraps it, e.g. ``timm``, ``open_clip``, ``hf_clip``."""
     device: str = "cpu"
     """Device of the parameters when the model was wrapped (TransformerLens reads ``cfg.device``)."""
+    class_names: tuple[str, ...] = ()
+    """Name of each output class, when the model knows them (HF ``id2label``, timm ImageNet heads, the
+    embedded models); empty otherwise. Graph targets and dashboards use them."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Family-specific facts (pooling type, head kind, ...), for display only."""
 
@@ -98,4 +101,6 @@ class HookedViTConfig(ConfigMixin):
         """As :class:`ConfigMixin`, accepting ``image_size`` as a list (JSON has no tuples)."""
         if "image_size" in d:
             d = {**d, "image_size": tuple(d["image_size"])}
+        if "class_names" in d:
+            d = {**d, "class_names": tuple(d["class_names"])}
         return super().from_dict(d)

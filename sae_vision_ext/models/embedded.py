@@ -59,7 +59,7 @@ def load_embedded(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     if kwargs:
         raise ValueError(f"Embedded models take no extra arguments, got {sorted(kwargs)}.")
     meta = embedded_metadata(name)
-    model = build_shapes_vit(meta["arch"], meta["data_config"])
+    model = build_shapes_vit(meta["arch"], {**meta["data_config"], "label_names": list(meta["classes"])})
     if pretrained:
         from safetensors.torch import load_file
 

@@ -106,6 +106,7 @@ class _HFAdapter(ViTAdapter):
             act_fn=act_fn_name(blocks[0].act),
             final_norm_after_pool=self.final_norm_after_pool,
             source=self.name,
+            class_names=hf_class_names(c, int(getattr(c, "num_labels", 0)) if self.output_kind() == "logits" else 0),
             extra={"hf_class": type(self.module).__name__},
         )
 
@@ -322,3 +323,12 @@ def _image_processor_config(name: str) -> dict[str, Any] | None:
     if "shortest_edge" in size and crop.get("height") and getattr(proc, "do_center_crop", False):
         cfg["crop_pct"] = crop["height"] / size["shortest_edge"]
     return cfg
+
+
+def hf_class_names(config: Any, n_classes: int) -> tuple[str, ...]:
+    """``config.id2label`` of an HF classifier, unless it holds only the ``LABEL_<i>`` placeholders."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(n_classes)]
+    if not n_classes or any(not n for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return ()
+    return tuple(names)

@@ -99,6 +99,7 @@ class TimmViTAdapter(ViTAdapter):
             final_norm_after_pool=self.ln_final() is not None and optional(m.norm) is None,
             dynamic_img_size=bool(getattr(m, "dynamic_img_size", False)),
             source=self.name,
+            class_names=timm_class_names(m),
             extra={"global_pool": m.global_pool, "distilled": self.distilled, "no_embed_class": m.no_embed_class},
         )
 
@@ -168,3 +169,25 @@ def load_timm(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def timm_class_names(model: Any) -> tuple[str, ...]:
+    """Class names of a timm classifier: ``pretrained_cfg["label_names"]`` when set, else timm's own
+    ImageNet label descriptions (first synonym) when the head matches the inferred subset."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    n_classes = int(getattr(model, "num_classes", 0) or 0)
+    names = cfg.get("label_names")
+    if names and len(names) == n_classes:
+        return tuple(str(n) for n in names)
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return ()
+        info = ImageNetInfo(subset)
+        if info.num_classes() != n_classes:
+            return ()
+        return tuple(d.split(",")[0] for d in info.label_descriptions())
+    except (ImportError, ValueError, KeyError, OSError):
+        return ()
