@@ -37,6 +37,9 @@ _LAZY: dict[str, str] = {
     "build_dashboard": "sae_vision_ext.vis.dashboard",
     "ResidualReplacementModel": "sae_vision_ext.circuits.replacement",
     "render_graph_html": "sae_vision_ext.circuits.viewer",
+    "write_circuit_tracer": "sae_vision_ext.circuits.export",
+    "logit_lens": "sae_vision_ext.circuits.logit_lens",
+    "AttributionGraph": "sae_vision_ext.circuits.attribution",
     "evaluate_circuit": "sae_vision_ext.circuits.evaluate",
     "find_spurious_features": "sae_vision_ext.circuits.debias",
     "debias": "sae_vision_ext.circuits.debias",
@@ -51,6 +54,9 @@ if TYPE_CHECKING:
     from .circuits.debias import debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
     from .circuits.replacement import ResidualReplacementModel
+    from .circuits.attribution import AttributionGraph
+    from .circuits.export import write_circuit_tracer
+    from .circuits.logit_lens import logit_lens
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
@@ -112,5 +118,8 @@ __all__ = [
     "register_adapter",
     "register_loader",
     "render_graph_html",
+    "write_circuit_tracer",
+    "logit_lens",
+    "AttributionGraph",
     "train_saes",
 ]

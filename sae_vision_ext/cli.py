@@ -201,8 +201,21 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     saes = [load_sae(r) for r in _sae_refs(args.saes, args.model, model.cfg.n_layers)]
     saes.sort(key=lambda s: s.cfg.metadata.hook_name)
     pixels, labels, names = _load_images(model, args.dataset, args.n_images, args.seed)
+    lens = None
+    if model.adapter.output_kind() == "logits":
+        from .circuits.logit_lens import logit_lens
+
+        _step("logit lens of every feature (16 reference images)")
+        try:
+            lens = logit_lens(model, saes, pixels[:16])
+        except ValueError as e:  # SAEs off the residual stream, or a readout that is not affine
+            print(f"no logit lens: {e}", file=sys.stderr)
+        if names is None and model.cfg.class_names:
+            names = list(model.cfg.class_names)
+    _step("feature statistics and pages")
     index = build_dashboard(model, saes, pixels, args.out, labels=labels, label_names=names, top_k=args.top_k,
-                            n_feature_pages=args.feature_pages, n_image_pages=args.image_pages)  # fmt: skip
+                            n_feature_pages=args.feature_pages, n_image_pages=args.image_pages,
+                            logit_lens=lens)  # fmt: skip
     print(f"dashboard written: {index.resolve()}")
     return 0
 

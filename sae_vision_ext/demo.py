@@ -51,8 +51,9 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
     for layer in range(cfg.n_layers):
         print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
     saes = sae_stage(model, model_id, pixels, labels)
-    dashboard_stage(model, saes, pixels, labels, out_dir)
-    circuit_stage(model, saes, pixels, labels, out_dir)
+    rrm, pruned = circuit_stage(model, saes, pixels, labels, out_dir)
+    dashboard_stage(model, saes, pixels, labels, out_dir, circuit=pruned)
+    viewer_stage(rrm, pruned, pixels, labels, out_dir)
     debias_stage(*((768, 3000) if n_images >= 512 else (256, 256)))  # small runs: a quick version
     return 0
 
@@ -98,7 +99,7 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
     return rows
 
 
-def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
+def circuit_stage(model, saes, pixels, labels, out_dir: str):
     """Stage 4: faithfulness of the pure replacement model and one attribution graph."""
     from pathlib import Path
 
@@ -126,22 +127,52 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str) -> None:
         f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
     )
     print(f"graph (circuit-tracer's files; serve the folder with its local_server): {path.parent.resolve()}")
-    from .circuits.viewer import render_graph_html
+    return rrm, pruned
 
-    viewer = render_graph_html(pruned, Path(out_dir) / "graph.html", rrm, pixels[:1],
-                               dashboard_dir="dashboard", title=f"image 0 ({label})")  # fmt: skip
+
+def viewer_stage(rrm, pruned, pixels, labels, out_dir: str) -> None:
+    """Stage 5: the graph viewer, linked to the dashboard pages of the circuit's features."""
+    from pathlib import Path
+
+    from .circuits.viewer import render_graph_html
+    from .data.shapes import SHAPES
+
+    viewer = render_graph_html(pruned, Path(out_dir) / "graph.html", rrm, pixels[:1], dashboard_dir="dashboard",
+                               title=f"image 0 ({SHAPES[int(labels[0])]})")  # fmt: skip
     print(f"graph viewer (open from disk): {viewer.resolve()}")
 
 
-def dashboard_stage(model, saes, pixels, labels, out_dir: str) -> None:
-    """Stage 3: feature statistics and the offline dashboard."""
+def circuit_features(pruned, per_layer: int = 8) -> dict[str, list[int]]:
+    """The ``per_layer`` most influential features of each layer of a pruned graph (for dashboard pages)."""
+    from .circuits.export import exported_masks
+    from .circuits.graph_ops import node_influence
+
+    shown, _ = exported_masks(pruned)
+    infl = node_influence(pruned)
+    out: dict[str, list[int]] = {}
+    order = infl.argsort(descending=True).tolist()
+    for i in order:
+        if pruned.node_kind[i] == "feature" and bool(shown[i]):
+            feats = out.setdefault(f"blocks.{int(pruned.node_layer[i])}.hook_resid_post", [])
+            f = int(pruned.node_feature[i])
+            if f not in feats and len(feats) < per_layer:
+                feats.append(f)
+    return out
+
+
+def dashboard_stage(model, saes, pixels, labels, out_dir: str, circuit=None) -> None:
+    """Stage 4: feature statistics, the logit lens and the offline dashboard (pages for the features a
+    user looks for, and for the traced circuit's features)."""
     from pathlib import Path
 
+    from .circuits.logit_lens import logit_lens
     from .data.shapes import SHAPES
     from .vis.dashboard import build_dashboard
 
+    lens = logit_lens(model, saes, pixels[:16])
+    extra = circuit_features(circuit) if circuit is not None else None
     index = build_dashboard(model, saes, pixels, Path(out_dir) / "dashboard", labels=labels, label_names=SHAPES,
-                            n_feature_pages=8, n_image_pages=6)  # fmt: skip
+                            n_feature_pages=8, n_image_pages=6, logit_lens=lens, extra_features=extra)  # fmt: skip
     print(f"\nDashboard (open from disk, no server needed): {index.resolve()}")
 
 

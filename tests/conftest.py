@@ -21,6 +21,7 @@ with install_import_hook("sae_vision_ext", "beartype.beartype"):  # imported und
     import sae_vision_ext.circuits.attribution
     import sae_vision_ext.circuits.debias
     import sae_vision_ext.circuits.evaluate
+    import sae_vision_ext.circuits.logit_lens
     import sae_vision_ext.circuits.replacement
     import sae_vision_ext.circuits.seed_protocol
     import sae_vision_ext.models

@@ -10,8 +10,9 @@ import torch
 from conftest import launch_chromium
 
 import sae_vision_ext as sve
-from sae_vision_ext.vis.dashboard import build_dashboard
-from sae_vision_ext.vis.stats import FeatureStats
+from sae_vision_ext.circuits.logit_lens import logit_lens, top_bottom
+from sae_vision_ext.vis.dashboard import build_dashboard, choose_feature_pages
+from sae_vision_ext.vis.stats import FeatureStats, collect_feature_stats
 
 LAYERS = (1, 4)
 
@@ -24,18 +25,31 @@ def built(tmp_path_factory):
     x, y = data.tensors()
     pixels = model.preprocess(x)
     out = tmp_path_factory.mktemp("dash")
+    stats = collect_feature_stats(model, saes, pixels, y, top_k=4, progress=False)
+    # "a traced circuit's" features: the rarest live feature of each layer (no other reason picks it)
+    extra = {}
+    for sae in saes:
+        s = stats[sae.cfg.metadata.hook_name]
+        live = (s.fire_tokens > 0).nonzero().squeeze(1)
+        extra[sae.cfg.metadata.hook_name] = [int(live[s.fire_tokens[live].argmin()])]
+    lens = logit_lens(model, saes, pixels[:4])
     index = build_dashboard(model, saes, pixels, out, labels=y, label_names=sve.SHAPES, top_k=4, n_feature_pages=3,
-                            n_image_pages=2, progress=False)  # fmt: skip
-    return model, saes, pixels, y, out, index
+                            n_image_pages=2, progress=False, stats=stats, logit_lens=lens,
+                            extra_features=extra)  # fmt: skip
+    return model, saes, pixels, y, out, index, stats, extra, lens
 
 
 def test_layout_and_saved_stats(built):
-    _model, _saes, _pixels, _y, out, index = built
+    _model, _saes, _pixels, _y, out, index, stats_all, extra, _ = built
     assert index == out / "index.html"
     for layer in LAYERS:
         d = out / f"blocks.{layer}.hook_resid_post"
         pages = sorted(d.glob("f*.html"))
-        assert len(pages) == 3 and all(p.with_suffix(".png").exists() for p in pages)
+        chosen = choose_feature_pages(
+            stats_all[f"blocks.{layer}.hook_resid_post"], 3, extra[f"blocks.{layer}.hook_resid_post"]
+        )
+        assert sorted(pages) == sorted(d / f"f{f}.html" for f in chosen) and len(pages) == 4
+        assert all(p.with_suffix(".png").exists() for p in pages)
         stats = FeatureStats.load(out / "stats" / f"blocks.{layer}.hook_resid_post")
         assert stats.n_images == 64
         table = (d / "index.html").read_text()
@@ -46,7 +60,7 @@ def test_layout_and_saved_stats(built):
 
 @torch.no_grad()
 def test_listed_activations_recompute_from_the_model(built):
-    model, saes, pixels, _y, out, _ = built
+    model, saes, pixels, _y, out, *_ = built
     checked = 0
     for sae in saes:
         hook = sae.cfg.metadata.hook_name
@@ -67,7 +81,7 @@ def test_listed_activations_recompute_from_the_model(built):
 
 
 def test_rebuild_from_saved_stats_without_recomputing(built, tmp_path, monkeypatch):
-    model, saes, pixels, y, out, _ = built
+    model, saes, pixels, y, out, *_ = built
     stats = {s.cfg.metadata.hook_name: FeatureStats.load(out / "stats" / s.cfg.metadata.hook_name) for s in saes}
     from sae_vision_ext.vis import dashboard
 
@@ -81,7 +95,7 @@ def test_rebuild_from_saved_stats_without_recomputing(built, tmp_path, monkeypat
 def test_pages_load_in_headless_chromium_with_all_images(built):
     from playwright.sync_api import sync_playwright
 
-    *_, out, _ = built
+    _, _, _, _, out, *_ = built
     pages = [out / "index.html", *sorted(out.glob("blocks.*/*.html")), *sorted((out / "images").glob("*.html"))]
     with sync_playwright() as p:
         browser = launch_chromium(p)
@@ -113,3 +127,34 @@ def test_pages_load_in_headless_chromium_with_all_images(built):
         assert second == sorted(second, reverse=True)
         browser.close()
     assert errors == [], errors
+
+
+def test_pages_cover_what_users_look_for_with_reasons_and_logit_lens(built):
+    _model, saes, _pixels, y, out, _index, stats, extra, lens = built
+    for sae in saes:
+        hook = sae.cfg.metadata.hook_name
+        s = stats[hook]
+        chosen = choose_feature_pages(s, 3, extra[hook])
+        live = s.fire_tokens > 0
+        enough = live & (s.fire_images >= 3)
+        rankings = {
+            "max activation": torch.where(live, s.max_act, torch.tensor(-1.0)),
+            "class-selective": torch.where(enough, s.class_selectivity, torch.tensor(-1.0)),
+            "position-bound": torch.where(enough, s.spatial_concentration, torch.tensor(-1.0)),
+        }
+        for reason, ranking in rankings.items():  # a leader of each ranking (ties allowed) has a page saying why
+            leaders = [f for f, why in chosen.items() if reason in why]
+            assert leaders and max(float(ranking[f]) for f in leaders) == float(ranking.max()), (hook, reason)
+        (f_extra,) = extra[hook]
+        assert chosen[f_extra][0] == "in circuit"
+        assert choose_feature_pages(s, 3, [int((~live).nonzero()[0])] if (~live).any() else []).keys() <= set(
+            live.nonzero().squeeze(1).tolist()
+        )  # a dead "circuit" feature gets no page
+        for f in chosen:
+            html = (out / hook / f"f{f}.html").read_text()
+            assert ", ".join(chosen[f]) in html
+            top, bottom = top_bottom(lens[hook], f, sve.SHAPES)
+            assert ", ".join(top) in html and ", ".join(bottom) in html
+            # the label column names each top image by its own label (indexed by image, not by rank)
+            for image, label in re.findall(r'data-image="(\d+)".*?<td class="l">(\w+)</td></tr>', html, re.S):
+                assert label == sve.SHAPES[int(y[int(image)])]

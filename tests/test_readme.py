@@ -24,11 +24,19 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert namespace["sae"].cfg.metadata.model_name == "sve:shapes-vit"  # the shipped one, loaded last
 
     exec(compile(third, "README.md", "exec"), namespace)
-    assert (tmp_path / "f123.png").exists() and (tmp_path / "dash" / "index.html").exists()
+    assert (tmp_path / "f224.png").exists() and (tmp_path / "dash" / "index.html").exists()
     assert namespace["stats"].n_images == 16
+    # the example features are live on the README's images (a dead one would show nothing)
+    for f in {int(m) for m in re.findall(r"feature=(\d+)", third)}:
+        assert int(namespace["stats"].fire_images[f]) >= 3, f
 
     exec(compile(fourth, "README.md", "exec"), namespace)
-    assert (tmp_path / "graph.json").exists() and (tmp_path / "graph.html").exists()
+    assert (tmp_path / "ct" / "shapes.json").exists() and (tmp_path / "graph.html").exists()
+    model, pixels = namespace["model"], namespace["pixels"]
+    for layer, f in {(int(a), int(b)) for a, b in re.findall(r"\((\d+), None, (\d+), 0\.0\)", fourth)}:
+        sae = namespace["rrm"].saes[layer]
+        _, cache = model.run_with_cache(pixels[:1], names_filter=[sae.cfg.metadata.hook_name])
+        assert float(sae.encode(cache[sae.cfg.metadata.hook_name])[0, :, f].max()) > 0, (layer, f)
     assert 0 < namespace["pruned"].scores()["replacement"] <= 1
     assert namespace["ev"].n_images == 2
     assert namespace["found"].associated_class == sve_shapes().index("circle")

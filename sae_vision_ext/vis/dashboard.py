@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .html import template_env
+from .lens import top_bottom
 from .plots import (
     display_images,
     feature_kinds,
@@ -36,17 +37,30 @@ from .stats import HIST_EDGES, FeatureStats, collect_feature_stats
 
 
 def _hist_svg(counts: Tensor) -> str:
+    """Bars of the log10-activation histogram with its axes: bin edges below, the count scale left."""
     import markupsafe
 
     counts = counts.float()
     top = float(counts.max()) or 1.0
-    w = 8
+    w, h, left, bottom = 8, 80, 30, 18
     bars = "".join(
-        f'<rect x="{i * w}" y="{80 - 78 * float(c) / top:.1f}" width="{w - 1}" height="{78 * float(c) / top:.1f}" '
-        f'fill="#4c7fc0"/>'
+        f'<rect x="{left + i * w}" y="{h - (h - 2) * float(c) / top:.1f}" width="{w - 1}" '
+        f'height="{(h - 2) * float(c) / top:.1f}" fill="#4c7fc0"><title>{int(c)}</title></rect>'
         for i, c in enumerate(counts)
     )
-    return markupsafe.Markup(f'<svg width="{w * len(counts)}" height="80" role="img">{bars}</svg>')
+    ticks = "".join(
+        f'<text x="{left + i * w}" y="{h + 13}" font-size="9" text-anchor="middle">1e{float(e):.0f}</text>'
+        for i, e in enumerate(HIST_EDGES.tolist())
+        if i % 5 == 0
+    )
+    axis = (
+        f'<line x1="{left}" y1="{h}" x2="{left + w * len(counts)}" y2="{h}" stroke="#555"/>'
+        f'<line x1="{left}" y1="0" x2="{left}" y2="{h}" stroke="#555"/>'
+        f'<text x="{left - 3}" y="9" font-size="9" text-anchor="end">{int(top)}</text>'
+        f'<text x="{left - 3}" y="{h}" font-size="9" text-anchor="end">0</text>'
+    )
+    width = left + w * len(counts) + 10
+    return markupsafe.Markup(f'<svg width="{width}" height="{h + bottom}" role="img">{axis}{bars}{ticks}</svg>')
 
 
 def _spatial_svg(m: Tensor, cell: int = 18) -> str:
@@ -59,7 +73,16 @@ def _spatial_svg(m: Tensor, cell: int = 18) -> str:
             v = max(0.0, float(m[r, c]) / top)
             colour = f"rgb({int(255 - 200 * v)},{int(255 - 140 * v)},{int(255 - 40 * v)})"
             rects.append(f'<rect x="{c * cell}" y="{r * cell}" width="{cell}" height="{cell}" fill="{colour}"/>')
-    return markupsafe.Markup(f'<svg width="{m.shape[1] * cell}" height="{m.shape[0] * cell}">{"".join(rects)}</svg>')
+    w, h = m.shape[1] * cell, m.shape[0] * cell
+    legend = "".join(
+        f'<rect x="{w + 8}" y="{h - (i + 1) * h / 10:.1f}" width="10" height="{h / 10 + 0.5:.1f}" '
+        f'fill="rgb({int(255 - 20 * i)},{int(255 - 14 * i)},{int(255 - 4 * i)})"/>'
+        for i in range(10)
+    )
+    legend += (
+        f'<text x="{w + 21}" y="9" font-size="9">{top:.3g}</text><text x="{w + 21}" y="{h}" font-size="9">0</text>'
+    )
+    return markupsafe.Markup(f'<svg width="{w + 60}" height="{h}">{"".join(rects)}{legend}</svg>')
 
 
 def _feature_rows(s: FeatureStats, kinds: list[str], labels: Tensor | None, names: Sequence[str]) -> list[dict]:
@@ -80,6 +103,47 @@ def _feature_rows(s: FeatureStats, kinds: list[str], labels: Tensor | None, name
     return rows
 
 
+PAGE_REASONS = ("in circuit", "max activation", "class-selective", "position-bound", "densest")
+"""Why a feature gets a page, in the order pages are listed."""
+
+
+def choose_feature_pages(
+    s: FeatureStats, n: int, extra: Sequence[int] = (), min_images: int = 3
+) -> dict[int, list[str]]:
+    """Features that get a page, with the reasons (``PAGE_REASONS``): every live feature of ``extra``
+    (e.g. the features of a traced circuit), then, taking turns, the highest maximum activation, the
+    most class-selective and the most position-bound (both among features firing on at least
+    ``min_images`` images) and the densest, until ``n`` pages (plus the extras) are chosen."""
+    live = s.fire_tokens > 0
+    enough = live & (s.fire_images >= min(min_images, max(s.n_images, 1)))
+    neg = torch.full((s.d_sae,), -float("inf"))
+    rankings = {
+        "max activation": torch.where(live, s.max_act.float(), neg),
+        "class-selective": torch.where(enough & (s.class_selectivity > 0), s.class_selectivity.float(), neg),
+        "position-bound": torch.where(enough, s.spatial_concentration.float(), neg),
+        "densest": torch.where(live, s.fire_images.float(), neg),
+    }
+    chosen: dict[int, list[str]] = {int(f): ["in circuit"] for f in extra if bool(live[int(f)])}
+    orders = {k: [f for f in v.argsort(descending=True).tolist() if v[f] > -float("inf")] for k, v in rankings.items()}
+    picked = 0
+    while picked < n and any(orders.values()):
+        for reason, order in orders.items():
+            while order and picked < n:
+                f = order.pop(0)
+                if f not in chosen:
+                    chosen[f] = [reason]
+                    picked += 1
+                    break
+                if reason not in chosen[f]:
+                    chosen[f].append(reason)
+    for reason, ranking in rankings.items():  # every reason a chosen feature also qualifies for in its top n
+        top = set(ranking.argsort(descending=True)[:n].tolist())
+        for f, reasons in chosen.items():
+            if f in top and ranking[f] > -float("inf") and reason not in reasons:
+                reasons.append(reason)
+    return chosen
+
+
 def build_dashboard(
     model: Any,
     saes: Sequence[Any],
@@ -92,11 +156,16 @@ def build_dashboard(
     n_image_pages: int = 8,
     stats: dict[str, FeatureStats] | None = None,
     progress: bool = True,
+    logit_lens: dict[str, Tensor] | None = None,
+    extra_features: dict[str, Sequence[int]] | None = None,
 ) -> Path:
     """Write the dashboard for ``saes`` on the preprocessed ``pixels``; returns ``out_dir/index.html``.
 
-    Feature pages are written for the ``n_feature_pages`` live features of each SAE that fire on
-    the most images; the table lists every live feature.
+    Feature pages: ``n_feature_pages`` per SAE chosen by ``choose_feature_pages`` (highest maximum,
+    most class-selective, most position-bound, densest), plus every live feature listed for its hook
+    in ``extra_features`` (a traced circuit's, say). ``logit_lens`` (``{hook: [d_sae, n_classes]}``
+    from ``circuits.logit_lens``) adds each page's top and bottom classes. The table lists every
+    live feature.
     """
     from tqdm import tqdm
 
@@ -113,7 +182,16 @@ def build_dashboard(
     with torch.no_grad():
         logits = torch.cat([model(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
     image_ids = list(range(min(n_image_pages, len(pixels))))
-    bar = tqdm(total=len(saes) * n_feature_pages + n_image_pages, desc="dashboard", unit="page", disable=not progress)
+    choices = {
+        sae.cfg.metadata.hook_name: choose_feature_pages(
+            stats[sae.cfg.metadata.hook_name],
+            n_feature_pages,
+            (extra_features or {}).get(sae.cfg.metadata.hook_name, ()),
+        )
+        for sae in saes
+    }
+    n_pages = sum(len(c) for c in choices.values()) + min(n_image_pages, len(pixels))
+    bar = tqdm(total=n_pages, desc="dashboard", unit="page", disable=not progress)
     for sae in saes:
         hook = sae.cfg.metadata.hook_name
         s = stats[hook]
@@ -123,17 +201,24 @@ def build_dashboard(
         kinds = feature_kinds(s)
         kinds_by_hook[hook] = kinds
         rows = _feature_rows(s, kinds, labels, names)
-        for row in rows[:n_feature_pages]:
-            row["page"] = True
-        page_ids[hook] = {r["id"] for r in rows if r["page"]}
+        reasons = choices[hook]
+        for row in rows:
+            row["page"] = row["id"] in reasons
+            row["reasons"] = reasons.get(row["id"], [])
+        page_ids[hook] = set(reasons)
+        paged = sorted((r for r in rows if r["page"]), key=lambda r: list(reasons).index(r["id"]))
         plot_spatial_maps(s, d / "spatial.png")
         w_dec = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
-        for row in rows[:n_feature_pages]:
+        image_labels = [names[int(c)] for c in labels] if labels is not None else None
+        for row in paged:
             f = row["id"]
             examples = [{"value": v, "image": i, "token": t, "page": i in image_ids,
-                         "label": names[int(labels[i])] if labels is not None else ""}
+                         "label": image_labels[i] if image_labels is not None else ""}
                         for v, i, t in s.top_examples(f)]  # fmt: skip
-            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae, labels=[e["label"] for e in examples])
+            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae, labels=image_labels)
+            lens = None
+            if logit_lens is not None and hook in logit_lens:
+                lens = top_bottom(logit_lens[hook], f, names)
             cos = w_dec @ w_dec[f]
             cos[f] = -2
             neighbours = [{"id": int(j), "cos": float(cos[j]), "page": int(j) in page_ids[hook]}
@@ -145,7 +230,7 @@ def build_dashboard(
                 title=f"feature {f}", crumbs=[*crumbs_root, (hook, "index.html")], hook=hook, f=row,
                 examples=examples, hist_svg=_hist_svg(s.hist[f]), spatial_svg=_spatial_svg(s.spatial_map(f)),
                 hist_range=f"10^{HIST_EDGES[0]:.0f} to 10^{HIST_EDGES[-1]:.0f}", label_bars=label_bars,
-                neighbours=neighbours,
+                neighbours=neighbours, lens=lens,
             )  # fmt: skip
             (d / f"f{f}.html").write_text(html)
             bar.update(1)
@@ -153,7 +238,7 @@ def build_dashboard(
             title=hook, crumbs=[(model_name, "../index.html")], hook=hook, features=rows, alive=len(rows),
             d_sae=s.d_sae, n_images=s.n_images))  # fmt: skip
         summary.append({"hook": hook, "dir": hook, "d_sae": s.d_sae, "alive": len(rows), "dead": s.d_sae - len(rows),
-                        "pages": min(n_feature_pages, len(rows))})  # fmt: skip
+                        "pages": len(paged)})  # fmt: skip
     plot_density_histograms(stats, out / "density.png")
     plot_layer_evolution(kinds_by_hook, out / "layer_evolution.png")
     (out / "images").mkdir(exist_ok=True)

@@ -60,9 +60,11 @@ def _overlay(ax: Any, img: np.ndarray, heat: np.ndarray, vmax: float) -> None:
 
 def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: str | Path, model: Any, sae: Any,
                      labels: Sequence[str] | None = None, crop_patches: int = 3) -> Path:  # fmt: skip
-    """Top images of ``feature`` with its heatmap (top row) and a crop around the hottest patch (bottom).
+    """Top images of ``feature`` with its heatmap (top row, one colour scale for all, drawn beside
+    them) and a crop around the hottest patch (bottom).
 
     ``images`` are the preprocessed images the stats were collected on (indexed by image index);
+    ``labels``, when given, name every image of ``images`` (indexed by image index, like ``images``);
     ``model`` and ``sae`` recompute the true per-patch activations for the heatmaps.
     """
     pixels = images
@@ -82,12 +84,12 @@ def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: st
     vmax = float(heat.max())
     gh, gw = model.cfg.grid_size
     ps = model.cfg.patch_size
-    fig, axes = plt.subplots(2, len(idx), figsize=(1.7 * len(idx), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(idx), figsize=(1.7 * len(idx) + 0.7, 3.6), squeeze=False)
     for j, ((value, image, _), img, hm) in enumerate(zip(examples, imgs, heat, strict=True)):
         _overlay(axes[0, j], img, hm, vmax)
         title = f"{value:.2f} · #{image}"
         if labels is not None:
-            title += f"\n{labels[j]}"
+            title += f"\n{labels[image]}"
         axes[0, j].set_title(title, fontsize=7)
         r, c = np.unravel_index(int(hm.argmax()), (gh, gw))
         half = crop_patches // 2
@@ -96,6 +98,14 @@ def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: st
         axes[1, j].axis("off")
     fig.suptitle(f"{stats.hook_name} feature {feature}", fontsize=9)
     fig.tight_layout()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, max(vmax, 1e-6)), cmap="magma"), ax=list(axes[0]), fraction=0.02, pad=0.01
+    )
+    bar.set_label("activation", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
