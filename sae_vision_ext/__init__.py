@@ -51,12 +51,12 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
     from .circuits.aggregated import AggregatedGraph, attribute_aggregated
+    from .circuits.attribution import AttributionGraph
     from .circuits.debias import debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
-    from .circuits.replacement import ResidualReplacementModel
-    from .circuits.attribution import AttributionGraph
     from .circuits.export import write_circuit_tracer
     from .circuits.logit_lens import logit_lens
+    from .circuits.replacement import ResidualReplacementModel
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
@@ -94,6 +94,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "SHAPES",
     "AggregatedGraph",
+    "AttributionGraph",
     "FeatureStats",
     "FrozenNorm",
     "HookedViT",
@@ -113,13 +114,12 @@ __all__ = [
     "list_adapters",
     "list_embedded_models",
     "load_sae",
+    "logit_lens",
     "make_shapes",
     "plot_top_patches",
     "register_adapter",
     "register_loader",
     "render_graph_html",
-    "write_circuit_tracer",
-    "logit_lens",
-    "AttributionGraph",
     "train_saes",
+    "write_circuit_tracer",
 ]

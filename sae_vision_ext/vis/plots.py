@@ -106,7 +106,7 @@ def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: st
     )
     bar.set_label("activation", fontsize=7)
     bar.ax.tick_params(labelsize=6)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
