@@ -158,7 +158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for ref in args.sae:
         sae = load_sae(ref, hook_name=args.hook_name)
         out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
-        metrics = evaluate_sae(model, sae, images, labels, out_path=out)
+        metrics = evaluate_sae(model, sae, images, labels, out_path=out, progress=True)
         print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
     return 0
 
@@ -232,7 +232,7 @@ def _rrm(args: argparse.Namespace):
 def _cmd_faithfulness(args: argparse.Namespace) -> int:
     rrm = _rrm(args)
     pixels, labels, _ = _load_images(rrm.model, args.dataset, args.n_images, args.seed)
-    rows = rrm.faithfulness(pixels, labels)
+    rows = rrm.faithfulness(pixels, labels, progress=True)
     keys = [k for k in rows[0] if k != "n_spliced"]
     print("layers spliced (no error terms) | " + " | ".join(keys))
     for row in rows:

@@ -78,7 +78,7 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
         return model.preprocess(raw), labels, torch.from_numpy(data.factors["marker"]).long()
 
     px, y, g = split(n_search, 21)
-    found = find_spurious_features(ResidualReplacementModel(model, saes), px, y, g)
+    found = find_spurious_features(ResidualReplacementModel(model, saes), px, y, g, progress=True)
     print(f"\nDebiasing sve:shapes-vit-biased: the marker (group label only, location not given) is associated "
           f"with '{SHAPES[found.associated_class]}'; {found.n_conflict} conflict images; "
           f"{len(found.candidates)} candidate features, {found.n_selected} selected on the search split:")  # fmt: skip

@@ -163,8 +163,12 @@ def find_spurious_features(
     max_candidates: int = 64,
     max_avg_drop: float = 0.02,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> SpuriousFeatures:
-    """Rank SAE features that carry the spurious attribute marked by ``groups`` (see module docstring)."""
+    """Rank SAE features that carry the spurious attribute marked by ``groups`` (see module docstring);
+    ``progress``: a bar over the candidates' ablations and the sweep."""
+    from tqdm.auto import tqdm
+
     groups = torch.as_tensor(groups).long()
     if set(groups.unique().tolist()) != {0, 1}:
         raise ValueError(f"groups must be 0/1 (spurious attribute absent/present) with both present; "
@@ -207,14 +211,20 @@ def find_spurious_features(
         return float((out[:, assoc] - out.gather(1, y[:, None]).squeeze(1)).mean())
 
     base = logit_diff(_ablated_logits(rrm, pixels[conflict], [], reference, batch_size))
-    effects = [base - logit_diff(_ablated_logits(rrm, pixels[conflict], [c], reference, batch_size))
-               for c in candidates]  # fmt: skip
+    grid = [0, *[n for n in N_GRID if n < len(candidates)], len(candidates)]
+    bar = tqdm(total=len(candidates) + len(grid), desc="spurious-feature search", unit="run", disable=not progress)
+    effects = []
+    for c in candidates:
+        effects.append(base - logit_diff(_ablated_logits(rrm, pixels[conflict], [c], reference, batch_size)))
+        bar.update(1)
 
     sweep = []
-    for n in [0, *[n for n in N_GRID if n < len(candidates)], len(candidates)]:
+    for n in grid:
+        bar.update(1)
         p = _ablated_logits(rrm, pixels, candidates[:n], reference, batch_size).argmax(-1)
         acc = group_accuracy(p, labels, groups)
         sweep.append({"n": n, "worst_group": min(acc.values()), "average": float((p == labels).float().mean())})
+    bar.close()
     allowed = [s for s in sweep if s["average"] >= sweep[0]["average"] - max_avg_drop]
     best = max(allowed, key=lambda s: (s["worst_group"], -s["n"]))
     return SpuriousFeatures(

@@ -232,9 +232,10 @@ class ReplacementModelBase:
 
     @torch.no_grad()
     def faithfulness(self, pixels: Float[Tensor, "n chan h w"], labels: Int[Tensor, " n"] | None = None,
-                     batch_size: int = 64) -> list[dict[str, Any]]:  # fmt: skip
+                     batch_size: int = 64, progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
         """The pure replacement model against the original, for the first ``n`` SAE layers spliced
-        (``n = 1..len(layers)``, no error terms), so compounding error is visible.
+        (``n = 1..len(layers)``, no error terms), so compounding error is visible (``progress``: a
+        bar over ``n``).
 
         Per row: ``n_spliced``, ``top1_agreement``, ``kl`` (clean || spliced, for classifiers),
         ``cosine`` (of the outputs), and ``accuracy`` / ``accuracy_clean`` with labels.
@@ -242,7 +243,9 @@ class ReplacementModelBase:
         chunks = [slice(i, i + batch_size) for i in range(0, len(pixels), batch_size)]
         clean = torch.cat([self.model(pixels[s]) for s in chunks])
         rows = []
-        for n in range(1, self.n_layers + 1):
+        from tqdm.auto import tqdm
+
+        for n in tqdm(range(1, self.n_layers + 1), desc="faithfulness", unit="layer", disable=not progress):
             with self.spliced(self.layers[:n]):
                 out = torch.cat([self.model(pixels[s]) for s in chunks])
             row: dict[str, Any] = {

@@ -36,15 +36,19 @@ def evaluate_sae(
     batch_size: int = 64,
     dense_threshold: float = 0.1,
     out_path: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of ``sae`` at its hook on ``images`` (preprocessed ``[n, chan, h, w]``); JSON to ``out_path``."""
+    """Metrics of ``sae`` at its hook on ``images`` (preprocessed ``[n, chan, h, w]``); JSON to ``out_path``
+    (``progress``: a bar over batches)."""
+    from tqdm.auto import tqdm
+
     hook = sae.cfg.metadata.hook_name
     model.check_hook_name(hook)
     n_prefix, kind = model.cfg.n_prefix_tokens, model.adapter.output_kind()
     chunks = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
 
     clean_out, acts = [], []
-    for s in chunks:
+    for s in tqdm(chunks, desc=f"evaluate {hook}", unit="batch", disable=not progress):
         out, cache = model.run_with_cache(images[s], names_filter=hook, return_cache_object=False)
         clean_out.append(out)
         acts.append(cache[hook])
