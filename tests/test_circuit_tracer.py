@@ -163,14 +163,19 @@ def test_every_export_validates_against_circuit_tracers_models(tmp_path):
     for name, rrm, g in _exports(tmp_path):
         ref = images(4, seed=3).double()
         stats = collect_feature_stats(rrm.model, rrm.saes, ref, top_k=3, progress=False)
-        out = g.to_json(tmp_path / name / f"{name}.json", rrm=rrm, stats=stats, images=ref)
+        exported_ids = g.to_json(tmp_path / name / "probe.json", features=False)["nodes"]
+        group = [
+            ["a group", *[n["node_id"] for n in exported_ids if n["feature_type"] == "cross layer transcoder"][:2]]
+        ]
+        out = g.to_json(tmp_path / name / f"{name}.json", rrm=rrm, stats=stats, images=ref, supernodes=group)
+        assert out["qParams"]["supernodes"] == group
         model = graph_models.Model.model_validate(json.loads((tmp_path / name / f"{name}.json").read_text()))
         assert len(model.nodes) == len(out["nodes"]) > 0
         ids = [n.node_id for n in model.nodes]
         assert len(set(ids)) == len(ids), name
         assert all(link["source"] in ids and link["target"] in ids for link in model.links)
         meta = json.loads((tmp_path / name / "graph-metadata.json").read_text())
-        assert [m["slug"] for m in meta["graphs"]] == [name]
+        assert [m["slug"] for m in meta["graphs"]] == ["probe", name]
         assert model.metadata.node_threshold == 0.8 and model.metadata.scan == "./data/features"
         target = next(n for n in model.nodes if n.is_target_logit)
         p = float(target.clerp.split("(p=")[1].split(")")[0])  # as circuit-tracer's frontend parses it
@@ -200,3 +205,9 @@ def test_every_export_validates_against_circuit_tracers_models(tmp_path):
             assert len(tops) == len(expected)
             for row, (act, _, tok) in zip(tops, expected, strict=True):
                 assert abs(max(row.tokens_acts_list) - act) < 1e-5 and row.train_token_ind == tok
+
+
+def test_supernodes_must_name_exported_nodes(traced, tmp_path):
+    _, g = traced
+    with pytest.raises(ValueError, match="not in the exported graph"):
+        g.prune().to_json(tmp_path / "g.json", supernodes=[["x", "no_such_node"]])

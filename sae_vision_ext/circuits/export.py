@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,10 @@ def graph_json(
     transcoder_list: list[str] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
     prompt: str | None = None,
+    supernodes: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """The graph file's content (see the module docstring)."""
+    """The graph file's content (see the module docstring); ``supernodes`` (``[[name, node_id, ...]]``,
+    as our viewer's "download groups" writes them) go to ``qParams.supernodes``."""
     nodes_keep, edges_keep = exported_masks(graph)
     raw = node_influence(graph)
     if graph.cumulative_influence is not None:
@@ -140,7 +142,13 @@ def graph_json(
         "node_threshold": node_threshold,
         "schema_version": 1,
     }
-    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    known = {n["node_id"] for n in nodes}
+    groups = [list(g) for g in supernodes or []]
+    for g in groups:
+        missing = [i for i in g[1:] if i not in known]
+        if missing:
+            raise ValueError(f"Supernode {g[0]!r} names nodes not in the exported graph: {missing[:5]}.")
+    qparams = {"pinnedIds": [], "supernodes": groups, "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
@@ -249,10 +257,12 @@ def write_circuit_tracer(
     feature_labels: Mapping[tuple[int, int], str] | None = None,
     logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
     prompt: str | None = None,
+    supernodes: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Write ``<slug>.json``, ``graph-metadata.json`` and (``features``) ``features/<code>.json`` into
     ``out_dir`` (see the module docstring); returns the graph JSON. ``feature_labels`` add a label to
-    feature clerps; ``logit_effects`` fill the feature files' ``top_logits``/``bottom_logits``."""
+    feature clerps; ``logit_effects`` fill the feature files' ``top_logits``/``bottom_logits``;
+    ``supernodes`` (``[[name, node_id, ...]]``, e.g. our viewer's downloaded groups) go to ``qParams``."""
     if not slug or "/" in slug or slug.startswith("."):
         raise ValueError(f"slug must be a plain file stem; got {slug!r}.")
     out = Path(out_dir)
@@ -260,7 +270,7 @@ def write_circuit_tracer(
     sae_layers = sorted({int(lay) for lay, k in zip(graph.node_layer, graph.node_kind, strict=True) if k == "error"})
     transcoders = [f"blocks.{layer}.hook_resid_post" for layer in sae_layers]
     scan = LOCAL_SCAN if features else "sae_vision_ext"
-    exported = graph_json(graph, slug, scan, transcoders, feature_labels, prompt)
+    exported = graph_json(graph, slug, scan, transcoders, feature_labels, prompt, supernodes)
     if features:
         folder = out / "features"
         folder.mkdir(exist_ok=True)
