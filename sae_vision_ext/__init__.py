@@ -35,6 +35,10 @@ _LAZY: dict[str, str] = {
     "FeatureStats": "sae_vision_ext.vis.stats",
     "plot_top_patches": "sae_vision_ext.vis.plots",
     "build_dashboard": "sae_vision_ext.vis.dashboard",
+    "analyse_features": "sae_vision_ext.vis.analysis",
+    "Attribute": "sae_vision_ext.vis.analysis",
+    "FeatureAnalysis": "sae_vision_ext.vis.analysis",
+    "shapes_attributes": "sae_vision_ext.vis.analysis",
     "ResidualReplacementModel": "sae_vision_ext.circuits.replacement",
     "render_graph_html": "sae_vision_ext.circuits.viewer",
     "write_circuit_tracer": "sae_vision_ext.circuits.export",
@@ -73,6 +77,7 @@ if TYPE_CHECKING:
     from .saes.loading import load_sae
     from .training.config import VisionSAETrainingConfig
     from .training.train import train_saes
+    from .vis.analysis import Attribute, FeatureAnalysis, analyse_features, shapes_attributes
     from .vis.dashboard import build_dashboard
     from .vis.plots import plot_top_patches
     from .vis.stats import FeatureStats, collect_feature_stats
@@ -94,7 +99,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "SHAPES",
     "AggregatedGraph",
+    "Attribute",
     "AttributionGraph",
+    "FeatureAnalysis",
     "FeatureStats",
     "FrozenNorm",
     "HookedViT",
@@ -104,6 +111,7 @@ __all__ = [
     "ViTAdapter",
     "VisionSAETrainingConfig",
     "__version__",
+    "analyse_features",
     "attribute_aggregated",
     "build_dashboard",
     "collect_feature_stats",
@@ -120,6 +128,7 @@ __all__ = [
     "register_adapter",
     "register_loader",
     "render_graph_html",
+    "shapes_attributes",
     "train_saes",
     "write_circuit_tracer",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._errors import TrainingInterrupted
 
@@ -192,6 +193,35 @@ def _sae_refs(spec: str, model_id: str, n_layers: int) -> list[str]:
     return spec.split(",")
 
 
+def _read_labels(path: str | None) -> dict[str, dict[int, str]] | None:
+    """``labels.json`` of ``sae-vision analyse``: ``{hook: {feature: label}}``."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"--labels {path!r}: not a readable labels.json ({e}); write one with sae-vision analyse."
+        ) from e
+    return {hook: {int(f): label for f, label in feats.items()} for hook, feats in raw.items()}
+
+
+def _cmd_analyse(args: argparse.Namespace) -> int:
+    from .analyse import run_analysis
+    from .models.embedded import embedded_metadata
+
+    n_layers = (
+        embedded_metadata(args.model.removeprefix("sve:"))["arch"]["depth"] if args.model.startswith("sve:") else 0
+    )
+    report = run_analysis(args.model, _sae_refs(args.saes, args.model, n_layers), args.out, args.n_images, args.seed,
+                          args.threshold)  # fmt: skip
+    print(report["table"])
+    print(f"analysis pass {report['seconds']:.1f} s; report: {(Path(args.out) / 'analysis.md').resolve()}")
+    return 0
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from .models import HookedViT
     from .saes.loading import load_sae
@@ -215,7 +245,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     _step("feature statistics and pages")
     index = build_dashboard(model, saes, pixels, args.out, labels=labels, label_names=names, top_k=args.top_k,
                             n_feature_pages=args.feature_pages, n_image_pages=args.image_pages,
-                            logit_lens=lens)  # fmt: skip
+                            logit_lens=lens, feature_labels=_read_labels(args.labels))  # fmt: skip
     print(f"dashboard written: {index.resolve()}")
     return 0
 
@@ -273,8 +303,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         stats = collect_feature_stats(model, rrm.saes, ref, top_k=4, progress=True)
     slug = Path(args.image).stem if args.image else f"shapes-{args.shapes_index}"
     _step("writing circuit-tracer's files and the viewer")
-    exported = pruned.to_json(out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref)
-    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref)
+    labels = {
+        (int(h.split(".")[1]), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()
+    }
+    exported = pruned.to_json(out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref,
+                              feature_labels=labels)  # fmt: skip
+    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref, feature_labels=labels)
     from .circuits.graph_ops import node_influence
 
     infl = node_influence(graph)
@@ -377,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for one JSON file per SAE")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("analyse", help="feature analysis: AUROC against known attributes, types, labels")
+    p.add_argument("--model", default="sve:shapes-vit", help="an embedded shapes model (default: %(default)s)")
+    p.add_argument("--saes", default="sve", help="'sve' (shipped SAEs), a folder of SAE folders, or refs a,b,c")
+    p.add_argument("--out", required=True, help="folder for analysis.md, labels.json, type_evolution.png")
+    p.add_argument("--n-images", type=int, default=512)
+    p.add_argument("--seed", type=int, default=31)
+    p.add_argument("--threshold", type=float, default=0.9, help="AUROC a feature needs to count as interpretable")
+    p.set_defaults(func=_cmd_analyse)
+
     p = sub.add_parser("dashboard", help="write an offline HTML dashboard of SAE features")
     p.add_argument("--model", required=True, help="model id, e.g. sve:shapes-vit")
     p.add_argument("--saes", required=True, help="'sve' (shipped SAEs), a folder of SAE folders, or refs a,b,c")
@@ -387,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="top images per feature")
     p.add_argument("--feature-pages", type=int, default=16, help="feature pages per SAE")
     p.add_argument("--image-pages", type=int, default=8)
+    p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (shown on pages and tables)")
     p.set_defaults(func=_cmd_dashboard)
 
     for name, func, text in (("faithfulness", _cmd_faithfulness, "replacement model vs original model"),
@@ -417,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                 default=64,
                 help="shapes images for the viewer's top patches per feature (0: none)",
             )
+            p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (node labels)")
             p.add_argument("--out", required=True)
         p.set_defaults(func=func)
 

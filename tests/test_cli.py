@@ -140,3 +140,29 @@ def test_train_without_a_config_shows_the_defaults_and_asks_for_yes(capsys):
     assert main(["train"]) == 2
     out = capsys.readouterr().out
     assert '"n_images": 20000' in out and "sae-vision train --yes" in out
+
+
+def test_analyse_writes_labels_that_dashboard_and_trace_show(capsys, tmp_path):
+    assert main(["analyse", "--model", "sve:shapes-vit", "--out", str(tmp_path / "an"), "--n-images", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| blocks.5.hook_resid_post |" in out and (tmp_path / "an" / "type_evolution.png").exists()
+    labels = json.loads((tmp_path / "an" / "labels.json").read_text())
+    hook, feats = next((h, fs) for h, fs in labels.items() if fs)
+    feature, label = next(iter(feats.items()))
+    assert f"layer {hook.split('.')[1]}, AUROC" in label
+    assert f"{hook} #{feature}" in (tmp_path / "an" / "analysis.md").read_text()
+    labels_path = str(tmp_path / "an" / "labels.json")
+    dash = ["dashboard", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path / "d"), "--n-images", "32"]
+    assert main([*dash, "--feature-pages", "1", "--image-pages", "0", "--labels", labels_path]) == 0
+    table = (tmp_path / "d" / hook / "index.html").read_text()
+    assert label in table
+    assert main(["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path / "t"),
+                 "--reference-images", "0", "--labels", labels_path]) == 0  # fmt: skip
+    graph = json.loads((tmp_path / "t" / "circuit-tracer" / "shapes-0.json").read_text())
+    labelled = [
+        n["clerp"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder" and ": " in n["clerp"]
+    ]
+    assert labelled and all(c.split(": ", 1)[1] in {v for fs in labels.values() for v in fs.values()} for c in labelled)
+    capsys.readouterr()
+    assert main(["analyse", "--model", "timm:vit_tiny_patch16_224", "--saes", "a", "--out", str(tmp_path / "x")]) == 2
+    assert "analyse knows the ground truth of the embedded shapes models" in capsys.readouterr().err

@@ -81,3 +81,31 @@ def test_top_bottom_and_bad_input():
     sae.cfg.metadata.hook_name = "blocks.0.hook_mlp_out"
     with pytest.raises(ValueError, match="hook_resid_post"):
         logit_lens(rrm.model, [sae], images(1).double())
+
+
+def test_directions_give_zero_shot_scores_for_embedding_models():
+    """hf_clip outputs the image embedding: with text-like directions the lens is the frozen change of
+    <embedding, direction> per unit of the feature."""
+    rrm = rrm_with("hf_clip", "topk", "layer_norm", True)
+    assert rrm.model.adapter.output_kind() == "embedding"
+    x = images(1).double()
+    with torch.no_grad():
+        width = rrm.model(x).shape[-1]
+    torch.manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(3, width, dtype=torch.float64), dim=-1)
+    sae = rrm.saes[1]
+    lens = logit_lens(rrm.model, [sae], x, directions=dirs)[sae.cfg.metadata.hook_name]
+    assert lens.shape == (sae.cfg.d_sae, 3)
+    frozen = record(rrm.model, x)
+    hooks = pre_capture_hooks(rrm.model) + frozen_hooks(rrm.model, frozen)
+    with torch.no_grad():
+        _, cache = rrm.model.run_with_cache(x, names_filter=["blocks.1.hook_resid_post"], return_cache_object=False)
+        norm = affine.frozen_norm(sae, cache["blocks.1.hook_resid_post"][0])
+        d = affine.decoder_directions(sae, torch.full((cache["blocks.1.hook_resid_post"].shape[1],), 5), norm)
+        with rrm.model.hooks(fwd_hooks=hooks):
+            base = rrm.model(x)
+        with rrm.model.hooks(fwd_hooks=[*hooks, ("blocks.1.hook_resid_post", lambda t, hook: t + d)]):
+            moved = rrm.model(x)
+    torch.testing.assert_close(lens[5].double(), ((moved - base)[0] @ dirs.T), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="directions must be"):
+        logit_lens(rrm.model, [sae], x, directions=dirs[:, :3])

@@ -26,6 +26,8 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     exec(compile(third, "README.md", "exec"), namespace)
     assert (tmp_path / "f224.png").exists() and (tmp_path / "dash" / "index.html").exists()
     assert namespace["stats"].n_images == 16
+    assert "layer 3, AUROC" in namespace["analyses"]["blocks.3.hook_resid_post"].label(224)
+    assert namespace["lens"].shape == (512, 6)
     # the example features are live on the README's images (a dead one would show nothing)
     for f in {int(m) for m in re.findall(r"feature=(\d+)", third)}:
         assert int(namespace["stats"].fire_images[f]) >= 3, f

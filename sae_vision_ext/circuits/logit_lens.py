@@ -10,6 +10,10 @@ is the exact change of the demeaned logit of class ``c`` when one unit of featur
 activation is added at every token of layer ``l`` (``d_f[p]`` the effective decoder direction at
 token ``p``: normalisation and decoder-norm rescaling included). After the last block this is the
 direct path through the final norm and head. ``logit_lens`` averages it over reference images.
+
+With ``directions`` (``[n, d_out]``, e.g. CLIP text embeddings of class-name prompts for a model
+whose output is the image embedding) the objective ``c`` is ``<output, directions[c]>`` instead of
+a demeaned logit: zero-shot labels for the features of embedding models.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from .linearise import frozen_hooks, pre_capture_hooks, record
 __all__ = ["logit_lens", "top_bottom"]
 
 
-def _class_gradients(model: Any, pixels: Tensor, layers: list[int], chunk: int) -> tuple[dict, dict]:
+def _class_gradients(
+    model: Any, pixels: Tensor, layers: list[int], chunk: int, directions: Tensor | None = None
+) -> tuple[dict, dict]:
     """Clean residuals and, per layer, the gradient of every demeaned class logit at it under the
     frozen linearisation of ``pixels`` (one image): ``[n_classes, pos, d_model]``."""
     frozen = record(model, pixels)
@@ -46,10 +52,16 @@ def _class_gradients(model: Any, pixels: Tensor, layers: list[int], chunk: int) 
     with model.hooks(fwd_hooks=hooks):
         out = model(pixels)
     n = out.shape[-1]
-    demeaned = torch.eye(n, dtype=out.dtype, device=out.device) - 1.0 / n  # row c: d(z_c - mean z)/dz
+    if directions is None:
+        rows_all = torch.eye(n, dtype=out.dtype, device=out.device) - 1.0 / n  # row c: d(z_c - mean z)/dz
+    else:
+        if directions.ndim != 2 or directions.shape[1] != n:
+            raise ValueError(f"directions must be [n, {n}] (the output's width); got {tuple(directions.shape)}.")
+        rows_all = directions.to(out.dtype)
+    demeaned = rows_all
     grads: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     order = [probes[layer] for layer in layers]
-    for start in range(0, n, chunk):
+    for start in range(0, len(demeaned), chunk):
         rows = demeaned[start : start + chunk, None, :]  # [chunk, 1, n]
         g = torch.autograd.grad(out, order, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
         for layer, gl in zip(layers, g, strict=True):
@@ -58,10 +70,15 @@ def _class_gradients(model: Any, pixels: Tensor, layers: list[int], chunk: int) 
 
 
 def logit_lens(
-    model: Any, saes: Sequence[Any], pixels: Float[Tensor, "batch chan h w"], chunk: int = 64
+    model: Any,
+    saes: Sequence[Any],
+    pixels: Float[Tensor, "batch chan h w"],
+    chunk: int = 64,
+    directions: Float[Tensor, "n_dirs d_out"] | None = None,
 ) -> dict[str, Float[Tensor, "d_sae n_classes"]]:
     """``{hook_name: effect}`` with ``effect[f, c]`` as in the module docstring, averaged over the
-    images of ``pixels``. Every SAE must sit on a ``blocks.{l}.hook_resid_post`` of ``model``."""
+    images of ``pixels`` (``directions``: output directions instead of demeaned class logits). Every
+    SAE must sit on a ``blocks.{l}.hook_resid_post`` of ``model``."""
     layers = []
     for sae in saes:
         hook = sae.cfg.metadata.hook_name
@@ -74,7 +91,7 @@ def logit_lens(
         raise ValueError("logit_lens needs at least one reference image; got an empty batch.")
     totals: dict[str, Tensor] = {}
     for i in range(len(pixels)):
-        resid, grads = _class_gradients(model, pixels[i : i + 1], sorted(set(layers)), chunk)
+        resid, grads = _class_gradients(model, pixels[i : i + 1], sorted(set(layers)), chunk, directions)
         for sae, layer in zip(saes, layers, strict=True):
             with torch.no_grad():
                 norm = affine.frozen_norm(sae, resid[layer])

@@ -158,14 +158,16 @@ def build_dashboard(
     progress: bool = True,
     logit_lens: dict[str, Tensor] | None = None,
     extra_features: dict[str, Sequence[int]] | None = None,
+    feature_labels: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Write the dashboard for ``saes`` on the preprocessed ``pixels``; returns ``out_dir/index.html``.
 
     Feature pages: ``n_feature_pages`` per SAE chosen by ``choose_feature_pages`` (highest maximum,
     most class-selective, most position-bound, densest), plus every live feature listed for its hook
     in ``extra_features`` (a traced circuit's, say). ``logit_lens`` (``{hook: [d_sae, n_classes]}``
-    from ``circuits.logit_lens``) adds each page's top and bottom classes. The table lists every
-    live feature.
+    from ``circuits.logit_lens``) adds each page's top and bottom classes; ``feature_labels``
+    (``{hook: {feature: label}}``, e.g. ``labels.json`` of ``sae-vision analyse``) a one-line label on
+    pages and in the tables. The table lists every live feature.
     """
     from tqdm import tqdm
 
@@ -202,9 +204,11 @@ def build_dashboard(
         kinds_by_hook[hook] = kinds
         rows = _feature_rows(s, kinds, labels, names)
         reasons = choices[hook]
+        hook_labels = {int(k): v for k, v in (feature_labels or {}).get(hook, {}).items()}
         for row in rows:
             row["page"] = row["id"] in reasons
             row["reasons"] = reasons.get(row["id"], [])
+            row["label"] = hook_labels.get(row["id"], "")
         page_ids[hook] = set(reasons)
         paged = sorted((r for r in rows if r["page"]), key=lambda r: list(reasons).index(r["id"]))
         plot_spatial_maps(s, d / "spatial.png")
