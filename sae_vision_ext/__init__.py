@@ -43,8 +43,10 @@ _LAZY: dict[str, str] = {
     "render_graph_html": "sae_vision_ext.circuits.viewer",
     "write_circuit_tracer": "sae_vision_ext.circuits.export",
     "logit_lens": "sae_vision_ext.circuits.logit_lens",
-    "AttributionGraph": "sae_vision_ext.circuits.attribution",
+    "AttributionGraph": "sae_vision_ext.circuits.graph",
     "evaluate_circuit": "sae_vision_ext.circuits.evaluate",
+    "CircuitEvaluation": "sae_vision_ext.circuits.curves",
+    "SpuriousFeatures": "sae_vision_ext.circuits.debias",
     "find_spurious_features": "sae_vision_ext.circuits.debias",
     "debias": "sae_vision_ext.circuits.debias",
     "AggregatedGraph": "sae_vision_ext.circuits.aggregated",
@@ -55,10 +57,11 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
     from .circuits.aggregated import AggregatedGraph, attribute_aggregated
-    from .circuits.attribution import AttributionGraph
-    from .circuits.debias import debias, find_spurious_features
+    from .circuits.curves import CircuitEvaluation
+    from .circuits.debias import SpuriousFeatures, debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
     from .circuits.export import write_circuit_tracer
+    from .circuits.graph import AttributionGraph
     from .circuits.logit_lens import logit_lens
     from .circuits.replacement import ResidualReplacementModel
     from .circuits.viewer import render_graph_html
@@ -101,12 +104,14 @@ __all__ = [
     "AggregatedGraph",
     "Attribute",
     "AttributionGraph",
+    "CircuitEvaluation",
     "FeatureAnalysis",
     "FeatureStats",
     "FrozenNorm",
     "HookedViT",
     "HookedViTConfig",
     "ResidualReplacementModel",
+    "SpuriousFeatures",
     "TrainingInterrupted",
     "ViTAdapter",
     "VisionSAETrainingConfig",

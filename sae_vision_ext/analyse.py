@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._hooks import layer_of
+
 
 def run_analysis(model_id: str, sae_refs: list[str], out: str | Path, n_images: int = 512, seed: int = 31,
                  threshold: float = 0.9, progress: bool = True) -> dict[str, Any]:  # fmt: skip
@@ -33,7 +35,7 @@ def run_analysis(model_id: str, sae_refs: list[str], out: str | Path, n_images: 
             "Attribute labels (docs/analysis.md)."
         )
     model = HookedViT.from_pretrained(model_id)
-    saes = sorted((load_sae(r) for r in sae_refs), key=lambda s: int(s.cfg.metadata.hook_name.split(".")[1]))
+    saes = sorted((load_sae(r) for r in sae_refs), key=lambda s: layer_of(s.cfg.metadata.hook_name))
     data = make_shapes(n_images, seed=seed, balanced=True)
     raw, _ = data.tensors()
     pixels = model.preprocess(raw)

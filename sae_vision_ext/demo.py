@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+from ._hooks import resid_post
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
     pixels = model.preprocess(images)
 
     correct, norms, cls_attn_to_self = 0, torch.zeros(cfg.n_layers), torch.zeros(cfg.n_layers)
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(cfg.n_layers)]
+    names = [resid_post(layer) for layer in range(cfg.n_layers)]
     names += [f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)]
     with torch.no_grad():
         for i in tqdm(range(0, n_images, batch_size), desc="cached forward", unit="batch"):
@@ -43,7 +45,7 @@ def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:sh
             logits, cache = model.run_with_cache(x, names_filter=names)
             correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
             for layer in range(cfg.n_layers):
-                norms[layer] += cache[f"blocks.{layer}.hook_resid_post"].norm(dim=-1).mean() * len(x)
+                norms[layer] += cache[resid_post(layer)].norm(dim=-1).mean() * len(x)
                 cls_attn_to_self[layer] += cache[f"blocks.{layer}.attn.hook_pattern"][:, :, 0, 0].mean() * len(x)
     print(f"\nAccuracy on {n_images} fresh shapes images ({len(SHAPES)} classes): {correct / n_images:.3f}")
     print(f"{len(model.hook_dict)} hook points; cached {len(names)} of them per batch.\n")
@@ -153,7 +155,7 @@ def circuit_features(pruned, per_layer: int = 8) -> dict[str, list[int]]:
     order = infl.argsort(descending=True).tolist()
     for i in order:
         if pruned.node_kind[i] == "feature" and bool(shown[i]):
-            feats = out.setdefault(f"blocks.{int(pruned.node_layer[i])}.hook_resid_post", [])
+            feats = out.setdefault(resid_post(int(pruned.node_layer[i])), [])
             f = int(pruned.node_feature[i])
             if f not in feats and len(feats) < per_layer:
                 feats.append(f)

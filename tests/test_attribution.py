@@ -40,7 +40,7 @@ def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
         out0, pre0 = att._forward(x, frozen, leaves, norms)
     base = {k: v.detach() for k, v in leaves.values.items()}
     A = g.dense()
-    checked = 0
+    checked = logit_checked = 0
     for layer in range(rrm.n_layers):
         feats = [i for i, k in enumerate(g.node_kind) if k == "feature" and g.node_layer[i] == layer][:3]
         for s in feats:
@@ -60,13 +60,15 @@ def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
                         pre1[layer + 1][0, g.node_pos[t], g.node_feature[t]]
                         - pre0[layer + 1][0, g.node_pos[t], g.node_feature[t]]
                     )
-                else:
-                    change = float(out1[0] - out0[0]) if out0.ndim == 1 else None
-                    if change is None:
-                        continue
+                else:  # a target: the demeaned logit of its class
+                    n_out = out0.shape[-1]
+                    direction = torch.full((n_out,), -1.0 / n_out, dtype=out0.dtype)
+                    direction[g.target_classes[0]] += 1.0
+                    change = float((out1 - out0)[0] @ direction)
+                    logit_checked += 1
                 assert abs(change - delta / a * float(A[t, s])) < 1e-6
                 checked += 1
-    assert checked > 10
+    assert checked > 10 and logit_checked > 0
 
 
 def test_second_derivatives_vanish_under_freezing(traced):

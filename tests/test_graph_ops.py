@@ -9,7 +9,7 @@ import torch
 from conftest import images
 from test_attribution import rrm_for
 
-from sae_vision_ext.circuits.attribution import AttributionGraph
+from sae_vision_ext.circuits.graph import AttributionGraph
 from sae_vision_ext.circuits.graph_ops import influence, normalised_abs
 from sae_vision_ext.circuits.nodes import cantor_pair, cantor_unpair, node_ids
 

@@ -181,15 +181,14 @@ def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tmp_path, monkeypat
         return original(self)
 
     monkeypatch.setattr(train_module.CountingStream, "__next__", next_then_kill)
+    handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match=r"checkpoint saved to .*resume=True"):
         train_saes(cfg)
     monkeypatch.undo()
     state = json.loads((tmp_path / "interrupted" / "checkpoints" / "latest" / "state.json").read_text())
     assert state["batches_consumed"] == 5 and state["n_training_steps"] == 4  # 1 batch went to norm estimation
-    assert (
-        signal.getsignal(signal.SIGTERM) is not None
-        and not (tmp_path / "interrupted" / "blocks.2.hook_resid_post").exists()
-    )
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # our handler is removed again
+    assert not (tmp_path / "interrupted" / "blocks.2.hook_resid_post").exists()
 
     with pytest.raises(ValueError, match="config differs"):
         train_saes(_small_cfg(tmp_path / "interrupted", k=4), resume=True)

@@ -14,12 +14,13 @@ of each hook's batch comes from the same token.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
+
+from .._hooks import layer_of
 
 TokenSelection = Literal["all", "patches", "cls", "prefix", "no_registers"]
 TOKEN_SELECTIONS: tuple[str, ...] = get_args(TokenSelection)
@@ -43,12 +44,9 @@ def resolve_hook_names(spec: str | Sequence[str], n_layers: int, layers: Sequenc
 
 def deepest_block(hook_names: Sequence[str]) -> int | None:
     """Index of the deepest block named, or ``None`` if any hook lies outside the blocks."""
-    layers = []
-    for name in hook_names:
-        m = re.match(r"blocks\.(\d+)\.", name)
-        if m is None:
-            return None
-        layers.append(int(m.group(1)))
+    layers = [layer_of(name) for name in hook_names]
+    if any(layer is None for layer in layers):
+        return None
     return max(layers) if layers else None
 
 

@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._hooks import sae_acts, sae_error
 from ..saes import affine
 from .replacement_base import ReplacementModelBase
 from .rows import target_rows
@@ -148,8 +149,8 @@ def attribute_aggregated(
             return_cache_object=False,
             names_filter=[f"{h}.hook_sae_{k}" for h in hooks for k in ("acts_post", "error")],
         )
-    acts = [cache[f"{h}.hook_sae_acts_post"][0] for h in hooks]
-    errors = [cache[f"{h}.hook_sae_error"][0] for h in hooks]
+    acts = [cache[sae_acts(h)][0] for h in hooks]
+    errors = [cache[sae_error(h)][0] for h in hooks]
     reference = _references(reference, acts, "reference")
     error_reference = _references(error_reference, errors, "error_reference")
     d_acts = [a - r.to(a.dtype) for a, r in zip(acts, reference, strict=True)]

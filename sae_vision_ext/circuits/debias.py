@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._hooks import resid_post, sae_acts
 from ..saes import affine
 from .replacement import ResidualReplacementModel
 
@@ -105,7 +106,7 @@ def _ablation_hooks(features: Sequence[tuple[int, int]], reference: dict[int, Te
             acts[..., idx] = ref.to(acts.dtype).expand(acts.shape[0], -1, -1)
             return acts
 
-        hooks.append((f"blocks.{layer}.hook_resid_post.hook_sae_acts_post", hook))
+        hooks.append((sae_acts(resid_post(layer)), hook))
     return hooks
 
 

@@ -40,6 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
 from .replacement_base import Reference, ReplacementModelBase
 
@@ -67,8 +68,10 @@ class _Patcher:
             mask ^= inv[:, None, None]
             return torch.where(mask, refs[slot].to(acts.dtype).expand_as(acts), acts)
 
-        name = "blocks.{}.hook_resid_post" if neurons else "blocks.{}.hook_resid_post.hook_sae_acts_post"
-        hooks = [(name.format(layer), lambda a, hook, i=i: edit(a, hook, i)) for i, layer in enumerate(rrm.layers)]
+        def name(layer: int) -> str:
+            return resid_post(layer) if neurons else sae_acts(resid_post(layer))
+
+        hooks = [(name(layer), lambda a, hook, i=i: edit(a, hook, i)) for i, layer in enumerate(rrm.layers)]
         with contextlib.ExitStack() as stack:
             if not neurons:
                 stack.enter_context(rrm.spliced(keep_errors=True))
@@ -132,7 +135,7 @@ def evaluate_circuit(
     ref_px = pixels if reference_pixels is None else reference_pixels
     refs = rrm.reference_values(ref_px, reference)
     with torch.no_grad():
-        names = [f"blocks.{layer}.hook_resid_post" for layer in rrm.layers]
+        names = [resid_post(layer) for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d_model]
     neuron_refs = {"zero": lambda: torch.zeros_like(stack[:, 0]), "mean": lambda: stack.mean(1),

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._hooks import resid_post
 from .graph_ops import node_influence
 from .nodes import (
     cantor_pair,
@@ -191,7 +192,7 @@ def feature_files(
                 {"quantile_name": "Top images", "examples": [_example(r, tokens, j) for j, r in enumerate(rows)]}
             )
         every = [a for r in [traced, *rows] for a in r]
-        hook = f"blocks.{layer}.hook_resid_post"
+        hook = resid_post(layer)
         frequency = 0.0
         if stats and hook in stats and stats[hook].n_tokens:
             frequency = float(stats[hook].fire_tokens[feat]) / stats[hook].n_tokens
@@ -229,7 +230,7 @@ def _top_rows(
         return {}
     needed: dict[tuple[int, int], list[int]] = {}
     for layer, feat in wanted:
-        hook = f"blocks.{layer}.hook_resid_post"
+        hook = resid_post(layer)
         if hook in stats:
             needed[(layer, feat)] = [int(i) for _, i, _ in stats[hook].top_examples(feat)[:n]]
     index = sorted({i for ids in needed.values() for i in ids})
@@ -268,7 +269,7 @@ def write_circuit_tracer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sae_layers = sorted({int(lay) for lay, k in zip(graph.node_layer, graph.node_kind, strict=True) if k == "error"})
-    transcoders = [f"blocks.{layer}.hook_resid_post" for layer in sae_layers]
+    transcoders = [resid_post(layer) for layer in sae_layers]
     scan = LOCAL_SCAN if features else "sae_vision_ext"
     exported = graph_json(graph, slug, scan, transcoders, feature_labels, prompt, supernodes)
     if features:

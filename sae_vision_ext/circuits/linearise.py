@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._hooks import resid_post
+
 
 def gate(act_fn: str, pre: Tensor) -> Tensor:
     """``g(u)`` with ``act(u) = u · g(u)`` for the supported activations."""
@@ -107,7 +109,7 @@ def resid_post_gradients(
         return t + probes[-1]
 
     hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
-    hooks += [(f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: add_probe(t, hook, layer))
+    hooks += [(resid_post(layer), lambda t, hook, layer=layer: add_probe(t, hook, layer))
               for layer in range(n_layers)]  # fmt: skip
     with model.hooks(fwd_hooks=hooks):
         out = model(pixels)

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._hooks import resid_post
 from ..saes import affine
 from ..vis.lens import top_bottom
 from .linearise import frozen_hooks, pre_capture_hooks, record
@@ -46,9 +47,7 @@ def _class_gradients(
         return t + probes[layer]
 
     hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
-    hooks += [
-        (f"blocks.{layer}.hook_resid_post", lambda t, hook, layer=layer: probe(t, hook, layer)) for layer in layers
-    ]
+    hooks += [(resid_post(layer), lambda t, hook, layer=layer: probe(t, hook, layer)) for layer in layers]
     with model.hooks(fwd_hooks=hooks):
         out = model(pixels)
     n = out.shape[-1]

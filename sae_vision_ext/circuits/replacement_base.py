@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._hooks import resid_post, sae_acts, sae_error
 from ..models.splicing import warn_if_trained_on_another_model
 from ..saes import affine
 from ..saes.affine import FrozenNorm
@@ -103,8 +104,10 @@ class ReplacementModelBase:
         unknown = sorted(set(error_values) - set(layers))
         if unknown:
             raise ValueError(f"error_values given for layers {unknown} that are not spliced ({layers}).")
-        hooks = [(f"blocks.{layer}.hook_resid_post.hook_sae_error", lambda t, hook, v=v: v.to(t.dtype).expand_as(t))
-                 for layer, v in error_values.items()]  # fmt: skip
+        hooks = [
+            (sae_error(resid_post(layer)), lambda t, hook, v=v: v.to(t.dtype).expand_as(t))
+            for layer, v in error_values.items()
+        ]
         try:
             for layer in layers:
                 use_error = layer in keep or layer in error_values
@@ -169,8 +172,7 @@ class ReplacementModelBase:
                 acts[:, slice(None) if pos is None else pos, feat] = value
             return acts
 
-        hooks = [(f"blocks.{layer}.hook_resid_post.hook_sae_acts_post",
-                  lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in edits]  # fmt: skip
+        hooks = [(sae_acts(resid_post(layer)), lambda a, hook, layer=layer: edit(a, hook, layer)) for layer in edits]
         with contextlib.ExitStack() as stack:
             if freeze:
                 if pixels.shape[0] != 1:
@@ -192,7 +194,7 @@ class ReplacementModelBase:
         return {
             "output": out,
             "clean_output": clean,
-            "feature_acts": [cache[f"{s.cfg.metadata.hook_name}.hook_sae_acts_post"] for s in self.saes],
+            "feature_acts": [cache[sae_acts(s.cfg.metadata.hook_name)] for s in self.saes],
             "feature_pre_acts": pre,
         }
 
@@ -225,7 +227,7 @@ class ReplacementModelBase:
     @torch.no_grad()
     def errors(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_model"]]:
         """Each layer's SAE error ``resid_post − reconstruction`` on the clean stream: ``[batch, pos, d_model]``."""
-        names = [f"{s.cfg.metadata.hook_name}.hook_sae_error" for s in self.saes]
+        names = [sae_error(s.cfg.metadata.hook_name) for s in self.saes]
         _, cache = self.model.run_with_cache_with_saes(pixels, saes=self.saes, use_error_term=True,
                                                        names_filter=names, return_cache_object=False)  # fmt: skip
         return [cache[n] for n in names]

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
 from .replacement_base import Reference, ReplacementModelBase
 
@@ -92,8 +93,7 @@ def _masked_outputs(
         return torch.where(feat_masks[i][:, None, :], refs[i].to(acts.dtype)[None], acts)
 
     hooks = [
-        (f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", lambda a, hook, i=i: edit(a, hook, i))
-        for i, sae in enumerate(rrm.saes)
+        (sae_acts(sae.cfg.metadata.hook_name), lambda a, hook, i=i: edit(a, hook, i)) for i, sae in enumerate(rrm.saes)
     ]
     with rrm.spliced(keep_errors=True, error_values=err_vals), rrm.model.hooks(fwd_hooks=hooks):
         return rrm.model(x.expand(B, *x.shape[1:]))
@@ -112,9 +112,7 @@ def _neuron_outputs(rrm: ReplacementModelBase, x: Tensor, masks: list[list[Tenso
     def edit(t: Tensor, hook: Any, i: int) -> Tensor:
         return torch.where(dims[i][:, None, :], refs[i].to(t.dtype)[None], t)
 
-    hooks = [
-        (f"blocks.{layer}.hook_resid_post", lambda t, hook, i=i: edit(t, hook, i)) for i, layer in enumerate(rrm.layers)
-    ]
+    hooks = [(resid_post(layer), lambda t, hook, i=i: edit(t, hook, i)) for i, layer in enumerate(rrm.layers)]
     with rrm.model.hooks(fwd_hooks=hooks):
         return rrm.model(x.expand(B, *x.shape[1:]))
 
@@ -147,7 +145,7 @@ def evaluate_seed_protocol(
     refs = rrm.reference_values(ref_px, reference)
     err_refs = rrm.reference_values(ref_px, reference, of="errors")
     with torch.no_grad():
-        names = [f"blocks.{layer}.hook_resid_post" for layer in rrm.layers]
+        names = [resid_post(layer) for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = [cache[n] for n in names]
     neuron_refs = [

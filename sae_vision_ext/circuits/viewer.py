@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._hooks import resid_post
 from .export import exported_masks
 from .graph_ops import edges, node_influence
 from .nodes import clerps, node_ids, position_labels
@@ -128,7 +129,7 @@ def viewer_data(
         used: set[int] = set()
         for key in shown_feats:
             layer, feat = (int(x) for x in key.split("_"))
-            hook = f"blocks.{layer}.hook_resid_post"
+            hook = resid_post(layer)
             if hook in stats:
                 tops = [(float(a), int(img), int(tok)) for a, img, tok in stats[hook].top_examples(feat)[:n_top]]
                 data["tops"][key] = tops

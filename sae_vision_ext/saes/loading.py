@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .._hooks import resid_post
 from .._registry import Registry
 from .formats import FORMATS, detect_format
 from .formats.base import ConverterOutput
@@ -77,7 +78,7 @@ for _layer in range(12):
             "prisma",
             f"Prisma-Multimodal/sae-top_k-64-cls_only-layer_{_layer}-hook_resid_post",
             _PRISMA_CLIP,
-            f"blocks.{_layer}.hook_resid_post",
+            resid_post(_layer),
             f"ViT-Prisma TopK-64 x64 SAE, CLS token, layer {_layer}",
         )
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._hooks import resid_post
 from .io import sae_lens_version, torch_load
 
 RRM_MODELS: dict[str, str] = {
@@ -108,7 +109,7 @@ def rrm_disk_converter(
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "model_name": RRM_MODELS.get(model or ""),
-            "hook_name": f"blocks.{layer}.hook_resid_post",
+            "hook_name": resid_post(layer),
             "source_format": "rrm",
             "rrm_model_type": model,
             "rrm_R": ratio,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from .._config import ConfigMixin, coerce_numbers
+from .._hooks import resid_post
 from .._registry import unknown_name_message
 from ..activations.harvest import TOKEN_SELECTIONS, TokenSelection
 
@@ -187,10 +188,7 @@ class VisionSAETrainingConfig(ConfigMixin):
 
         table = RRM_LAYER_CONFIGS[model]
         d_model = 768
-        per_layer = {
-            f"blocks.{layer}.hook_resid_post": {"k": k, "d_sae": int(ratio * d_model)}
-            for layer, (k, ratio) in table.items()
-        }
+        per_layer = {resid_post(layer): {"k": k, "d_sae": int(ratio * d_model)} for layer, (k, ratio) in table.items()}
         base: dict[str, Any] = dict(
             model_name=RRM_MODELS[model],
             hook_names="all_resid_post",

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._hooks import layer_of
+
 N_BINS = 64
 """Score bins: bin 0 is an exact zero, then log-spaced bins over [1e-3, 1e2]."""
 _EDGES = torch.logspace(-3, 2, N_BINS - 2)
@@ -223,12 +225,8 @@ def analyse_features(
            for h, sae in zip(hooks, saes, strict=True)}  # fmt: skip
     fires = {h: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for h, sae in zip(hooks, saes, strict=True)}
     np_ = model.cfg.n_prefix_tokens
-    blocks = [h.split(".")[1] for h in hooks]
-    stop = (
-        max(int(b) for b in blocks) + 1
-        if all(h.startswith("blocks.") and b.isdigit() for h, b in zip(hooks, blocks, strict=True))
-        else None
-    )
+    blocks = [layer_of(h) for h in hooks]
+    stop = max(blocks) + 1 if all(b is not None for b in blocks) else None
     for start in tqdm(range(0, n, batch_size), desc="analyse_features", unit="batch", disable=not progress):
         x = pixels[start : start + batch_size]
         _, cache = model.run_with_cache(x, names_filter=hooks, return_cache_object=False, stop_at_layer=stop)

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .html import template_env
 from .lens import top_bottom
 from .plots import (
+    _overlay,
     display_images,
     feature_kinds,
     plot_density_histograms,
@@ -280,9 +280,7 @@ def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_id
         axes[r, 0].set_title(hook.replace(".hook_", " "), fontsize=6)
         for c, feat in enumerate(feats, start=1):
             heat = token_acts[model.cfg.n_prefix_tokens :, feat["id"]].reshape(*model.cfg.grid_size).numpy()
-            h, w = img.shape[:2]
-            axes[r, c].imshow(img)
-            axes[r, c].imshow(np.ma.masked_where(heat <= 0, heat), cmap="magma", alpha=0.6, extent=(0, w, h, 0))
+            _overlay(axes[r, c], img, heat, float(heat.max()))
             axes[r, c].set_title(f"f{feat['id']} {feat['value']:.2f}", fontsize=6)
         for ax in axes[r]:
             ax.axis("off")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._hooks import layer_of
 from .stats import FeatureStats
 
 KINDS = ("dead", "dense", "position", "class", "colour", "other")
@@ -34,8 +35,8 @@ def pyplot():
 def feature_heatmaps(model: Any, sae: Any, pixels: Tensor, feature: int) -> Tensor:
     """The feature's activation at every patch of each image: ``[n, grid_h, grid_w]``."""
     hook = sae.cfg.metadata.hook_name
-    layer = hook.split(".")[1] if hook.startswith("blocks.") else None
-    stop = int(layer) + 1 if layer is not None and layer.isdigit() else None
+    layer = layer_of(hook)
+    stop = layer + 1 if layer is not None else None
     _, cache = model.run_with_cache(pixels, names_filter=hook, stop_at_layer=stop, return_cache_object=False)
     acts = sae.encode(cache[hook])[:, model.cfg.n_prefix_tokens :, feature]
     return acts.reshape(len(pixels), *model.cfg.grid_size)
@@ -184,7 +185,7 @@ def plot_layer_evolution(kinds_by_layer: dict[str, list[str]], path: str | Path)
     for i, kind in enumerate(KINDS):
         ax.bar(range(len(hooks)), shares[:, i], bottom=bottom, label=kind, color=colours[i])
         bottom += shares[:, i]
-    ax.set_xticks(range(len(hooks)), [h.split(".")[1] if h.startswith("blocks.") else h for h in hooks])
+    ax.set_xticks(range(len(hooks)), [str(layer_of(h)) if layer_of(h) is not None else h for h in hooks])
     ax.set_xlabel("layer")
     ax.set_ylabel("share of features")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")

@@ -46,6 +46,12 @@ def register_loader(prefix: str) -> Callable[[Callable[..., nn.Module]], Callabl
     return LOADERS.register(prefix)
 
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""CLIP's normalisation (the values of ``timm.data.OPENAI_CLIP_MEAN``, kept here so that wrapping a
+model does not import timm); the open_clip and HF CLIP adapters use them."""
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 class ViTAdapter:
     """Base class: one instance wraps one module. Subclasses fill in the methods below."""
 

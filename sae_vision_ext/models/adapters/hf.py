@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..._compat import first_attr
 from ..components import BlockParts, SeparateQKV, act_fn_name
 from ..config import HookedViTConfig
-from .base import ViTAdapter, register_adapter, register_loader, unsupported
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ViTAdapter, register_adapter, register_loader, unsupported
 
 logger = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -170,8 +170,8 @@ class HFViTAdapter(_HFAdapter):
 class HFCLIPAdapter(_HFAdapter):
     class_names = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
     supported_types = tuple(f"transformers.{n}" for n in class_names)
-    default_mean = (0.48145466, 0.4578275, 0.40821073)
-    default_std = (0.26862954, 0.26130258, 0.27577711)
+    default_mean = OPENAI_CLIP_MEAN
+    default_std = OPENAI_CLIP_STD
     final_norm_after_pool = True
 
     @property

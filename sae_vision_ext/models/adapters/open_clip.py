@@ -17,11 +17,16 @@ from torch import Tensor, nn
 
 from ..components import BlockParts, FusedQKV, act_fn_name
 from ..config import HookedViTConfig
-from .base import ViTAdapter, optional, register_adapter, register_loader, unsupported
+from .base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ViTAdapter,
+    optional,
+    register_adapter,
+    register_loader,
+    unsupported,
+)
 from .timm import TimmViTAdapter
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _open_clip_data_config(visual: nn.Module, image_size: tuple[int, int]) -> dict[str, Any]:

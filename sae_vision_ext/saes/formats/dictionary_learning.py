@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..._hooks import resid_post
 from ..io import torch_load
 from .base import ConverterOutput, base_cfg, finish, folder_of, register_format
 
@@ -58,7 +59,7 @@ def dictionary_learning_disk_converter(
         raw = raw["ae"]  # a backup checkpoint
     dict_class = trainer["dict_class"]
     meta = {
-        "hook_name": f"blocks.{trainer['layer']}.hook_resid_post" if trainer.get("layer") is not None else None,
+        "hook_name": resid_post(trainer["layer"]) if trainer.get("layer") is not None else None,
         "dictionary_learning_class": dict_class,
         "dictionary_learning_lm_name": trainer.get("lm_name"),
     }

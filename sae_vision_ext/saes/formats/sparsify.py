@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..._hooks import resid_post
 from .base import ConverterOutput, base_cfg, finish, register_format
 
 
@@ -44,7 +45,7 @@ def sparsify_disk_converter(
         raise ValueError(f"{folder / 'sae.safetensors'} lacks {', '.join(missing)}: saved without its decoder?")
     d_sae, d_in = raw["encoder.weight"].shape
     match = re.search(r"layers[._](\d+)", folder.name)
-    meta = {"hook_name": f"blocks.{match.group(1)}.hook_resid_post" if match else None, "sparsify_folder": folder.name}
+    meta = {"hook_name": resid_post(int(match.group(1))) if match else None, "sparsify_folder": folder.name}
     if sc.get("transcode") or "W_skip" in raw:
         raise ValueError(
             "sparsify transcoders and skip connections select the top k latents, and SAELens has no top-k transcoder "

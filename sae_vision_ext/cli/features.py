@@ -1,0 +1,125 @@
+"""Commands that look at features and circuits: analyse, dashboard, faithfulness, trace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .._hooks import layer_of
+from ._shared import _load_images, _read_labels, _rrm, _sae_refs, _step
+
+
+def _cmd_analyse(args: argparse.Namespace) -> int:
+    from ..analyse import run_analysis
+    from ..models.embedded import embedded_metadata
+
+    n_layers = (
+        embedded_metadata(args.model.removeprefix("sve:"))["arch"]["depth"] if args.model.startswith("sve:") else 0
+    )
+    report = run_analysis(args.model, _sae_refs(args.saes, args.model, n_layers), args.out, args.n_images, args.seed,
+                          args.threshold)  # fmt: skip
+    print(report["table"])
+    print(f"analysis pass {report['seconds']:.1f} s; report: {(Path(args.out) / 'analysis.md').resolve()}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from ..models import HookedViT
+    from ..saes.loading import load_sae
+    from ..vis.dashboard import build_dashboard
+
+    model = HookedViT.from_pretrained(args.model)
+    saes = [load_sae(r) for r in _sae_refs(args.saes, args.model, model.cfg.n_layers)]
+    saes.sort(key=lambda s: s.cfg.metadata.hook_name)
+    pixels, labels, names = _load_images(model, args.dataset, args.n_images, args.seed)
+    lens = None
+    if model.adapter.output_kind() == "logits":
+        from ..circuits.logit_lens import logit_lens
+
+        _step("logit lens of every feature (16 reference images)")
+        try:
+            lens = logit_lens(model, saes, pixels[:16])
+        except ValueError as e:  # SAEs off the residual stream, or a readout that is not affine
+            print(f"no logit lens: {e}", file=sys.stderr)
+        if names is None and model.cfg.class_names:
+            names = list(model.cfg.class_names)
+    _step("feature statistics and pages")
+    index = build_dashboard(model, saes, pixels, args.out, labels=labels, label_names=names, top_k=args.top_k,
+                            n_feature_pages=args.feature_pages, n_image_pages=args.image_pages,
+                            logit_lens=lens, feature_labels=_read_labels(args.labels))  # fmt: skip
+    print(f"dashboard written: {index.resolve()}")
+    return 0
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    rrm = _rrm(args)
+    pixels, labels, _ = _load_images(rrm.model, args.dataset, args.n_images, args.seed)
+    rows = rrm.faithfulness(pixels, labels, progress=True)
+    keys = [k for k in rows[0] if k != "n_spliced"]
+    print("layers spliced (no error terms) | " + " | ".join(keys))
+    for row in rows:
+        print(f"{row['n_spliced']:>31} | " + " | ".join(f"{row[k]:.4f}" for k in keys))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    _step("loading the model and its SAEs")
+    rrm = _rrm(args)
+    model = rrm.model
+    if args.image:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            pixels = model.preprocess(im.convert("RGB"))[None]
+    else:
+        pixels, _, _ = _load_images(model, "sve:shapes", args.shapes_index + 1, args.seed)
+        pixels = pixels[args.shapes_index : args.shapes_index + 1]
+    _step("attributing (one row per active feature)")
+    graph = rrm.attribute(
+        pixels, target=args.target, max_feature_nodes=args.max_feature_nodes, mlp_leaves=args.mlp_leaves, progress=True
+    )
+    _step(f"pruning {graph.n_nodes} nodes, {graph.adjacency._nnz()} edges")
+    pruned = graph.prune(args.node_threshold, args.edge_threshold)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..circuits.viewer import render_graph_html
+
+    stats = ref = None
+    if args.reference_images > 0:  # top patches per feature in the viewer, from a reference set
+        from ..vis.stats import collect_feature_stats
+
+        ref, _, _ = _load_images(model, "sve:shapes", args.reference_images, args.seed + 1)
+        stats = collect_feature_stats(model, rrm.saes, ref, top_k=4, progress=True)
+    slug = Path(args.image).stem if args.image else f"shapes-{args.shapes_index}"
+    _step("writing circuit-tracer's files and the viewer")
+    labels = {(layer_of(h), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()}
+    exported = pruned.to_json(out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref,
+                              feature_labels=labels)  # fmt: skip
+    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref, feature_labels=labels)
+    from ..circuits.graph_ops import node_influence
+
+    infl = node_influence(graph)
+    feats = [i for i, k in enumerate(graph.node_kind) if k == "feature"]
+    top = sorted(feats, key=lambda i: -float(infl[i]))[:10]
+    summary = {
+        "target": graph.target_names, "n_nodes": graph.n_nodes, "n_edges": int(graph.adjacency._nnz()),
+        "kept_nodes": len(exported["nodes"]), "kept_edges": len(exported["links"]),
+        "scores": pruned.scores(),
+        "top_features": [{"layer": int(graph.node_layer[i]), "position": int(graph.node_pos[i]),
+                          "feature": int(graph.node_feature[i]), "activation": float(graph.activation[i]),
+                          "influence": float(infl[i])} for i in top],
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"traced {graph.target_names[0]}: {graph.n_nodes} nodes, {summary['n_edges']} edges; kept "
+          f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges")  # fmt: skip
+    print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
+    ct_dir = (out / "circuit-tracer").resolve()
+    serve = f"from circuit_tracer.frontend.local_server import serve; serve('{ct_dir}', port=8032).server_thread.join()"
+    print(f"circuit-tracer files: {ct_dir}")
+    print(f'  open them in its frontend: python -c "{serve}", then http://localhost:8032')
+    print(f"viewer (open from disk): {(out / 'graph.html').resolve()}")
+    return 0

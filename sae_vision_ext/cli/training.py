@@ -1,0 +1,115 @@
+"""Commands of the training pipeline: cache, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._shared import _load_images
+
+_CONFIG_FLAGS = {  # config fields settable by flag, with their types
+    "model_name": str,
+    "hook_names": str,
+    "dataset": str,
+    "n_images": int,
+    "token_selection": str,
+    "architecture": str,
+    "k": int,
+    "expansion_factor": float,
+    "training_tokens": int,
+    "train_batch_size": int,
+    "lr": float,
+    "output_dir": str,
+    "cache_dir": str,
+    "cache_dtype": str,
+    "device": str,
+    "seed": int,
+    "init_seed": int,
+}
+
+
+def _training_config(args: argparse.Namespace):
+    from ..training.config import VisionSAETrainingConfig
+
+    base = VisionSAETrainingConfig.from_file(args.config).to_dict() if args.config else {}
+    for key in _CONFIG_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    if args.layers:
+        base["layers"] = [int(v) for v in args.layers.split(",")]
+    return VisionSAETrainingConfig.from_dict(base)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from ..activations.cache import CachedActivations, build_cache, cache_root
+    from ..activations.harvest import resolve_hook_names
+    from ..data.sources import open_image_source
+    from ..models import HookedViT
+    from ..training.train import cache_settings
+
+    cfg = _training_config(args)
+    if cfg.cache_dir is None:
+        raise ValueError("Give --cache-dir (or cache_dir in the config) for `sae-vision cache`.")
+    rank, _ = _join_process_group(args)
+    model = HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
+    dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
+    hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
+    settings = cache_settings(cfg, hooks, len(dataset))
+    root = cache_root(cfg.cache_dir, settings)
+    if args.verify and (root / settings.key / "metadata.json").exists():
+        problems = CachedActivations(root / settings.key, verify=True).verify_shards(remove=True)
+        for problem in problems:
+            print(f"removed: {problem}")
+        print(
+            f"verified {root / settings.key}: {len(problems)} bad shard(s) removed"
+            + (", rewriting" if problems else "")
+        )
+    folder = build_cache(model, dataset, settings, root, cfg.num_workers, cfg.image_batch_size)
+    if rank == 0:
+        print(f"cache ready: {folder}")
+    return 0
+
+
+def _join_process_group(args: argparse.Namespace) -> tuple[int, int]:
+    """Join torchrun's process group when launched by it (or insist on it with --distributed)."""
+    from ..distributed import init_from_env, require_launcher
+
+    return require_launcher() if args.distributed else init_from_env()
+
+
+def _given_any_config(args: argparse.Namespace) -> bool:
+    return bool(args.config or args.layers or any(getattr(args, key, None) is not None for key in _CONFIG_FLAGS))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from ..training.train import train_saes
+
+    cfg = _training_config(args)
+    if not (_given_any_config(args) or args.yes or args.resume):
+        print("No config given. `sae-vision train` would run these defaults (all fields of VisionSAETrainingConfig):")
+        print(json.dumps(cfg.to_dict(), indent=1))
+        print("Run them with `sae-vision train --yes`, or pass --config FILE.yaml and/or flags (see --help).")
+        return 2
+    rank, _ = _join_process_group(args)
+    saes = train_saes(cfg, resume=args.resume)
+    if rank == 0:
+        for hook in saes:
+            print(f"saved {hook} -> {cfg.output_dir}/{hook}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..models import HookedViT
+    from ..saes.evaluate import evaluate_sae, format_eval_table
+    from ..saes.loading import load_sae
+
+    model = HookedViT.from_pretrained(args.model)
+    images, labels, _ = _load_images(model, args.dataset, args.n_images, args.seed)
+    for ref in args.sae:
+        sae = load_sae(ref, hook_name=args.hook_name)
+        out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
+        metrics = evaluate_sae(model, sae, images, labels, out_path=out, progress=True)
+        print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
+    return 0
