@@ -54,11 +54,14 @@ def main() -> None:
     rows = [
         ["attribute (baseline)", f"{med['attribute']:.2f} s", f"{graph.n_nodes} nodes, {graph.adjacency._nnz()} edges"],
         ["prune", f"{med['prune']:.2f} s", f"{int(pruned.node_mask.sum())} nodes kept"],
-        ["to_json (graph + graph-metadata + feature files)", f"{med['to_json']:.2f} s",
-         f"{len(exported['nodes'])} nodes, {len(exported['links'])} links, {n_files} feature files"],
+        [
+            "to_json (graph + graph-metadata + feature files)",
+            f"{med['to_json']:.2f} s",
+            f"{len(exported['nodes'])} nodes, {len(exported['links'])} links, {n_files} feature files",
+        ],
         ["render_graph_html", f"{med['render_graph_html']:.2f} s", f"{(out / 'g.html').stat().st_size / 1e6:.2f} MB"],
         ["export total / attribute", f"{export / med['attribute']:.2f}x", f"{size:.1f} MB written in all"],
-    ]  # fmt: skip
+    ]
     print(markdown_table(["step", "median time", "size"], rows))
 
 

@@ -18,8 +18,15 @@ from typing import Any
 from ._hooks import layer_of
 
 
-def run_analysis(model_id: str, sae_refs: list[str], out: str | Path, n_images: int = 512, seed: int = 31,
-                 threshold: float = 0.9, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_analysis(
+    model_id: str,
+    sae_refs: list[str],
+    out: str | Path,
+    n_images: int = 512,
+    seed: int = 31,
+    threshold: float = 0.9,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the report (module docstring); returns ``{"analyses", "lens", "seconds", "table"}``."""
     from .circuits.logit_lens import logit_lens
     from .data.shapes import SHAPES, make_shapes
@@ -40,16 +47,29 @@ def run_analysis(model_id: str, sae_refs: list[str], out: str | Path, n_images: 
     raw, _ = data.tensors()
     pixels = model.preprocess(raw)
     start = time.perf_counter()
-    analyses = analyse_features(model, saes, pixels, shapes_attributes(data, model.cfg.grid_size, raw.shape[-1]),
-                                threshold=threshold, progress=progress)  # fmt: skip
+    analyses = analyse_features(
+        model,
+        saes,
+        pixels,
+        shapes_attributes(data, model.cfg.grid_size, raw.shape[-1]),
+        threshold=threshold,
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
     lens = logit_lens(model, saes, pixels[:16])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = analysis_table(analyses)
-    lines = [f"# Feature analysis of {model_id}", "",
-             f"{n_images} balanced shapes images (seed {seed}), AUROC threshold {threshold}; "
-             f"analysis pass {seconds:.1f} s.", "", table, "", "## Interpretable features", ""]  # fmt: skip
+    lines = [
+        f"# Feature analysis of {model_id}",
+        "",
+        f"{n_images} balanced shapes images (seed {seed}), AUROC threshold {threshold}; analysis pass {seconds:.1f} s.",
+        "",
+        table,
+        "",
+        "## Interpretable features",
+        "",
+    ]
     labels: dict[str, dict[int, str]] = {}
     for hook, a in analyses.items():
         labels[hook] = {}

@@ -21,8 +21,9 @@ from ._hooks import resid_post
 logger = logging.getLogger(__name__)
 
 
-def run_demo(n_images: int = 512, batch_size: int = 128, model_id: str = "sve:shapes-vit",
-             out_dir: str = "sae-vision-demo") -> int:  # fmt: skip
+def run_demo(
+    n_images: int = 512, batch_size: int = 128, model_id: str = "sve:shapes-vit", out_dir: str = "sae-vision-demo"
+) -> int:
     import torch
     from tqdm import tqdm
 
@@ -81,9 +82,11 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
 
     px, y, g = split(n_search, 21)
     found = find_spurious_features(ResidualReplacementModel(model, saes), px, y, g, progress=True)
-    print(f"\nDebiasing sve:shapes-vit-biased: the marker (group label only, location not given) is associated "
-          f"with '{SHAPES[found.associated_class]}'; {found.n_conflict} conflict images; "
-          f"{len(found.candidates)} candidate features, {found.n_selected} selected on the search split:")  # fmt: skip
+    print(
+        f"\nDebiasing sve:shapes-vit-biased: the marker (group label only, location not given) is associated "
+        f"with '{SHAPES[found.associated_class]}'; {found.n_conflict} conflict images; "
+        f"{len(found.candidates)} candidate features, {found.n_selected} selected on the search split:"
+    )
     print(found.table(8))
     tx, ty, tg = split(n_test, 2)
     debiased = debias(model, saes, found.selected, found.reference)
@@ -93,8 +96,11 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
             pred = torch.cat([m(tx[i : i + 256]) for i in range(0, len(tx), 256)]).argmax(-1)
             acc = group_accuracy(pred, ty, tg)
             worst = min(acc, key=acc.get)
-            rows[name] = {"average": float((pred == ty).float().mean()), "worst_group": acc[worst],
-                          "worst": f"{SHAPES[worst[0]]}{' + marker' if worst[1] else ''}"}  # fmt: skip
+            rows[name] = {
+                "average": float((pred == ty).float().mean()),
+                "worst_group": acc[worst],
+                "worst": f"{SHAPES[worst[0]]}{' + marker' if worst[1] else ''}",
+            }
     print(f"\nHeld-out balanced split ({n_test} images):  average  worst group")
     for name, r in rows.items():
         print(f"{name:>40}  {r['average']:.3f}    {r['worst_group']:.3f} ({r['worst']})")
@@ -112,8 +118,10 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str):
     print("\nResidual replacement model (SAEs on layers 0..n-1 replace the residual stream, no error terms):")
     print("layers spliced  top-1 agreement  KL      accuracy (clean)")
     for row in rrm.faithfulness(pixels[:256], labels[:256]):
-        print(f"{row['n_spliced']:>14}  {row['top1_agreement']:>15.3f}  {row['kl']:.4f}  "
-              f"{row['accuracy']:.3f} ({row['accuracy_clean']:.3f})")  # fmt: skip
+        print(
+            f"{row['n_spliced']:>14}  {row['top1_agreement']:>15.3f}  {row['kl']:.4f}  "
+            f"{row['accuracy']:.3f} ({row['accuracy_clean']:.3f})"
+        )
     graph = rrm.attribute(pixels[:1], batch_size=64)
     pruned = graph.prune()
     path = Path(out_dir) / "circuit-tracer" / "shapes-demo.json"
@@ -139,8 +147,14 @@ def viewer_stage(rrm, pruned, pixels, labels, out_dir: str) -> None:
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES
 
-    viewer = render_graph_html(pruned, Path(out_dir) / "graph.html", rrm, pixels[:1], dashboard_dir="dashboard",
-                               title=f"image 0 ({SHAPES[int(labels[0])]})")  # fmt: skip
+    viewer = render_graph_html(
+        pruned,
+        Path(out_dir) / "graph.html",
+        rrm,
+        pixels[:1],
+        dashboard_dir="dashboard",
+        title=f"image 0 ({SHAPES[int(labels[0])]})",
+    )
     print(f"graph viewer (open from disk): {viewer.resolve()}")
 
 
@@ -173,8 +187,18 @@ def dashboard_stage(model, saes, pixels, labels, out_dir: str, circuit=None) -> 
 
     lens = logit_lens(model, saes, pixels[:16])
     extra = circuit_features(circuit) if circuit is not None else None
-    index = build_dashboard(model, saes, pixels, Path(out_dir) / "dashboard", labels=labels, label_names=SHAPES,
-                            n_feature_pages=8, n_image_pages=6, logit_lens=lens, extra_features=extra)  # fmt: skip
+    index = build_dashboard(
+        model,
+        saes,
+        pixels,
+        Path(out_dir) / "dashboard",
+        labels=labels,
+        label_names=SHAPES,
+        n_feature_pages=8,
+        n_image_pages=6,
+        logit_lens=lens,
+        extra_features=extra,
+    )
     print(f"\nDashboard (open from disk, no server needed): {index.resolve()}")
 
 
@@ -192,7 +216,9 @@ def sae_stage(model, model_id: str, pixels, labels) -> list:
         saes.append(sae)
         m = evaluate_sae(model, sae, pixels, labels, batch_size=128)
         acc = m["accuracy"]
-        print(f"{layer:>5}  {m['d_sae']:>5}  {sae.cfg.k:>3}  {m['l0']:>5.1f}  {m['explained_variance']:>13.3f}  "
-              f"{m['dead_fraction']:>4.2f}   {acc['clean']:.3f} -> {acc['spliced']:.3f}")  # fmt: skip
+        print(
+            f"{layer:>5}  {m['d_sae']:>5}  {sae.cfg.k:>3}  {m['l0']:>5.1f}  {m['explained_variance']:>13.3f}  "
+            f"{m['dead_fraction']:>4.2f}   {acc['clean']:.3f} -> {acc['spliced']:.3f}"
+        )
     print("* dead: share of features that never fire on these images")
     return saes

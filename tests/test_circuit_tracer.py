@@ -56,9 +56,16 @@ def to_circuit_tracer_graph(graph):
         1,
     )
     cfg = UnifiedConfig(
-        n_layers=len(sae_layers), d_model=8, d_head=2, n_heads=4, d_mlp=8, d_vocab=max(graph.target_classes) + 1,
-        tokenizer_name="none", model_name="vit", original_architecture="vit",
-    )  # fmt: skip
+        n_layers=len(sae_layers),
+        d_model=8,
+        d_head=2,
+        n_heads=4,
+        d_mlp=8,
+        d_vocab=max(graph.target_classes) + 1,
+        tokenizer_name="none",
+        model_name="vit",
+        original_architecture="vit",
+    )
     from circuit_tracer.attribution.targets import LogitTarget
 
     ct = Graph(

@@ -42,8 +42,26 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
 
 
 def test_dashboard_command(capsys, tmp_path):
-    assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path), "--n-images", "32",
-                 "--feature-pages", "1", "--image-pages", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "dashboard",
+                "--model",
+                "sve:shapes-vit",
+                "--saes",
+                "sve",
+                "--out",
+                str(tmp_path),
+                "--n-images",
+                "32",
+                "--feature-pages",
+                "1",
+                "--image-pages",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "dashboard written" in capsys.readouterr().out
     assert len(list(tmp_path.glob("blocks.*/f*.html"))) == 6
 
@@ -58,10 +76,24 @@ def test_dashboard_from_a_folder_of_trained_saes(capsys, tmp_path):
     small = ["--n-images", "32", "--feature-pages", "1", "--image-pages", "1"]
     out = str(tmp_path / "dash")
     assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", str(tmp_path / "run"), "--out", out, *small]) == 0
-    assert sorted(p.name for p in (tmp_path / "dash").glob("blocks.*")) == ["blocks.2.hook_resid_post",
-                                                                          "blocks.5.hook_resid_post"]  # fmt: skip
-    assert main(["dashboard", "--model", "sve:shapes-vit", "--saes", str(tmp_path / "dash" / "images"), "--out",
-                 str(tmp_path / "x")]) == 2  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "dash").glob("blocks.*")) == [
+        "blocks.2.hook_resid_post",
+        "blocks.5.hook_resid_post",
+    ]
+    assert (
+        main(
+            [
+                "dashboard",
+                "--model",
+                "sve:shapes-vit",
+                "--saes",
+                str(tmp_path / "dash" / "images"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "No SAE folders" in capsys.readouterr().err
 
 
@@ -156,8 +188,24 @@ def test_analyse_writes_labels_that_dashboard_and_trace_show(capsys, tmp_path):
     assert main([*dash, "--feature-pages", "1", "--image-pages", "0", "--labels", labels_path]) == 0
     table = (tmp_path / "d" / hook / "index.html").read_text()
     assert label in table
-    assert main(["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path / "t"),
-                 "--reference-images", "0", "--labels", labels_path]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "trace",
+                "--model",
+                "sve:shapes-vit",
+                "--saes",
+                "sve",
+                "--out",
+                str(tmp_path / "t"),
+                "--reference-images",
+                "0",
+                "--labels",
+                labels_path,
+            ]
+        )
+        == 0
+    )
     graph = json.loads((tmp_path / "t" / "circuit-tracer" / "shapes-0.json").read_text())
     labelled = [
         n["clerp"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder" and ": " in n["clerp"]

@@ -33,9 +33,21 @@ def built(tmp_path_factory):
         live = (s.fire_tokens > 0).nonzero().squeeze(1)
         extra[sae.cfg.metadata.hook_name] = [int(live[s.fire_tokens[live].argmin()])]
     lens = logit_lens(model, saes, pixels[:4])
-    index = build_dashboard(model, saes, pixels, out, labels=y, label_names=sve.SHAPES, top_k=4, n_feature_pages=3,
-                            n_image_pages=2, progress=False, stats=stats, logit_lens=lens,
-                            extra_features=extra)  # fmt: skip
+    index = build_dashboard(
+        model,
+        saes,
+        pixels,
+        out,
+        labels=y,
+        label_names=sve.SHAPES,
+        top_k=4,
+        n_feature_pages=3,
+        n_image_pages=2,
+        progress=False,
+        stats=stats,
+        logit_lens=lens,
+        extra_features=extra,
+    )
     return model, saes, pixels, y, out, index, stats, extra, lens
 
 
@@ -66,8 +78,9 @@ def test_listed_activations_recompute_from_the_model(built):
         hook = sae.cfg.metadata.hook_name
         for page in (out / hook).glob("f*.html"):
             feature = int(page.stem[1:])
-            rows = re.findall(r'class="act" data-image="(\d+)" data-token="(\d+)" data-v="([-\d.e]+)"',
-                              page.read_text())  # fmt: skip
+            rows = re.findall(
+                r'class="act" data-image="(\d+)" data-token="(\d+)" data-v="([-\d.e]+)"', page.read_text()
+            )
             assert rows, page
             values = [float(v) for _, _, v in rows]
             assert values == sorted(values, reverse=True)
@@ -86,8 +99,18 @@ def test_rebuild_from_saved_stats_without_recomputing(built, tmp_path, monkeypat
     from sae_vision_ext.vis import dashboard
 
     monkeypatch.setattr(dashboard, "collect_feature_stats", lambda *a, **k: pytest.fail("recomputed the stats"))
-    build_dashboard(model, saes, pixels, tmp_path, labels=y, label_names=sve.SHAPES, n_feature_pages=1,
-                    n_image_pages=1, stats=stats, progress=False)  # fmt: skip
+    build_dashboard(
+        model,
+        saes,
+        pixels,
+        tmp_path,
+        labels=y,
+        label_names=sve.SHAPES,
+        n_feature_pages=1,
+        n_image_pages=1,
+        stats=stats,
+        progress=False,
+    )
     assert (tmp_path / "index.html").exists()
 
 

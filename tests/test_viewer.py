@@ -75,8 +75,9 @@ def test_viewer_click_draws_only_that_nodes_edges_with_heatmap_and_top_patches(t
     page_path = tmp_path / "dash" / f"blocks.{layer}.hook_resid_post" / f"f{feat}.html"
     page_path.parent.mkdir(parents=True)
     page_path.write_text("<html></html>")
-    path = render_graph_html(graph, tmp_path / "graph.html", rrm, x, dashboard_dir="dash", stats=stats, images=ref,
-                             n_top=3, aggregated=agg)  # fmt: skip
+    path = render_graph_html(
+        graph, tmp_path / "graph.html", rrm, x, dashboard_dir="dash", stats=stats, images=ref, n_top=3, aggregated=agg
+    )
     data = page_data(path)
     shown, _ = exported_masks(graph)
     assert len(data["nodes"]) == int(shown.sum())  # what circuit-tracer's files hold

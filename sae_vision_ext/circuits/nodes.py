@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 ERROR_FEATURE = -1
 """The ``feature`` field of error, MLP and target-less nodes."""
@@ -65,63 +65,61 @@ def target_code(graph: Any, index: int) -> int:
     return int(graph.target_classes[index]) if index < len(graph.target_classes) else index
 
 
+class _Node(NamedTuple):
+    kind: str
+    layer: int
+    pos: int
+    feature: int
+    target: int
+    """Index among the targets (``-1`` for other kinds)."""
+
+
+def _nodes(graph: Any) -> list[_Node]:
+    """Each node's kind, layer, position, feature and target index, in node order."""
+    first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
+    rows = zip(
+        graph.node_kind, graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist(), strict=True
+    )
+    return [_Node(k, lay, pos, f, i - first_target if k == "target" else -1) for i, (k, lay, pos, f) in enumerate(rows)]
+
+
 def node_ids(graph: Any) -> list[str]:
     """The id of every node of ``graph``, in node order (see the module docstring)."""
-    out: list[str] = []
-    first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
     readout = readout_position(graph)
-    layers, poss, feats = graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist()
-    for i, kind in enumerate(graph.node_kind):
-        layer, pos, feat = layers[i], poss[i], feats[i]
-        if kind == "feature":
-            out.append(f"{layer}_{feat}_{pos}")
-        elif kind == "error":
-            out.append(f"{layer}_{ERROR_FEATURE}_{pos}")
-        elif kind == "mlp":
-            out.append(f"{layer}_mlp_{pos}")
-        elif kind == "input":
-            out.append(f"E_{pos}_{pos}")
-        else:
-            out.append(f"{layer + 1}_{target_code(graph, i - first_target)}_{readout}")
-    return out
+    names = {
+        "feature": lambda n: f"{n.layer}_{n.feature}_{n.pos}",
+        "error": lambda n: f"{n.layer}_{ERROR_FEATURE}_{n.pos}",
+        "mlp": lambda n: f"{n.layer}_mlp_{n.pos}",
+        "input": lambda n: f"E_{n.pos}_{n.pos}",
+        "target": lambda n: f"{n.layer + 1}_{target_code(graph, n.target)}_{readout}",
+    }
+    return [names[n.kind](n) for n in _nodes(graph)]
 
 
 def feature_codes(graph: Any) -> list[int]:
     """circuit-tracer's ``feature`` field per node: the Cantor code for features, the position for
     inputs, the class (or target index) for targets, :data:`ERROR_FEATURE` for errors and MLP leaves."""
-    first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
-    layers, poss, feats = graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist()
-    out: list[int] = []
-    for i, kind in enumerate(graph.node_kind):
-        if kind == "feature":
-            out.append(cantor_pair(layers[i], feats[i]))
-        elif kind == "input":
-            out.append(poss[i])
-        elif kind == "target":
-            out.append(target_code(graph, i - first_target))
-        else:
-            out.append(ERROR_FEATURE)
-    return out
+    codes = {
+        "feature": lambda n: cantor_pair(n.layer, n.feature),
+        "input": lambda n: n.pos,
+        "target": lambda n: target_code(graph, n.target),
+    }
+    return [codes.get(n.kind, lambda n: ERROR_FEATURE)(n) for n in _nodes(graph)]
 
 
 def js_node_ids(graph: Any) -> list[str]:
-    """circuit-tracer's ``jsNodeId`` per node (its ``Node.*_node`` constructors' formulas)."""
-    codes, ids = feature_codes(graph), node_ids(graph)
+    """circuit-tracer's ``jsNodeId`` per node (its ``Node.*_node`` constructors' formulas; MLP leaves,
+    which it has no constructor for, keep their node id)."""
     readout = readout_position(graph)
-    layers, poss, feats = graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist()
-    out: list[str] = []
-    for i, kind in enumerate(graph.node_kind):
-        if kind == "feature":
-            out.append(f"{layers[i]}_{feats[i]}-0")
-        elif kind == "error":
-            out.append(f"{layers[i]}_{poss[i]}-0")
-        elif kind == "input":
-            out.append(f"E_{codes[i]}-{poss[i]}")
-        elif kind == "target":
-            out.append(f"L_{codes[i]}-{readout}")
-        else:
-            out.append(ids[i])
-    return out
+    formats = {
+        "feature": lambda n, code, nid: f"{n.layer}_{n.feature}-0",
+        "error": lambda n, code, nid: f"{n.layer}_{n.pos}-0",
+        "input": lambda n, code, nid: f"E_{code}-{n.pos}",
+        "target": lambda n, code, nid: f"L_{code}-{readout}",
+        "mlp": lambda n, code, nid: nid,
+    }
+    rows = zip(_nodes(graph), feature_codes(graph), node_ids(graph), strict=True)
+    return [formats[n.kind](n, code, nid) for n, code, nid in rows]
 
 
 def target_clerp(name: str, prob: float) -> str:
@@ -139,23 +137,23 @@ def clerps(
     feature_labels = feature_labels or {}
     if probs is None:
         probs = graph.target_probs.tolist() if getattr(graph, "target_probs", None) is not None else []
-    first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
-    layers, poss, feats = graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist()
-    out: list[str] = []
-    for i, kind in enumerate(graph.node_kind):
-        layer, pos, feat = layers[i], poss[i], feats[i]
-        where = labels[pos] if 0 <= pos < len(labels) else ""
-        if kind == "feature":
-            extra = feature_labels.get((layer, feat))
-            out.append(f"L{layer} #{feat} {where}" + (f": {extra}" if extra else ""))
-        elif kind == "error":
-            out.append(f"Err: L{layer} {where}")
-        elif kind == "mlp":
-            out.append(f"MLP L{layer} {where}")
-        elif kind == "input":
-            out.append(f"Emb: {where}")
-        else:
-            t = i - first_target
-            p = float(probs[t]) if t < len(probs) and probs[t] == probs[t] else 0.0
-            out.append(target_clerp(graph.target_names[t], p))
-    return out
+
+    def where(n: _Node) -> str:
+        return labels[n.pos] if 0 <= n.pos < len(labels) else ""
+
+    def target(n: _Node) -> str:
+        p = float(probs[n.target]) if n.target < len(probs) and probs[n.target] == probs[n.target] else 0.0
+        return target_clerp(graph.target_names[n.target], p)
+
+    def feature(n: _Node) -> str:
+        extra = feature_labels.get((n.layer, n.feature))
+        return f"L{n.layer} #{n.feature} {where(n)}" + (f": {extra}" if extra else "")
+
+    texts = {
+        "feature": feature,
+        "error": lambda n: f"Err: L{n.layer} {where(n)}",
+        "mlp": lambda n: f"MLP L{n.layer} {where(n)}",
+        "input": lambda n: f"Emb: {where(n)}",
+        "target": target,
+    }
+    return [texts[n.kind](n) for n in _nodes(graph)]

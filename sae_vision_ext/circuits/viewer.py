@@ -105,8 +105,17 @@ def viewer_data(
     first_target = kinds.index("target") if "target" in kinds else len(kinds)
     nodes = []
     for i in index:
-        node = {"id": ids[i], "k": kinds[i], "l": layers[i], "p": poss[i], "f": feats[i], "c": labels[i],
-                "a": acts[i], "i": raw[i], "q": cum[i] if cum is not None else None}  # fmt: skip
+        node = {
+            "id": ids[i],
+            "k": kinds[i],
+            "l": layers[i],
+            "p": poss[i],
+            "f": feats[i],
+            "c": labels[i],
+            "a": acts[i],
+            "i": raw[i],
+            "q": cum[i] if cum is not None else None,
+        }
         if kinds[i] == "target":
             node["c"] = graph.target_names[i - first_target]
             node["p"] = -1
@@ -117,12 +126,22 @@ def viewer_data(
     triples = zip(src[keep].tolist(), dst[keep].tolist(), vals[keep].tolist(), strict=True)
     links = [[index[s], index[d], round(w, 6)] for s, d, w in triples]
     data: dict[str, Any] = {
-        "grid": list(graph.grid), "n_prefix": graph.n_prefix, "tokens": position_labels(graph),
+        "grid": list(graph.grid),
+        "n_prefix": graph.n_prefix,
+        "tokens": position_labels(graph),
         "layers": sorted({layers[i] for i in range(len(kinds)) if kinds[i] in ("feature", "error", "mlp")}),
-        "targets": graph.target_names, "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
-        "nodes": nodes, "links": links, "maps": {k: maps[k] for k in shown_feats}, "image": None,
-        "refs": {}, "tops": {}, "pages": {}, "supernodes": [list(s) for s in supernodes or []], "aggregated": None,
-    }  # fmt: skip
+        "targets": graph.target_names,
+        "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
+        "nodes": nodes,
+        "links": links,
+        "maps": {k: maps[k] for k in shown_feats},
+        "image": None,
+        "refs": {},
+        "tops": {},
+        "pages": {},
+        "supernodes": [list(s) for s in supernodes or []],
+        "aggregated": None,
+    }
     if rrm is not None and pixels is not None:
         data["image"] = _image_uri(rrm.model, pixels)
     if stats is not None and images is not None and rrm is not None:
@@ -157,8 +176,14 @@ def _aggregated_cards(agg: Any, per_layer: int = 6) -> dict[str, Any]:
         keep.append(chosen)
         for f in chosen:
             err = f == len(rel) - 1
-            cards.append({"id": f"{agg.layers[i]}_{'err' if err else f}", "layer": agg.layers[i],
-                          "feature": -1 if err else f, "relevance": float(rel[f])})  # fmt: skip
+            cards.append(
+                {
+                    "id": f"{agg.layers[i]}_{'err' if err else f}",
+                    "layer": agg.layers[i],
+                    "feature": -1 if err else f,
+                    "relevance": float(rel[f]),
+                }
+            )
     links = []
     for i, e in enumerate(agg.edges[:-1]):
         for t in keep[i + 1]:
@@ -195,8 +220,20 @@ def render_graph_html(
     from ..vis.html import template_env
 
     path = Path(path)
-    data = viewer_data(graph, rrm, pixels, stats, images, n_top, dashboard_dir, path.parent, aggregated,
-                       max_edges_per_node, supernodes, feature_labels)  # fmt: skip
+    data = viewer_data(
+        graph,
+        rrm,
+        pixels,
+        stats,
+        images,
+        n_top,
+        dashboard_dir,
+        path.parent,
+        aggregated,
+        max_edges_per_node,
+        supernodes,
+        feature_labels,
+    )
     n_feat = sum(n["k"] == "feature" for n in data["nodes"])
     subtitle = f"{len(data['nodes'])} nodes ({n_feat} features), {len(data['links'])} edges"
     subtitle += f"; target: {', '.join(graph.target_names)}"

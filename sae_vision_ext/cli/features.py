@@ -17,8 +17,9 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
     n_layers = (
         embedded_metadata(args.model.removeprefix("sve:"))["arch"]["depth"] if args.model.startswith("sve:") else 0
     )
-    report = run_analysis(args.model, _sae_refs(args.saes, args.model, n_layers), args.out, args.n_images, args.seed,
-                          args.threshold)  # fmt: skip
+    report = run_analysis(
+        args.model, _sae_refs(args.saes, args.model, n_layers), args.out, args.n_images, args.seed, args.threshold
+    )
     print(report["table"])
     print(f"analysis pass {report['seconds']:.1f} s; report: {(Path(args.out) / 'analysis.md').resolve()}")
     return 0
@@ -45,9 +46,19 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         if names is None and model.cfg.class_names:
             names = list(model.cfg.class_names)
     _step("feature statistics and pages")
-    index = build_dashboard(model, saes, pixels, args.out, labels=labels, label_names=names, top_k=args.top_k,
-                            n_feature_pages=args.feature_pages, n_image_pages=args.image_pages,
-                            logit_lens=lens, feature_labels=_read_labels(args.labels))  # fmt: skip
+    index = build_dashboard(
+        model,
+        saes,
+        pixels,
+        args.out,
+        labels=labels,
+        label_names=names,
+        top_k=args.top_k,
+        n_feature_pages=args.feature_pages,
+        n_image_pages=args.image_pages,
+        logit_lens=lens,
+        feature_labels=_read_labels(args.labels),
+    )
     print(f"dashboard written: {index.resolve()}")
     return 0
 
@@ -97,8 +108,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     slug = Path(args.image).stem if args.image else f"shapes-{args.shapes_index}"
     _step("writing circuit-tracer's files and the viewer")
     labels = {(layer_of(h), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()}
-    exported = pruned.to_json(out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref,
-                              feature_labels=labels)  # fmt: skip
+    exported = pruned.to_json(
+        out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref, feature_labels=labels
+    )
     render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref, feature_labels=labels)
     from ..circuits.graph_ops import node_influence
 
@@ -106,16 +118,28 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     feats = [i for i, k in enumerate(graph.node_kind) if k == "feature"]
     top = sorted(feats, key=lambda i: -float(infl[i]))[:10]
     summary = {
-        "target": graph.target_names, "n_nodes": graph.n_nodes, "n_edges": int(graph.adjacency._nnz()),
-        "kept_nodes": len(exported["nodes"]), "kept_edges": len(exported["links"]),
+        "target": graph.target_names,
+        "n_nodes": graph.n_nodes,
+        "n_edges": int(graph.adjacency._nnz()),
+        "kept_nodes": len(exported["nodes"]),
+        "kept_edges": len(exported["links"]),
         "scores": pruned.scores(),
-        "top_features": [{"layer": int(graph.node_layer[i]), "position": int(graph.node_pos[i]),
-                          "feature": int(graph.node_feature[i]), "activation": float(graph.activation[i]),
-                          "influence": float(infl[i])} for i in top],
-    }  # fmt: skip
+        "top_features": [
+            {
+                "layer": int(graph.node_layer[i]),
+                "position": int(graph.node_pos[i]),
+                "feature": int(graph.node_feature[i]),
+                "activation": float(graph.activation[i]),
+                "influence": float(infl[i]),
+            }
+            for i in top
+        ],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"traced {graph.target_names[0]}: {graph.n_nodes} nodes, {summary['n_edges']} edges; kept "
-          f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges")  # fmt: skip
+    print(
+        f"traced {graph.target_names[0]}: {graph.n_nodes} nodes, {summary['n_edges']} edges; kept "
+        f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges"
+    )
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
     ct_dir = (out / "circuit-tracer").resolve()
     serve = f"from circuit_tracer.frontend.local_server import serve; serve('{ct_dir}', port=8032).server_thread.join()"

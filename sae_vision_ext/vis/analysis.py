@@ -160,8 +160,13 @@ class FeatureAnalysis:
         live = int((self.fires > 0).sum())
         mix = {t: self.types.count(t) for t in ("class", "colour", "texture", "position", "other", "uninterpretable")}
         interpretable = live - mix["uninterpretable"]
-        return {"hook": self.hook_name, "live": live, "interpretable": interpretable,
-                "interpretable_share": interpretable / max(live, 1), "types": mix}  # fmt: skip
+        return {
+            "hook": self.hook_name,
+            "live": live,
+            "interpretable": interpretable,
+            "interpretable_share": interpretable / max(live, 1),
+            "types": mix,
+        }
 
 
 def shapes_attributes(data: Any, grid: tuple[int, int], image_size: int) -> list[Attribute]:
@@ -221,8 +226,10 @@ def analyse_features(
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
     for h in hooks:
         model.check_hook_name(h)
-    pos = {h: [torch.zeros(sae.cfg.d_sae * len(a.names) * N_BINS, dtype=torch.long) for a in attributes]
-           for h, sae in zip(hooks, saes, strict=True)}  # fmt: skip
+    pos = {
+        h: [torch.zeros(sae.cfg.d_sae * len(a.names) * N_BINS, dtype=torch.long) for a in attributes]
+        for h, sae in zip(hooks, saes, strict=True)
+    }
     fires = {h: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for h, sae in zip(hooks, saes, strict=True)}
     np_ = model.cfg.n_prefix_tokens
     blocks = [layer_of(h) for h in hooks]
@@ -252,9 +259,16 @@ def analyse_features(
             p = pos[h][k].view(len(a.names), d, N_BINS).transpose(0, 1)  # [d, n_values, bins]
             known = p.sum(1, keepdim=True)  # every sample with a known value, per bin
             aurocs.append(auroc_from_histograms(p, known - p).float())
-        out[h] = FeatureAnalysis(h, [a.name for a in attributes], [list(a.names) for a in attributes],
-                                 [a.kind for a in attributes], aurocs, fires[h], threshold,
-                                 [a.not_a_label for a in attributes])  # fmt: skip
+        out[h] = FeatureAnalysis(
+            h,
+            [a.name for a in attributes],
+            [list(a.names) for a in attributes],
+            [a.kind for a in attributes],
+            aurocs,
+            fires[h],
+            threshold,
+            [a.not_a_label for a in attributes],
+        )
     return out
 
 
@@ -273,28 +287,16 @@ def feature_labels(analyses: Mapping[str, FeatureAnalysis]) -> dict[tuple[int, i
 
 def plot_type_evolution(analyses: Mapping[str, FeatureAnalysis], path: Any) -> Any:
     """Stacked shares of live features per type and layer (the paper's feature evolution)."""
-    from pathlib import Path
+    from .plots import plot_layer_evolution
 
-    from .plots import pyplot
-
-    plt = pyplot()
-    types = ["class", "colour", "texture", "position", "other", "uninterpretable"]
-    colours = ["#e8704c", "#4c9be8", "#8fc97a", "#e8c34c", "#9b7fc9", "#dddddd"]
-    rows = [a.summary() for a in analyses.values()]
-    fig, ax = plt.subplots(figsize=(1.0 * len(rows) + 2.8, 3))
-    bottom = np.zeros(len(rows))
-    for t, c in zip(types, colours, strict=True):
-        share = np.array([r["types"][t] / max(r["live"], 1) for r in rows])
-        ax.bar(range(len(rows)), share, bottom=bottom, label=t, color=c)
-        bottom += share
-    ax.set_xticks(range(len(rows)), [str(a.layer) for a in analyses.values()])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of live features")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    live_types = {h: [t for t in a.types if t != "dead"] for h, a in analyses.items()}
+    return plot_layer_evolution(
+        live_types,
+        path,
+        kinds=("class", "colour", "texture", "position", "other", "uninterpretable"),
+        colours=("#e8704c", "#4c9be8", "#8fc97a", "#e8c34c", "#9b7fc9", "#dddddd"),
+        ylabel="share of live features",
+    )
 
 
 def analysis_table(analyses: Mapping[str, FeatureAnalysis]) -> str:
@@ -304,6 +306,8 @@ def analysis_table(analyses: Mapping[str, FeatureAnalysis]) -> str:
     for h, a in analyses.items():
         s = a.summary()
         t = s["types"]
-        lines.append(f"| {h} | {s['live']} | {s['interpretable']} | {s['interpretable_share']:.2f} | {t['class']} | "
-                     f"{t['colour']} | {t['texture']} | {t['position']} | {t['other']} |")  # fmt: skip
+        lines.append(
+            f"| {h} | {s['live']} | {s['interpretable']} | {s['interpretable_share']:.2f} | {t['class']} | "
+            f"{t['colour']} | {t['texture']} | {t['position']} | {t['other']} |"
+        )
     return "\n".join(lines)

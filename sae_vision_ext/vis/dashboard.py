@@ -94,12 +94,20 @@ def _feature_rows(s: FeatureStats, kinds: list[str], labels: Tensor | None, name
         if labels is not None and s.n_classes:
             dist = s.label_distribution(f, labels)
             top_label = names[int(dist.argmax())] if int(dist.sum()) else ""
-        rows.append({
-            "id": f, "kind": kinds[f], "density": float(s.density_tokens[f]),
-            "image_density": float(s.density_images[f]), "max_act": float(s.max_act[f]),
-            "mean_act": float(s.mean_act[f]), "selectivity": float(s.class_selectivity[f]),
-            "cls_share": float(s.cls_share[f]), "top_label": top_label, "page": False,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": f,
+                "kind": kinds[f],
+                "density": float(s.density_tokens[f]),
+                "image_density": float(s.density_images[f]),
+                "max_act": float(s.max_act[f]),
+                "mean_act": float(s.mean_act[f]),
+                "selectivity": float(s.class_selectivity[f]),
+                "cls_share": float(s.cls_share[f]),
+                "top_label": top_label,
+                "page": False,
+            }
+        )
     return rows
 
 
@@ -216,33 +224,64 @@ def build_dashboard(
         image_labels = [names[int(c)] for c in labels] if labels is not None else None
         for row in paged:
             f = row["id"]
-            examples = [{"value": v, "image": i, "token": t, "page": i in image_ids,
-                         "label": image_labels[i] if image_labels is not None else ""}
-                        for v, i, t in s.top_examples(f)]  # fmt: skip
+            examples = [
+                {
+                    "value": v,
+                    "image": i,
+                    "token": t,
+                    "page": i in image_ids,
+                    "label": image_labels[i] if image_labels is not None else "",
+                }
+                for v, i, t in s.top_examples(f)
+            ]
             plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae, labels=image_labels)
             lens = None
             if logit_lens is not None and hook in logit_lens:
                 lens = top_bottom(logit_lens[hook], f, names)
             cos = w_dec @ w_dec[f]
             cos[f] = -2
-            neighbours = [{"id": int(j), "cos": float(cos[j]), "page": int(j) in page_ids[hook]}
-                          for j in cos.topk(5).indices]  # fmt: skip
+            neighbours = [
+                {"id": int(j), "cos": float(cos[j]), "page": int(j) in page_ids[hook]} for j in cos.topk(5).indices
+            ]
             dist = s.label_distribution(f, labels) if labels is not None and n_classes else torch.zeros(0)
             total = max(int(dist.sum()), 1)
             label_bars = [(names[c], int(n), 100 * int(n) / total) for c, n in enumerate(dist.tolist()) if n]
             html = env.get_template("feature.html.j2").render(
-                title=f"feature {f}", crumbs=[*crumbs_root, (hook, "index.html")], hook=hook, f=row,
-                examples=examples, hist_svg=_hist_svg(s.hist[f]), spatial_svg=_spatial_svg(s.spatial_map(f)),
-                hist_range=f"10^{HIST_EDGES[0]:.0f} to 10^{HIST_EDGES[-1]:.0f}", label_bars=label_bars,
-                neighbours=neighbours, lens=lens,
-            )  # fmt: skip
+                title=f"feature {f}",
+                crumbs=[*crumbs_root, (hook, "index.html")],
+                hook=hook,
+                f=row,
+                examples=examples,
+                hist_svg=_hist_svg(s.hist[f]),
+                spatial_svg=_spatial_svg(s.spatial_map(f)),
+                hist_range=f"10^{HIST_EDGES[0]:.0f} to 10^{HIST_EDGES[-1]:.0f}",
+                label_bars=label_bars,
+                neighbours=neighbours,
+                lens=lens,
+            )
             (d / f"f{f}.html").write_text(html)
             bar.update(1)
-        (d / "index.html").write_text(env.get_template("sae.html.j2").render(
-            title=hook, crumbs=[(model_name, "../index.html")], hook=hook, features=rows, alive=len(rows),
-            d_sae=s.d_sae, n_images=s.n_images))  # fmt: skip
-        summary.append({"hook": hook, "dir": hook, "d_sae": s.d_sae, "alive": len(rows), "dead": s.d_sae - len(rows),
-                        "pages": len(paged)})  # fmt: skip
+        (d / "index.html").write_text(
+            env.get_template("sae.html.j2").render(
+                title=hook,
+                crumbs=[(model_name, "../index.html")],
+                hook=hook,
+                features=rows,
+                alive=len(rows),
+                d_sae=s.d_sae,
+                n_images=s.n_images,
+            )
+        )
+        summary.append(
+            {
+                "hook": hook,
+                "dir": hook,
+                "d_sae": s.d_sae,
+                "alive": len(rows),
+                "dead": s.d_sae - len(rows),
+                "pages": len(paged),
+            }
+        )
     plot_density_histograms(stats, out / "density.png")
     plot_layer_evolution(kinds_by_hook, out / "layer_evolution.png")
     (out / "images").mkdir(exist_ok=True)
@@ -251,9 +290,11 @@ def build_dashboard(
         bar.update(1)
     bar.close()
     index = out / "index.html"
-    index.write_text(env.get_template("index.html.j2").render(
-        title="index", crumbs=[], model_name=model_name, n_images=len(pixels), saes=summary,
-        image_pages=image_ids))  # fmt: skip
+    index.write_text(
+        env.get_template("index.html.j2").render(
+            title="index", crumbs=[], model_name=model_name, n_images=len(pixels), saes=summary, image_pages=image_ids
+        )
+    )
     return index
 
 
@@ -273,8 +314,10 @@ def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_id
         token_acts = sae.encode(cache[hook])[0]  # [pos, d_sae]; heatmaps below read it, no second forward
         acts = token_acts.amax(0)  # [d_sae]: max over tokens
         top = acts.topk(3)
-        feats = [{"id": int(f), "value": float(v), "page": int(f) in page_ids[hook]}
-                 for v, f in zip(top.values, top.indices, strict=True)]  # fmt: skip
+        feats = [
+            {"id": int(f), "value": float(v), "page": int(f) in page_ids[hook]}
+            for v, f in zip(top.values, top.indices, strict=True)
+        ]
         rows.append({"hook": hook, "dir": hook, "features": feats})
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(hook.replace(".hook_", " "), fontsize=6)
@@ -289,8 +332,11 @@ def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_id
     plt.close(fig)
     pred = int(logits[i].argmax()) if logits.ndim == 2 else None
     html = env.get_template("image.html.j2").render(
-        title=f"image {i}", crumbs=[(crumbs_root[0][0], "../index.html")], image=i,
+        title=f"image {i}",
+        crumbs=[(crumbs_root[0][0], "../index.html")],
+        image=i,
         label=names[int(labels[i])] if labels is not None else "",
-        prediction=(names[pred] if pred is not None and pred < len(names) else pred), rows=rows,
-    )  # fmt: skip
+        prediction=(names[pred] if pred is not None and pred < len(names) else pred),
+        rows=rows,
+    )
     (out / "images" / f"img{i}.html").write_text(html)

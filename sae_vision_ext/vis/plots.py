@@ -174,20 +174,27 @@ def feature_kinds(stats: FeatureStats, colour_stats: FeatureStats | None = None,
     return kinds
 
 
-def plot_layer_evolution(kinds_by_layer: dict[str, list[str]], path: str | Path) -> Path:
-    """Stacked shares of feature kinds per layer (how features change with depth)."""
+def plot_layer_evolution(
+    kinds_by_layer: dict[str, list[str]],
+    path: str | Path,
+    kinds: Sequence[str] = KINDS,
+    colours: Sequence[str] = ("#bbbbbb", "#555555", "#4c9be8", "#e8704c", "#e8c34c", "#8fc97a"),
+    ylabel: str = "share of features",
+) -> Path:
+    """Stacked shares of feature kinds per layer (how features change with depth): for each hook, the
+    share of its list in each of ``kinds`` (``feature_kinds`` by default; the feature analysis passes
+    its types)."""
     plt = pyplot()
     hooks = list(kinds_by_layer)
-    shares = np.array([[k.count(kind) / max(len(k), 1) for kind in KINDS] for k in kinds_by_layer.values()])
+    shares = np.array([[k.count(kind) / max(len(k), 1) for kind in kinds] for k in kinds_by_layer.values()])
     fig, ax = plt.subplots(figsize=(1.1 * len(hooks) + 2.5, 3))
     bottom = np.zeros(len(hooks))
-    colours = ["#bbbbbb", "#555555", "#4c9be8", "#e8704c", "#e8c34c", "#8fc97a"]
-    for i, kind in enumerate(KINDS):
-        ax.bar(range(len(hooks)), shares[:, i], bottom=bottom, label=kind, color=colours[i])
+    for i, kind in enumerate(kinds):
+        ax.bar(range(len(hooks)), shares[:, i], bottom=bottom, label=kind, color=colours[i % len(colours)])
         bottom += shares[:, i]
     ax.set_xticks(range(len(hooks)), [str(layer_of(h)) if layer_of(h) is not None else h for h in hooks])
     ax.set_xlabel("layer")
-    ax.set_ylabel("share of features")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
