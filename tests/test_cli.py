@@ -42,26 +42,8 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
 
 
 def test_dashboard_command(capsys, tmp_path):
-    assert (
-        main(
-            [
-                "dashboard",
-                "--model",
-                "sve:shapes-vit",
-                "--saes",
-                "sve",
-                "--out",
-                str(tmp_path),
-                "--n-images",
-                "32",
-                "--feature-pages",
-                "1",
-                "--image-pages",
-                "1",
-            ]
-        )
-        == 0
-    )
+    args = ["dashboard", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path)]
+    assert main([*args, "--n-images", "32", "--feature-pages", "1", "--image-pages", "1"]) == 0
     assert "dashboard written" in capsys.readouterr().out
     assert len(list(tmp_path.glob("blocks.*/f*.html"))) == 6
 
