@@ -48,7 +48,7 @@ from torch import Tensor
 from .._hooks import sae_acts, sae_error
 from ..saes import affine
 from .replacement_base import ReplacementModelBase
-from .rows import target_rows
+from .rows import Sources, Workspace, block_rows
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def attribute_aggregated(
 
     relevance: list[Tensor] = [torch.empty(0)] * n
     edges: list[Tensor] = [torch.empty(0)] * n
+    workspace = Workspace()
     for i in range(n - 1, -1, -1):
         sae, norm = rrm.saes[i], norms[i]
         g_feat = affine.decoder_projection(sae, grads[i], norm)  # [pos, d_sae]
@@ -192,13 +193,27 @@ def attribute_aggregated(
                 rrm.layers[i - 1] + 1,
                 rrm.layers[i],
             )
-        sources, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1])
+        dirs, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1], d_errs[i - 1])
         e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 2, dtype=torch.float64)  # + a padding column
         grad_prev = torch.zeros_like(leaves.values[i - 1][0])
+        if staged:
+            sources = Sources.for_block(model, rrm.layers[i], frozen, dirs)
+            w_h = affine.encoder_weights(sae)[0].detach()
         for start in range(0, len(rows), batch_size):
             fo = rows[start : start + batch_size]
             if staged:
-                j = target_rows(model, rrm.layers[i], frozen, mids[i], sae, norm, fo, weight[:, fo].T).detach()
+                proj, j_sum = block_rows(
+                    model,
+                    rrm.layers[i],
+                    frozen,
+                    mids[i],
+                    w_h[:, fo].T,
+                    norm,
+                    weight[:, fo].T,
+                    sources,
+                    workspace,
+                    grad_sum=True,
+                )
             else:
                 cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
                 cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T
@@ -206,10 +221,9 @@ def attribute_aggregated(
                     pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True, retain_graph=True
                 )
                 j = j[:, 0].detach()  # [rows, pos, d_model]
-            proj = torch.einsum("rpd,pkd->rpk", j, sources).reshape(len(fo), -1).double()
-            e[fo] = e[fo].index_add(1, index, proj)
-            e[fo, -2] = (j * d_errs[i - 1]).sum((1, 2)).double()
-            grad_prev += j.sum(0)
+                proj, j_sum = torch.einsum("rpd,pkd->rpk", j, dirs), j.sum(0)
+            e[fo] = e[fo].index_add(1, index, proj.reshape(len(fo), -1).double())
+            grad_prev += j_sum
         e = torch.cat([e[:, :-2], e[:, -2:-1]], 1)  # drop the padding column; the error column last
         if leaf_errors:
             grads[i - 1] = grad_prev
@@ -229,20 +243,23 @@ def attribute_aggregated(
     )
 
 
-def _padded_sources(sae: Any, norm: affine.FrozenNorm, d_acts: Tensor) -> tuple[Tensor, Tensor]:
+def _padded_sources(sae: Any, norm: affine.FrozenNorm, d_acts: Tensor, d_err: Tensor) -> tuple[Tensor, Tensor]:
     """The source directions that can carry an edge, per token: ``d_f[p]·(z − m)[p, f]`` for the ``f``
-    with ``(z − m)[p, f] ≠ 0``, zero-padded to ``[T, k_max, d_model]``, and each slot's feature index
-    (``d_sae + 1`` for padding: a column that is dropped), flattened ``[T·k_max]``."""
+    with ``(z − m)[p, f] ≠ 0``, zero-padded, then the error difference ``(e − e_ref)[p]``:
+    ``[T, k_max + 1, d_model]``, and each slot's column in the edge matrix, flattened ``[T·(k_max + 1)]``
+    (``d_sae`` for the error, ``d_sae + 1`` for padding: a column that is dropped)."""
     pos, feat = d_acts.nonzero(as_tuple=True)  # sorted by position
     n_pos, d_sae = d_acts.shape
     counts = torch.bincount(pos, minlength=n_pos)
     slot = torch.arange(len(pos)) - (torch.cumsum(counts, 0) - counts)[pos]
-    k_max = max(int(counts.max()) if len(pos) else 0, 1)
+    k_max = int(counts.max()) if len(pos) else 0
     dirs = affine.decoder_directions(sae, feat, norm.select(pos)).detach() * d_acts[pos, feat, None]
-    padded = torch.zeros(n_pos, k_max, sae.cfg.d_in, dtype=dirs.dtype)
+    padded = torch.zeros(n_pos, k_max + 1, sae.cfg.d_in, dtype=dirs.dtype)
     padded[pos, slot] = dirs
-    index = torch.full((n_pos, k_max), d_sae + 1, dtype=torch.long)
+    padded[:, k_max] = d_err
+    index = torch.full((n_pos, k_max + 1), d_sae + 1, dtype=torch.long)
     index[pos, slot] = feat
+    index[:, k_max] = d_sae
     return padded, index.flatten()
 
 

@@ -39,7 +39,7 @@ features' decoder rows only.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -50,7 +50,8 @@ from ..saes import affine
 from .graph import AttributionGraph
 from .linearise import frozen_hooks, pre_capture_hooks
 from .replacement_base import ReplacementModelBase
-from .rows import target_rows
+from .row_store import RowStore
+from .rows import Sources, Workspace, block_rows, row_macs
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,27 @@ class Attributor:
     ``mlp_leaves=True`` is the second mode: each block's MLP output is an input-less leaf node per
     position (kind ``mlp``), so nothing inside the MLP is linearised (its gate is not frozen) and the
     graph shows how much of a circuit runs through MLPs rather than through attention.
+
+    ``engine``: ``"staged"`` computes rows in closed form where a block reads the previous SAE layer
+    directly (``rows.py``) and by batched VJPs elsewhere; ``"autograd"`` uses VJPs everywhere (the
+    reference the closed form is tested against). ``update_interval``: with a node budget, influence is
+    recomputed every this many batches of rows (circuit-tracer's ``update_interval``).
     """
 
-    def __init__(self, rrm: ReplacementModelBase, batch_size: int = 32, mlp_leaves: bool = False) -> None:
-        self.rrm, self.model, self.batch_size, self.mlp = rrm, rrm.model, batch_size, mlp_leaves
+    def __init__(
+        self,
+        rrm: ReplacementModelBase,
+        batch_size: int = 32,
+        mlp_leaves: bool = False,
+        engine: Literal["staged", "autograd"] = "staged",
+        update_interval: int = 4,
+    ) -> None:
+        if update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1; got {update_interval}.")
+        self.update_interval = update_interval
+        if engine not in ("staged", "autograd"):
+            raise ValueError(f"engine must be 'staged' or 'autograd'; got {engine!r}.")
+        self.rrm, self.model, self.batch_size, self.mlp, self.engine = rrm, rrm.model, batch_size, mlp_leaves, engine
         readout = self.model.adapter.nonlinear_readout()
         if readout is not None:
             raise ValueError(
@@ -153,8 +171,10 @@ class Attributor:
         ``targets``: output directions ``[n_targets, d_out]``, a class id, or ``None`` for the predicted
         class (its logit demeaned over classes). ``max_feature_nodes``: budget of feature rows; ``None``
         computes every active feature's row. With a budget, target rows come first, then features in
-        order of their influence on the targets through the rows computed so far, ``batch_size`` at a
-        time (circuit-tracer's exploration); unexplored features stay as source-only nodes.
+        order of their influence on the targets through the rows computed so far (recomputed every
+        ``update_interval`` batches of ``batch_size``: circuit-tracer's exploration); unexplored features
+        stay as source-only nodes. A log line (``logging.INFO``) states the rows' arithmetic and memory
+        before they start.
         ``progress``: a tqdm bar over the rows.
         """
         if pixels.shape[0] != 1:
@@ -163,14 +183,11 @@ class Attributor:
             raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
         model, rrm = self.model, self.rrm
         L = rrm.n_layers
-        frozen, norms = rrm.frozen_state(pixels)
-        with torch.no_grad():  # with every error term kept the output is the original model's
-            clean_out, cache = model.run_with_cache_with_saes(
-                pixels, saes=rrm.saes, use_error_term=True, return_cache_object=False,
-                names_filter=lambda n: n.endswith(("hook_sae_acts_post", "hook_sae_error", "hook_mlp_out"))
-                or n == "blocks.0.hook_resid_pre",
-            )  # fmt: skip
         hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
+        names = [sae_acts(h) for h in hooks] + [sae_error(h) for h in hooks] + ["blocks.0.hook_resid_pre"]
+        names += [f"blocks.{b}.hook_mlp_out" for b in range(model.cfg.n_layers)] if self.mlp else []
+        # with every error term kept the output is the original model's
+        frozen, norms, clean_out, cache = rrm.recorded_forward(pixels, names)
         acts = [cache[sae_acts(h)][0] for h in hooks]
         errors = [cache[sae_error(h)][0] for h in hooks]
         mlp_out = [cache[f"blocks.{b}.hook_mlp_out"][0] for b in range(model.cfg.n_layers)] if self.mlp else []
@@ -234,95 +251,55 @@ class Attributor:
             logger.info(
                 "attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).", gaps
             )
-        padded_decoders = [
-            _padded_decoder(
-                affine.decoder_directions(sae, src_feat[layer], norms[layer].select(src_pos[layer])).detach(),
-                src_pos[layer],
-                n_pos,
-            )
-            for layer, sae in enumerate(rrm.saes)
-        ]
-        rows_t: list[Tensor] = []
-        rows_src: list[Tensor] = []
-        rows_w: list[Tensor] = []
-
-        def compute_rows(layer: int, idx: Tensor) -> None:
-            """Rows of the targets ``idx`` (indices into ``seeds[layer]``) of one layer, one VJP batch."""
-            inputs = [leaves.values[layer - 1]] + ([leaves.values[("mlp", layer)]] if self.mlp and layer < L else [])
-            if layer < L and not self.mlp and rrm.layers[layer] == (rrm.layers[layer - 1] + 1 if layer else 0):
-                # the block reads the previous leaf directly: closed-form rows on the target's token (rows.py)
-                pos, feat = src_pos[layer][idx], src_feat[layer][idx]
-                weight = torch.zeros(len(idx), n_pos, dtype=mids[layer].dtype)
-                weight[torch.arange(len(idx)), pos] = 1.0
-                rows = target_rows(
-                    model, rrm.layers[layer], frozen, mids[layer], rrm.saes[layer], norms[layer], feat, weight
-                )
-                grads = (rows[:, None],)
-            else:
-                onehot = torch.zeros(len(idx), len(seeds[layer]), dtype=seeds[layer].dtype)
-                onehot[torch.arange(len(idx)), idx] = 1.0
-                grads = torch.autograd.grad(seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True,
-                                            retain_graph=True, allow_unused=True)  # fmt: skip
-            g = grads[0][:, 0].detach()  # [rows, pos, d_model]
-            if layer == 0:
-                src, w = torch.arange(n_pos), (g * x_in).sum(-1)
-            else:
-                sp, sf = src_pos[layer - 1], src_feat[layer - 1]
-                dec, slot = padded_decoders[layer - 1]  # [pos, k_max, d_model], slot of each source
-                proj = torch.einsum("rpd,pkd->rpk", g, dec)  # only the active features' directions
-                feature_w = proj[:, sp, slot] * acts[layer - 1][sp, sf]
-                src = src_nodes[layer - 1]
-                w = torch.cat([feature_w, (g * errors[layer - 1]).sum(-1)], dim=1)
-            if len(inputs) == 2:
-                gm = torch.zeros_like(g) if grads[1] is None else grads[1][:, 0].detach()
-                src, w = torch.cat([src, mlp_nodes[layer]]), torch.cat([w, (gm * mlp_out[layer]).sum(-1)], dim=1)
-            nodes = node_ids[layer][idx]
-            value[nodes] = seeds[layer][idx].detach().double()
-            constant[nodes] = seeds_b[layer][idx].double()
-            rows_t.append(nodes.repeat_interleave(len(src)))
-            rows_src.append(src.repeat(len(idx)))
-            rows_w.append(w.reshape(-1))
-
-        def run(jobs: list[tuple[int, int]]) -> None:
-            """Compute rows for ``(layer, index)`` jobs, grouped by layer, ``batch_size`` per VJP."""
-            for layer in sorted({j[0] for j in jobs}, reverse=True):
-                idx = torch.tensor([j[1] for j in jobs if j[0] == layer], dtype=torch.long)
-                for start in range(0, len(idx), self.batch_size):
-                    compute_rows(layer, idx[start : start + self.batch_size])
-                    bar.update(len(idx[start : start + self.batch_size]))
-
-        def adjacency() -> Tensor:
-            indices = torch.stack([torch.cat(rows_t), torch.cat(rows_src)])
-            return torch.sparse_coo_tensor(indices, torch.cat(rows_w), (n, n), check_invariants=False).coalesce()
-
-        from .graph_ops import influence, normalised_abs, target_weights
+        engine = _RowEngine(self, frozen, norms, mids, leaves, seeds)
+        engine.set_sources(x_in, src_pos, src_feat, acts, errors, src_nodes, mlp_nodes, mlp_out)
+        from .graph_ops import cache_influence, target_weights
 
         weights = target_weights(kinds, target_classes, clean_out[0] if target_classes else None)
+        store = RowStore(n, weights)
         from tqdm.auto import tqdm
 
-        n_rows = len(targets) + sum(len(seeds[layer]) for layer in range(L))
-        if max_feature_nodes is not None:
-            n_rows = min(n_rows, len(targets) + max_feature_nodes)
+        n_feature_rows = sum(len(seeds[layer]) for layer in range(L))
+        budget = n_feature_rows if max_feature_nodes is None else min(n_feature_rows, max_feature_nodes)
+        n_rows = len(targets) + budget
+        _log_estimate(model, n_rows, n_nodes=n, n_src=max(len(src) for src in src_nodes.values()))
         bar = tqdm(total=n_rows, desc="attribute", unit="row", disable=not progress)
-        run([(L, i) for i in range(len(targets))])
-        feature_jobs = [(layer, i) for layer in range(L) for i in range(len(seeds[layer]))]
-        if max_feature_nodes is None:
-            run(feature_jobs)
+
+        def run(layer: int, idx: Tensor) -> None:
+            """Rows of ``seeds[layer][idx]`` (one SAE layer, or the targets), ``batch_size`` per batch."""
+            for start in range(0, len(idx), self.batch_size):
+                part = idx[start : start + self.batch_size]
+                w, src = engine.rows(layer, part)
+                nodes = node_ids[layer][part]
+                value[nodes] = seeds[layer][part].detach().double()
+                constant[nodes] = seeds_b[layer][part].double()
+                store.add(layer, nodes, src, w)
+                bar.update(len(part))
+
+        run(L, torch.arange(len(targets)))
+        if budget == n_feature_rows:  # every row: layer by layer, no ranking needed
+            for layer in range(L - 1, -1, -1):
+                run(layer, torch.arange(len(seeds[layer])))
         else:
-            node_of = {int(node_ids[layer][i]): (layer, i) for layer, i in feature_jobs}
-            open_ = torch.zeros(n, dtype=torch.bool)  # feature nodes without a row yet
-            open_[torch.cat(node_ids[:L])] = True
+            layer_of = torch.full((n,), -1, dtype=torch.long)
+            index_of = torch.full((n,), -1, dtype=torch.long)
+            for layer in range(L):
+                layer_of[node_ids[layer]] = layer
+                index_of[node_ids[layer]] = torch.arange(len(node_ids[layer]))
+            open_ = layer_of >= 0  # feature nodes without a row yet
             n_done = 0
-            while n_done < min(max_feature_nodes, len(feature_jobs)):
-                infl = influence(normalised_abs(adjacency()), weights)
+            while n_done < budget:
+                infl = store.influence()
                 score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
-                k = min(self.batch_size, max_feature_nodes - n_done, int(torch.isfinite(score).sum()))
+                chunk = self.batch_size * self.update_interval
+                k = min(chunk, budget - n_done, int(torch.isfinite(score).sum()))
                 if k == 0:
                     break
-                order = score.topk(k).indices.tolist()
+                order = score.topk(k).indices
                 open_[order] = False
-                n_done += len(order)
-                run([node_of[i] for i in order])
+                n_done += k
+                for layer in layer_of[order].unique().flip(0).tolist():
+                    run(layer, index_of[order[layer_of[order] == layer]])
         bar.close()
         graph = AttributionGraph(
             node_kind=kinds,
@@ -330,7 +307,7 @@ class Attributor:
             node_pos=torch.tensor(poss),
             node_feature=torch.tensor(feats),
             activation=torch.tensor(vals, dtype=torch.float64),
-            adjacency=adjacency(),
+            adjacency=store.adjacency(),
             value=value,
             constant=constant,
             target_names=list(target_names or [f"target {i}" for i in range(len(targets))]),
@@ -341,7 +318,116 @@ class Attributor:
             weights=weights,
             target_probs=target_probs(target_classes, len(targets), clean_out),
         )
+        cache_influence(graph, store.influence())  # the same w(Â + Â² + …), from the row blocks
         return graph
+
+
+class _RowEngine:
+    """Rows of one traced image (module docstring): closed form through one block where a layer's
+    block reads the previous SAE layer directly (``rows.py``), plain batched VJPs elsewhere (logit
+    targets, MLP-leaf mode, blocks between SAE layers) or everywhere with ``engine="autograd"``; both
+    project on the same per-token source directions."""
+
+    def __init__(
+        self,
+        att: Attributor,
+        frozen: dict[str, Tensor],
+        norms: list[affine.FrozenNorm],
+        mids: dict[int, Tensor],
+        leaves: _Leaves,
+        seeds: list[Tensor],
+    ) -> None:
+        self.att, self.model, self.rrm = att, att.model, att.rrm
+        self.frozen, self.norms, self.mids, self.leaves, self.seeds = frozen, norms, mids, leaves, seeds
+        self.workspace = Workspace()
+        self._folded: dict[int, Sources] = {}
+        self._enc: dict[int, Tensor] = {}
+
+    def set_sources(
+        self,
+        x_in: Tensor,
+        src_pos: dict[int, Tensor],
+        src_feat: dict[int, Tensor],
+        acts: list[Tensor],
+        errors: list[Tensor],
+        src_nodes: dict[int, Tensor],
+        mlp_nodes: dict[int, Tensor],
+        mlp_out: list[Tensor],
+    ) -> None:
+        """Per source layer (``-1``: the inputs) the directions ``[T, K, d_model]`` each row is projected
+        on (active features' effective decoder rows, then the error vector), which flattened slot each
+        source node reads, its multiplier (the activation, or 1) and the source node ids."""
+        n_pos = x_in.shape[0]
+        self.n_pos, self.mlp_nodes, self.mlp_out = n_pos, mlp_nodes, mlp_out
+        self.pos, self.feat = src_pos, src_feat
+        self.sources = {-1: (x_in[:, None].detach(), torch.arange(n_pos), None, torch.arange(n_pos))}
+        for layer, sae in enumerate(self.rrm.saes):
+            pos, feat = src_pos[layer], src_feat[layer]
+            counts = torch.bincount(pos, minlength=n_pos)
+            slot = torch.arange(len(pos)) - (torch.cumsum(counts, 0) - counts)[pos]
+            k = int(counts.max()) if len(pos) else 0
+            dirs = torch.zeros(n_pos, k + 1, sae.cfg.d_in, dtype=errors[layer].dtype)
+            dirs[pos, slot] = affine.decoder_directions(sae, feat, self.norms[layer].select(pos)).detach()
+            dirs[:, k] = errors[layer]
+            sel = torch.cat([pos * (k + 1) + slot, torch.arange(n_pos) * (k + 1) + k])
+            mult = torch.cat([acts[layer][pos, feat], torch.ones(n_pos, dtype=acts[layer].dtype)])
+            self.sources[layer] = (dirs, sel, mult, src_nodes[layer])
+
+    def _closed_form(self, layer: int) -> bool:
+        rrm = self.rrm
+        if self.att.engine == "autograd" or self.att.mlp or layer >= rrm.n_layers:
+            return False
+        return rrm.layers[layer] == (rrm.layers[layer - 1] + 1 if layer else 0)
+
+    def rows(self, layer: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Edge weights ``[R, S]`` of the targets ``seeds[layer][idx]`` and their source node ids ``[S]``."""
+        dirs, sel, mult, src = self.sources[layer - 1]
+        mlp_w = None
+        if self._closed_form(layer):
+            block = self.rrm.layers[layer]
+            if layer not in self._folded:
+                self._folded[layer] = Sources.for_block(self.model, block, self.frozen, dirs)
+                self._enc[layer] = affine.encoder_weights(self.rrm.saes[layer])[0].detach()
+            pos, feat = self.pos[layer][idx], self.feat[layer][idx]
+            weight = torch.zeros(len(idx), self.n_pos, dtype=dirs.dtype)
+            weight[torch.arange(len(idx)), pos] = 1.0
+            cols = self._enc[layer][:, feat].T
+            proj, _ = block_rows(
+                self.model, block, self.frozen, self.mids[layer], cols, self.norms[layer], weight,
+                self._folded[layer], self.workspace,
+            )
+        else:
+            mlp = self.att.mlp and layer < self.rrm.n_layers
+            inputs = [self.leaves.values[layer - 1]] + ([self.leaves.values[("mlp", layer)]] if mlp else [])
+            onehot = torch.zeros(len(idx), len(self.seeds[layer]), dtype=self.seeds[layer].dtype)
+            onehot[torch.arange(len(idx)), idx] = 1.0
+            grads = torch.autograd.grad(
+                self.seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True, retain_graph=True,
+                allow_unused=True,
+            )
+            proj = torch.einsum("rpd,pkd->rpk", grads[0][:, 0].detach(), dirs)
+            if mlp:
+                gm = torch.zeros_like(grads[0][:, 0]) if grads[1] is None else grads[1][:, 0].detach()
+                mlp_w = (gm * self.mlp_out[layer]).sum(-1)
+        w = proj.reshape(len(idx), -1)[:, sel]
+        w = w if mult is None else w * mult
+        if mlp_w is not None:
+            return torch.cat([w, mlp_w], 1), torch.cat([src, self.mlp_nodes[layer]])
+        return w, src
+
+
+def _log_estimate(model: Any, n_rows: int, n_nodes: int, n_src: int) -> None:
+    """Say what a big graph will cost before it starts: arithmetic (``rows.row_macs``) and memory."""
+    cfg = model.cfg
+    macs = n_rows * row_macs(cfg.n_ctx, cfg.d_model, cfg.d_mlp, cfg.n_heads, n_src // max(cfg.n_ctx, 1))
+    mem = n_rows * n_src * (4 + 16)  # float32 weight + int64 (target, source) in the sparse adjacency
+    logger.info(
+        "attribute(): %d rows over %d nodes: about %.1f GFLOP of row arithmetic, %.0f MB for the edges.",
+        n_rows,
+        n_nodes,
+        2 * macs / 1e9,
+        mem / 1e6,
+    )
 
 
 def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> Tensor:
@@ -350,19 +436,6 @@ def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> T
     if len(target_classes) == n_targets:
         out[:] = torch.softmax(logits[0].double(), -1)[torch.tensor(target_classes, dtype=torch.long)]
     return out
-
-
-def _padded_decoder(rows: Tensor, pos: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
-    """Effective decoder rows of the active features (``rows [n_active, d_model]``) grouped by
-    position, ``[n_pos, k_max, d_model]`` (zero padded), and each active feature's slot in its
-    position's group (``pos`` is sorted)."""
-    counts = torch.bincount(pos, minlength=n_pos)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(pos)) - starts[pos]
-    k_max = int(counts.max()) if len(pos) else 0
-    dec = torch.zeros(n_pos, max(k_max, 1), rows.shape[1], dtype=rows.dtype)
-    dec[pos, slot] = rows
-    return dec, slot
 
 
 def record_with_saes(rrm: ReplacementModelBase, pixels: Tensor) -> dict[str, Tensor]:

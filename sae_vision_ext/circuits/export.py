@@ -98,40 +98,43 @@ def graph_json(
         ordered, order = raw.sort(descending=True)
         cumulative = torch.zeros_like(raw)
         cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
-    ids, js_ids, codes = node_ids(graph), js_node_ids(graph), feature_codes(graph)
-    labels = clerps(graph, feature_labels)
+    keep = nodes_keep.nonzero().squeeze(1).tolist()  # only what is exported is labelled
+    ids, js_ids, codes = node_ids(graph, keep), js_node_ids(graph, keep), feature_codes(graph, keep)
+    labels = clerps(graph, feature_labels, index=keep)
     probs = graph.target_probs.tolist() if graph.target_probs is not None else []
     first_target = graph.node_kind.index("target") if "target" in graph.node_kind else graph.n_nodes
     readout = readout_position(graph)
-    layers, poss = graph.node_layer.tolist(), graph.node_pos.tolist()
-    acts, cum, infl = graph.activation.tolist(), cumulative.tolist(), raw.tolist()
+    sel = torch.tensor(keep, dtype=torch.long)
+    layers, poss = graph.node_layer[sel].tolist(), graph.node_pos[sel].tolist()
+    acts, cum, infl = graph.activation[sel].tolist(), cumulative[sel].tolist(), raw[sel].tolist()
     nodes = []
-    for i in nodes_keep.nonzero().squeeze(1).tolist():
+    for j, i in enumerate(keep):
         kind = graph.node_kind[i]
         is_target = kind == "target"
         t = i - first_target
         nodes.append(
             {
-                "node_id": ids[i],
-                "feature": codes[i],
-                "layer": "E" if kind == "input" else str(layers[i] + 1 if is_target else layers[i]),
-                "ctx_idx": readout if is_target else poss[i],
+                "node_id": ids[j],
+                "feature": codes[j],
+                "layer": "E" if kind == "input" else str(layers[j] + 1 if is_target else layers[j]),
+                "ctx_idx": readout if is_target else poss[j],
                 "feature_type": FEATURE_TYPES[kind],
                 "token_prob": (probs[t] if t < len(probs) and probs[t] == probs[t] else 0.0) if is_target else 0.0,
                 "is_target_logit": is_target and t == 0,
                 "run_idx": 0,
                 "reverse_ctx_idx": 0,
-                "jsNodeId": js_ids[i],
-                "clerp": labels[i],
-                "influence": cum[i],
-                "activation": None if is_target else acts[i],
-                "influence_raw": infl[i],
+                "jsNodeId": js_ids[j],
+                "clerp": labels[j],
+                "influence": cum[j],
+                "activation": None if is_target else acts[j],
+                "influence_raw": infl[j],
             }
         )
     a = graph.adjacency.coalesce()
     pairs = a.indices()[:, edges_keep].T.tolist()
     weights = a.values()[edges_keep].tolist()
-    links = [{"source": ids[s], "target": ids[d], "weight": w} for (d, s), w in zip(pairs, weights, strict=True)]
+    id_of = dict(zip(keep, ids, strict=True))
+    links = [{"source": id_of[s], "target": id_of[d], "weight": w} for (d, s), w in zip(pairs, weights, strict=True)]
     tokens = position_labels(graph)
     node_threshold = graph.pruning[0] if graph.pruning is not None else None
     metadata = {

@@ -73,6 +73,11 @@ def influence(a_hat: Tensor, weights: Tensor, max_steps: int = 1000) -> Tensor:
     return propagate(dst, src, vals, weights, max_steps)
 
 
+def cache_influence(graph: Any, influence: Tensor) -> None:
+    """Store an already computed ``node_influence(graph)`` (the attribution's row store has it)."""
+    graph.__dict__["_influence_cache"] = {id(graph.adjacency): influence}
+
+
 def node_influence(graph: Any) -> Tensor:
     """Influence of every node of ``graph`` on its weighted targets (cached on the graph object)."""
     cache = graph.__dict__.setdefault("_influence_cache", {})
@@ -135,21 +140,24 @@ def prune(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98)
     always = torch.tensor([k in ("input", "target") for k in kinds])
     is_feature = torch.tensor([k == "feature" for k in kinds])
     node_mask = (infl >= _threshold(infl, node_threshold)) | always
-    alive = node_mask[src] & node_mask[dst]
-    a_hat = normalised_values(dst, vals * alive, len(kinds))
-    edge_scores = a_hat * (propagate(dst, src, a_hat, w) + w)[dst]
-    kept_scores = edge_scores[alive]  # the others are zero: they cannot move the threshold
-    edge_mask = (edge_scores >= _threshold(kept_scores, edge_threshold)) & alive if len(kept_scores) else alive
+    # only edges among kept nodes can be kept: the rest of the work runs on them (order preserved)
+    alive = (node_mask[src] & node_mask[dst]).nonzero().squeeze(1)
+    a_dst, a_src = dst[alive], src[alive]
+    a_hat = normalised_values(a_dst, vals[alive], len(kinds))
+    edge_scores = a_hat * (propagate(a_dst, a_src, a_hat, w) + w)[a_dst]
+    kept = edge_scores >= _threshold(edge_scores, edge_threshold) if len(edge_scores) else edge_scores > 0
     n = len(kinds)
     while True:
         before = node_mask.clone()
-        edge_mask &= node_mask[src] & node_mask[dst]
-        has_out = torch.zeros(n, dtype=torch.bool).index_fill_(0, src[edge_mask], True)
-        has_in = torch.zeros(n, dtype=torch.bool).index_fill_(0, dst[edge_mask], True)
+        kept &= node_mask[a_src] & node_mask[a_dst]
+        has_out = torch.zeros(n, dtype=torch.bool).index_fill_(0, a_src[kept], True)
+        has_in = torch.zeros(n, dtype=torch.bool).index_fill_(0, a_dst[kept], True)
         node_mask &= always | has_out
         node_mask &= ~is_feature | has_in
         if torch.equal(node_mask, before):
             break
+    edge_mask = torch.zeros(len(dst), dtype=torch.bool)
+    edge_mask[alive[kept]] = True
     ordered, order = infl.sort(descending=True)
     cumulative = torch.zeros_like(infl)
     cumulative[order] = ordered.cumsum(0) / ordered.sum()

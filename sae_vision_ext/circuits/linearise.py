@@ -49,10 +49,14 @@ def frozen_names(model: Any) -> list[str]:
 def record(model: Any, pixels: Tensor) -> dict[str, Tensor]:
     """The values to freeze, from the clean forward of ``pixels`` (one image: batch 1)."""
     _, cache = model.run_with_cache(pixels, names_filter=frozen_names(model), return_cache_object=False)
-    gates = {
-        n.replace("hook_pre", "gate"): gate(model.cfg.act_fn, v) for n, v in cache.items() if n.endswith("hook_pre")
-    }
-    return {k: v for k, v in cache.items() if not k.endswith("hook_pre")} | gates
+    return frozen_from_cache(model, cache)
+
+
+def frozen_from_cache(model: Any, cache: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The values to freeze from a cache holding (at least) ``frozen_names(model)`` of a clean forward."""
+    names = frozen_names(model)
+    gates = {n.replace("hook_pre", "gate"): gate(model.cfg.act_fn, cache[n]) for n in names if n.endswith("hook_pre")}
+    return {n: cache[n] for n in names if not n.endswith("hook_pre")} | gates
 
 
 def frozen_hooks(model: Any, frozen: dict[str, Tensor]) -> list[tuple[str, Callable]]:

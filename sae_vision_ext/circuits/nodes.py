@@ -23,6 +23,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
+
 ERROR_FEATURE = -1
 """The ``feature`` field of error, MLP and target-less nodes."""
 
@@ -74,17 +76,21 @@ class _Node(NamedTuple):
     """Index among the targets (``-1`` for other kinds)."""
 
 
-def _nodes(graph: Any) -> list[_Node]:
-    """Each node's kind, layer, position, feature and target index, in node order."""
+def _nodes(graph: Any, index: Sequence[int] | None = None) -> list[_Node]:
+    """Each node's kind, layer, position, feature and target index, in node order (only the nodes
+    ``index``, in that order, if given: exports of big graphs label only what they keep)."""
     first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
-    rows = zip(
-        graph.node_kind, graph.node_layer.tolist(), graph.node_pos.tolist(), graph.node_feature.tolist(), strict=True
-    )
-    return [_Node(k, lay, pos, f, i - first_target if k == "target" else -1) for i, (k, lay, pos, f) in enumerate(rows)]
+    if index is None:
+        index = range(len(graph.node_kind))
+    sel = torch.as_tensor(list(index), dtype=torch.long)
+    kinds = [graph.node_kind[i] for i in index]
+    layers, poss, feats = (t[sel].tolist() for t in (graph.node_layer, graph.node_pos, graph.node_feature))
+    rows = zip(index, kinds, layers, poss, feats, strict=True)
+    return [_Node(k, lay, pos, f, i - first_target if k == "target" else -1) for i, k, lay, pos, f in rows]
 
 
-def node_ids(graph: Any) -> list[str]:
-    """The id of every node of ``graph``, in node order (see the module docstring)."""
+def node_ids(graph: Any, index: Sequence[int] | None = None) -> list[str]:
+    """The id of every node of ``graph`` (or of the nodes ``index``), in node order (module docstring)."""
     readout = readout_position(graph)
     names = {
         "feature": lambda n: f"{n.layer}_{n.feature}_{n.pos}",
@@ -93,10 +99,10 @@ def node_ids(graph: Any) -> list[str]:
         "input": lambda n: f"E_{n.pos}_{n.pos}",
         "target": lambda n: f"{n.layer + 1}_{target_code(graph, n.target)}_{readout}",
     }
-    return [names[n.kind](n) for n in _nodes(graph)]
+    return [names[n.kind](n) for n in _nodes(graph, index)]
 
 
-def feature_codes(graph: Any) -> list[int]:
+def feature_codes(graph: Any, index: Sequence[int] | None = None) -> list[int]:
     """circuit-tracer's ``feature`` field per node: the Cantor code for features, the position for
     inputs, the class (or target index) for targets, :data:`ERROR_FEATURE` for errors and MLP leaves."""
     codes = {
@@ -104,10 +110,10 @@ def feature_codes(graph: Any) -> list[int]:
         "input": lambda n: n.pos,
         "target": lambda n: target_code(graph, n.target),
     }
-    return [codes.get(n.kind, lambda n: ERROR_FEATURE)(n) for n in _nodes(graph)]
+    return [codes.get(n.kind, lambda n: ERROR_FEATURE)(n) for n in _nodes(graph, index)]
 
 
-def js_node_ids(graph: Any) -> list[str]:
+def js_node_ids(graph: Any, index: Sequence[int] | None = None) -> list[str]:
     """circuit-tracer's ``jsNodeId`` per node (its ``Node.*_node`` constructors' formulas; MLP leaves,
     which it has no constructor for, keep their node id)."""
     readout = readout_position(graph)
@@ -118,7 +124,7 @@ def js_node_ids(graph: Any) -> list[str]:
         "target": lambda n, code, nid: f"L_{code}-{readout}",
         "mlp": lambda n, code, nid: nid,
     }
-    rows = zip(_nodes(graph), feature_codes(graph), node_ids(graph), strict=True)
+    rows = zip(_nodes(graph, index), feature_codes(graph, index), node_ids(graph, index), strict=True)
     return [formats[n.kind](n, code, nid) for n, code, nid in rows]
 
 
@@ -128,7 +134,10 @@ def target_clerp(name: str, prob: float) -> str:
 
 
 def clerps(
-    graph: Any, feature_labels: Mapping[tuple[int, int], str] | None = None, probs: Sequence[float] | None = None
+    graph: Any,
+    feature_labels: Mapping[tuple[int, int], str] | None = None,
+    probs: Sequence[float] | None = None,
+    index: Sequence[int] | None = None,
 ) -> list[str]:
     """A readable label per node: ``L5 #213 p(3,7)`` (plus ``: <label>`` from ``feature_labels``
     keyed ``(layer, feature)``), ``Err: L5 p(3,7)``, ``MLP L5 p(3,7)``, ``Emb: p(3,7)``, and the
@@ -156,4 +165,4 @@ def clerps(
         "input": lambda n: f"Emb: {where(n)}",
         "target": target,
     }
-    return [texts[n.kind](n) for n in _nodes(graph)]
+    return [texts[n.kind](n) for n in _nodes(graph, index)]

@@ -123,14 +123,25 @@ class ReplacementModelBase:
         SAE spliced with its error term, so the clean model's values): the recorded attention
         patterns, LayerNorm scales and MLP gates (``linearise.record``), and each SAE's input
         normalisation at its clean statistics (``saes.affine.frozen_norm``), per layer."""
-        from .linearise import record
+        frozen, norms, _, _ = self.recorded_forward(pixels, [])
+        return frozen, norms
+
+    @torch.no_grad()
+    def recorded_forward(
+        self, pixels: Float[Tensor, "1 chan h w"], names: Sequence[str]
+    ) -> tuple[dict[str, Tensor], list[FrozenNorm], Tensor, dict[str, Tensor]]:
+        """``frozen_state(pixels)`` plus, from the same forward (every SAE spliced, error terms kept),
+        the output and the activations at the hook points ``names``: ``(frozen, norms, output, cache)``."""
+        from .linearise import frozen_from_cache, frozen_names
 
         inputs = [f"{sae.cfg.metadata.hook_name}.hook_sae_input" for sae in self.saes]
-        seen: dict[str, Tensor] = {}
-        hooks = [(n, lambda t, hook, n=n: seen.__setitem__(n, t.detach())) for n in inputs]
-        with self.spliced(keep_errors=True), self.model.hooks(fwd_hooks=hooks):
-            frozen = record(self.model, pixels)
-        return frozen, [affine.frozen_norm(sae, seen[n][0]) for sae, n in zip(self.saes, inputs, strict=True)]
+        wanted = set(frozen_names(self.model)) | set(inputs) | set(names)
+        with self.spliced(keep_errors=True):
+            out, cache = self.model.run_with_cache(
+                pixels, names_filter=lambda n: n in wanted, return_cache_object=False
+            )
+        norms = [affine.frozen_norm(sae, cache[n][0]) for sae, n in zip(self.saes, inputs, strict=True)]
+        return frozen_from_cache(self.model, cache), norms, out, {n: cache[n] for n in names}
 
     @torch.no_grad()
     def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],
