@@ -48,7 +48,7 @@ from torch import Tensor
 from .._hooks import sae_acts, sae_error
 from ..saes import affine
 from .replacement_base import ReplacementModelBase
-from .rows import Sources, Workspace, block_rows
+from .rows import Sources, Workspace, active_tokens, block_rows
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def attribute_aggregated(
                     mids[i],
                     w_h[:, fo].T,
                     norm,
-                    weight[:, fo].T,
+                    active_tokens(weight[:, fo].T),
                     sources,
                     workspace,
                     grad_sum=True,

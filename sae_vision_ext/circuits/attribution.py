@@ -192,11 +192,11 @@ class Attributor:
         errors = [cache[sae_error(h)][0] for h in hooks]
         mlp_out = [cache[f"blocks.{b}.hook_mlp_out"][0] for b in range(model.cfg.n_layers)] if self.mlp else []
         x_in = cache["blocks.0.hook_resid_pre"][0]
-        n_pos = x_in.shape[0]
+        n_pos, dev = x_in.shape[0], x_in.device
         target_classes: list[int] = []
         if targets is None or isinstance(targets, int):
             c = int(clean_out[0].argmax()) if targets is None else int(targets)
-            targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1])
+            targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1], device=dev)
             targets[0, c] += 1.0
             names = model.cfg.class_names
             target_names = target_names or [names[c] if c < len(names) else f"class {c}"]
@@ -236,8 +236,8 @@ class Attributor:
         bias_only |= {("mlp", layer): torch.zeros_like(x_in) for layer in range(L)} if self.mlp else {}
         with torch.no_grad():
             out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only, mlp=self.mlp), norms)
-        value = torch.full((n,), float("nan"), dtype=torch.float64)
-        constant = torch.full((n,), float("nan"), dtype=torch.float64)
+        value = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+        constant = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
 
         # ---- one frozen forward; rows are batched vector-Jacobian products against it
         leaves = _Leaves(L, mlp=self.mlp)
@@ -245,7 +245,7 @@ class Attributor:
         out, pre = self._forward(pixels, frozen, leaves, norms, mids)
         seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
         seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
-        node_ids = [feat_nodes[layer] for layer in range(L)] + [target_nodes]
+        node_ids = [feat_nodes[layer].to(dev) for layer in range(L)] + [target_nodes.to(dev)]
         gaps = [b for a, b in zip([-1, *rrm.layers], rrm.layers, strict=False) if b != a + 1]
         if gaps and not self.mlp:
             logger.info(
@@ -256,7 +256,7 @@ class Attributor:
         from .graph_ops import cache_influence, target_weights
 
         weights = target_weights(kinds, target_classes, clean_out[0] if target_classes else None)
-        store = RowStore(n, weights)
+        store = RowStore(n, weights.to(dev))
         from tqdm.auto import tqdm
 
         n_feature_rows = sum(len(seeds[layer]) for layer in range(L))
@@ -276,16 +276,16 @@ class Attributor:
                 store.add(layer, nodes, src, w)
                 bar.update(len(part))
 
-        run(L, torch.arange(len(targets)))
+        run(L, torch.arange(len(targets), device=dev))
         if budget == n_feature_rows:  # every row: layer by layer, no ranking needed
             for layer in range(L - 1, -1, -1):
-                run(layer, torch.arange(len(seeds[layer])))
+                run(layer, torch.arange(len(seeds[layer]), device=dev))
         else:
-            layer_of = torch.full((n,), -1, dtype=torch.long)
-            index_of = torch.full((n,), -1, dtype=torch.long)
+            layer_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+            index_of = torch.full((n,), -1, dtype=torch.long, device=dev)
             for layer in range(L):
                 layer_of[node_ids[layer]] = layer
-                index_of[node_ids[layer]] = torch.arange(len(node_ids[layer]))
+                index_of[node_ids[layer]] = torch.arange(len(node_ids[layer]), device=dev)
             open_ = layer_of >= 0  # feature nodes without a row yet
             n_done = 0
             while n_done < budget:
@@ -307,9 +307,9 @@ class Attributor:
             node_pos=torch.tensor(poss),
             node_feature=torch.tensor(feats),
             activation=torch.tensor(vals, dtype=torch.float64),
-            adjacency=store.adjacency(),
-            value=value,
-            constant=constant,
+            adjacency=store.adjacency().cpu(),
+            value=value.cpu(),
+            constant=constant.cpu(),
             target_names=list(target_names or [f"target {i}" for i in range(len(targets))]),
             target_classes=target_classes,
             n_prefix=model.cfg.n_prefix_tokens,
@@ -318,7 +318,7 @@ class Attributor:
             weights=weights,
             target_probs=target_probs(target_classes, len(targets), clean_out),
         )
-        cache_influence(graph, store.influence())  # the same w(Â + Â² + …), from the row blocks
+        cache_influence(graph, store.influence().cpu())  # the same w(Â + Â² + …), from the row blocks
         return graph
 
 
@@ -357,21 +357,23 @@ class _RowEngine:
         """Per source layer (``-1``: the inputs) the directions ``[T, K, d_model]`` each row is projected
         on (active features' effective decoder rows, then the error vector), which flattened slot each
         source node reads, its multiplier (the activation, or 1) and the source node ids."""
-        n_pos = x_in.shape[0]
-        self.n_pos, self.mlp_nodes, self.mlp_out = n_pos, mlp_nodes, mlp_out
+        n_pos, dev = x_in.shape[0], x_in.device
+        self.n_pos, self.mlp_out = n_pos, mlp_out
+        self.mlp_nodes = {layer: ids.to(dev) for layer, ids in mlp_nodes.items()}
         self.pos, self.feat = src_pos, src_feat
-        self.sources = {-1: (x_in[:, None].detach(), torch.arange(n_pos), None, torch.arange(n_pos))}
+        every = torch.arange(n_pos, device=dev)
+        self.sources = {-1: (x_in[:, None].detach(), every, None, every)}
         for layer, sae in enumerate(self.rrm.saes):
             pos, feat = src_pos[layer], src_feat[layer]
             counts = torch.bincount(pos, minlength=n_pos)
-            slot = torch.arange(len(pos)) - (torch.cumsum(counts, 0) - counts)[pos]
+            slot = torch.arange(len(pos), device=dev) - (torch.cumsum(counts, 0) - counts)[pos]
             k = int(counts.max()) if len(pos) else 0
-            dirs = torch.zeros(n_pos, k + 1, sae.cfg.d_in, dtype=errors[layer].dtype)
+            dirs = torch.zeros(n_pos, k + 1, sae.cfg.d_in, dtype=errors[layer].dtype, device=dev)
             dirs[pos, slot] = affine.decoder_directions(sae, feat, self.norms[layer].select(pos)).detach()
             dirs[:, k] = errors[layer]
-            sel = torch.cat([pos * (k + 1) + slot, torch.arange(n_pos) * (k + 1) + k])
-            mult = torch.cat([acts[layer][pos, feat], torch.ones(n_pos, dtype=acts[layer].dtype)])
-            self.sources[layer] = (dirs, sel, mult, src_nodes[layer])
+            sel = torch.cat([pos * (k + 1) + slot, every * (k + 1) + k])
+            mult = torch.cat([acts[layer][pos, feat], torch.ones(n_pos, dtype=acts[layer].dtype, device=dev)])
+            self.sources[layer] = (dirs, sel, mult, src_nodes[layer].to(dev))
 
     def _closed_form(self, layer: int) -> bool:
         rrm = self.rrm
@@ -388,19 +390,18 @@ class _RowEngine:
             if layer not in self._folded:
                 self._folded[layer] = Sources.for_block(self.model, block, self.frozen, dirs)
                 self._enc[layer] = affine.encoder_weights(self.rrm.saes[layer])[0].detach()
-            pos, feat = self.pos[layer][idx], self.feat[layer][idx]
-            weight = torch.zeros(len(idx), self.n_pos, dtype=dirs.dtype)
-            weight[torch.arange(len(idx)), pos] = 1.0
+            pos, feat = self.pos[layer][idx, None], self.feat[layer][idx]  # one token per row, weight 1
+            tokens = (pos, torch.ones(pos.shape, dtype=dirs.dtype, device=dirs.device))
             cols = self._enc[layer][:, feat].T
             proj, _ = block_rows(
-                self.model, block, self.frozen, self.mids[layer], cols, self.norms[layer], weight,
+                self.model, block, self.frozen, self.mids[layer], cols, self.norms[layer], tokens,
                 self._folded[layer], self.workspace,
             )
         else:
             mlp = self.att.mlp and layer < self.rrm.n_layers
             inputs = [self.leaves.values[layer - 1]] + ([self.leaves.values[("mlp", layer)]] if mlp else [])
-            onehot = torch.zeros(len(idx), len(self.seeds[layer]), dtype=self.seeds[layer].dtype)
-            onehot[torch.arange(len(idx)), idx] = 1.0
+            onehot = torch.zeros(len(idx), len(self.seeds[layer]), dtype=self.seeds[layer].dtype, device=dirs.device)
+            onehot[torch.arange(len(idx), device=dirs.device), idx] = 1.0
             grads = torch.autograd.grad(
                 self.seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True, retain_graph=True,
                 allow_unused=True,

@@ -47,7 +47,7 @@ class RowStore:
     def influence(self) -> Tensor:
         """``w (Â + Â² + …)`` over the stored rows (``graph_ops``: ``Â = |A| / rowsum|A|``): with the
         blocks taken from the highest level down, ``I[s] = Σ_t (w_t + I_t)·Â[t, s]`` is exact in one pass."""
-        infl = torch.zeros(self.n_nodes, dtype=torch.float64)
+        infl = torch.zeros(self.n_nodes, dtype=torch.float64, device=self.w.device)
         for block in sorted(self.blocks, key=lambda b: -b.level):
             mass = (self.w[block.targets] + infl[block.targets]) * block.inv_rowsum
             if not mass.any():
@@ -62,8 +62,9 @@ class RowStore:
         if not self.blocks:
             empty = torch.zeros(2, 0, dtype=torch.long)
             return torch.sparse_coo_tensor(empty, torch.zeros(0), (self.n_nodes, self.n_nodes)).coalesce()
-        indices = torch.empty(2, self.n_edges, dtype=torch.long)
-        values = torch.empty(self.n_edges, dtype=self.blocks[0].weights.dtype)
+        dev = self.blocks[0].weights.device
+        indices = torch.empty(2, self.n_edges, dtype=torch.long, device=dev)
+        values = torch.empty(self.n_edges, dtype=self.blocks[0].weights.dtype, device=dev)
         at = 0
         for level in sorted({b.level for b in self.blocks}):  # node ids grow with the level
             blocks = [b for b in self.blocks if b.level == level]

@@ -138,8 +138,9 @@ def _mlp_half_vjp(
     return g[0]
 
 
-def _active_tokens(weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's active tokens first (``pos [R, A]``, padded) and their weights (zero on padding)."""
+def active_tokens(weights: Float[Tensor, "rows pos"]) -> tuple[Tensor, Tensor]:
+    """Each row's tokens with a non-zero weight (``pos [R, A]``, padded) and their weights (zero on
+    padding): the ``tokens`` argument of :func:`block_rows`."""
     active = weights != 0
     n_act = max(int(active.sum(1).max()), 1)
     pos = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n_act]
@@ -154,21 +155,21 @@ def block_rows(
     resid_mid: Tensor,
     encoder_cols: Float[Tensor, "rows d_model"],
     norm: affine.FrozenNorm,
-    weights: Float[Tensor, "rows pos"],
+    tokens: tuple[Tensor, Tensor],
     sources: Sources,
     workspace: Workspace | None = None,
     grad_sum: bool = False,
 ) -> tuple[Float[Tensor, "rows pos k"], Tensor | None]:
-    """``proj[r, p, k]``: the gradient at block ``layer``'s input of ``Σ_p weights[r, p]·h[p, f_r]`` (the
-    SAE after the block; ``encoder_cols[r]`` is ``W_h[:, f_r]``, :func:`affine.encoder_weights`), projected
-    on ``sources.dirs[p, k]`` (module docstring). With ``grad_sum`` also the sum of the rows' gradients
-    ``[T, d_model]``. ``resid_mid``: ``[1, T, d_model]`` of the traced image."""
+    """``proj[r, p, k]``: the gradient at block ``layer``'s input of ``Σ_a w[r, a]·h[pos[r, a], f_r]`` (the
+    SAE after the block; ``encoder_cols[r]`` is ``W_h[:, f_r]``, :func:`affine.encoder_weights`;
+    ``tokens = (pos, w)``, each ``[R, A]``, from :func:`active_tokens`), projected on ``sources.dirs[p, k]``
+    (module docstring). With ``grad_sum`` also the sum of the rows' gradients ``[T, d_model]``.
+    ``resid_mid``: ``[1, T, d_model]`` of the traced image. Nothing here reads a value back to the host."""
     ws = workspace or Workspace()
     parts, prefix = model.blocks[layer].parts, f"blocks.{layer}."
-    n_rows, n_pos = weights.shape
+    pos, w = tokens
+    (n_rows, n_act), n_pos = pos.shape, resid_mid.shape[1]
     d, heads, d_head = resid_mid.shape[-1], parts.n_heads, parts.d_head
-    pos, w = _active_tokens(weights)
-    n_act = pos.shape[1]
     # 1. encoder cotangent at resid_post, rank one per token
     cols = encoder_cols - encoder_cols.mean(-1, keepdim=True) if norm.center else encoder_cols
     scale = norm.in_scale.reshape(-1)[pos] if norm.in_scale.ndim else norm.in_scale
