@@ -11,6 +11,13 @@ Part 2: graph time on a ViT-B/16-sized random timm model with random TopK SAEs, 
 tokens (image 112 / 224) and 4 / 8 / 12 layers, with a ``max_feature_nodes`` budget (a full ViT-B
 graph has ~75k active features).
 
+Part 3 (issue 13's targets), ViT-B/16-sized, 197 tokens, 12 layers, TopK d_sae 3072 k 32 on every
+layer: (a) the row engine alone, closed form (``engine="staged"``) against plain batched VJPs
+(``engine="autograd"``) on the same budgeted graph, with the FLOP floor computed from the shapes
+(``rows.row_macs`` at this machine's float32 matmul rate, measured in the same run) and the achieved
+fraction; (b) a budgeted graph of 7,500 feature nodes including the forwards, pruning and
+circuit-tracer export.
+
     python -m benchmarks.bench_attribution [--targets 48] [--budget 128] [--rows-vit-b 512] [--quick]
 """
 
@@ -134,14 +141,119 @@ def part2(budget: int, quick: bool) -> list[list[object]]:
     return rows
 
 
+def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate (median of ``repeats`` ``n × n`` products), GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(torch.tensor(times).median()) / 1e9
+
+
+def part3_rows(n_rows: int, repeats: int = 2) -> list[object]:
+    """Row-engine time only (``_RowEngine.rows``), both engines on the same budget, interleaved."""
+    from sae_vision_ext.circuits import attribution
+    from sae_vision_ext.circuits.attribution import Attributor
+    from sae_vision_ext.circuits.rows import row_macs
+
+    rrm, pixels = _random_vit_b(12, 224)
+    spent = {"staged": [], "autograd": []}
+    original = attribution._RowEngine.rows
+    clock = {"t": 0.0}
+
+    def timed(self, layer, idx):
+        t0 = time.perf_counter()
+        out = original(self, layer, idx)
+        clock["t"] += time.perf_counter() - t0
+        return out
+
+    attribution._RowEngine.rows = timed
+    graphs = {}
+    try:
+        for _ in range(repeats):
+            for engine in spent:
+                clock["t"] = 0.0
+                graphs[engine] = Attributor(rrm, batch_size=64, engine=engine).attribute(
+                    pixels, max_feature_nodes=n_rows
+                )
+                spent[engine].append(clock["t"])
+    finally:
+        attribution._RowEngine.rows = original
+    rows = int((~torch.isnan(graphs["staged"].value)).sum())
+    both = ~torch.isnan(graphs["staged"].value) & ~torch.isnan(graphs["autograd"].value)
+    a, b = (graphs[e].adjacency.coalesce() for e in ("staged", "autograd"))
+    diff = (a - b).coalesce()
+    keep = both[diff.indices()[0]]
+    worst = float(diff.values()[keep].abs().max())
+    cfg = rrm.model.cfg
+    macs = row_macs(cfg.n_ctx, cfg.d_model, cfg.d_mlp, cfg.n_heads, rrm.saes[0].cfg.k + 1)
+    peak = matmul_gflops()
+    floor_ms = 2 * macs / (peak * 1e9) * 1e3
+    ours = min(spent["staged"]) / rows * 1e3
+    plain = min(spent["autograd"]) / rows * 1e3
+    return [
+        f"ViT-B/16 random, 12 layers, 197 tokens, k 32, {rows} rows",
+        f"{ours:.2f}",
+        f"{plain:.1f}",
+        f"{plain / ours:.1f}x",
+        f"{2 * macs / 1e6:.1f} MFLOP -> {floor_ms:.3f} ms at {peak:.0f} GFLOP/s",
+        f"{floor_ms / ours:.0%}",
+        f"{worst:.1e}",
+    ]
+
+
+def part3_budget(n_nodes: int = 7500, repeats: int = 2) -> list[list[object]]:
+    """A budgeted graph end to end: attribute (forwards, rows, influence), prune, circuit-tracer export."""
+    import tempfile
+    from pathlib import Path
+
+    rrm, pixels = _random_vit_b(12, 224)
+    out = Path(tempfile.mkdtemp())
+    steps: dict[str, list[float]] = {"attribute": [], "prune": [], "to_json": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        graph = rrm.attribute(pixels, batch_size=64, max_feature_nodes=n_nodes)
+        t1 = time.perf_counter()
+        pruned = graph.prune()
+        t2 = time.perf_counter()
+        pruned.to_json(out / "graph.json", rrm=rrm)
+        t3 = time.perf_counter()
+        for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            steps[k].append(v)
+    med = {k: float(torch.tensor(v).median()) for k, v in steps.items()}
+    total = sum(med.values())
+    edges = graph.adjacency._nnz()
+    return [
+        [
+            f"attribute ({n_nodes} feature rows + target, {graph.n_nodes} nodes)",
+            f"{med['attribute']:.1f}",
+            f"{edges} edges",
+        ],
+        ["prune (circuit-tracer's algorithm)", f"{med['prune']:.1f}", f"{int(pruned.node_mask.sum())} nodes kept"],
+        ["to_json (circuit-tracer files)", f"{med['to_json']:.1f}", ""],
+        ["total", f"{total:.1f}", f"target <= 15 s: {'met' if total <= 15 else 'NOT met'}"],
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", type=int, default=48, help="targets sampled for the Jacobian baseline")
     p.add_argument("--budget", type=int, default=128, help="max_feature_nodes for part 2")
     p.add_argument("--rows-vit-b", type=int, default=512, help="max_feature_nodes for the ViT-B rows of part 1")
     p.add_argument("--quick", action="store_true", help="part 2 at 4 layers only")
+    p.add_argument("--only-part3", action="store_true", help="issue 13's targets only")
+    p.add_argument("--rows-floor", type=int, default=1024, help="budget of the row-engine comparison (part 3)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    header = ["graph", "staged ms/row", "autograd ms/row", "speed-up", "FLOP floor per row", "floor / staged"]
+    header.append("max |edge diff|")
+    print(markdown_table(header, [part3_rows(args.rows_floor)]) + "\n")
+    print(markdown_table(["step", "median s", "size"], part3_budget()) + "\n")
+    if args.only_part3:
+        return
     header = ["graph", "rows", "ours ms/row", "jacrev ms/row", "speed-up", "max |edge diff|"]
     rrm, pixels = _shapes_rrm()
     rows = [part1("sve:shapes-vit + shipped SAEs, 6 layers, 65 tokens, all rows", rrm, pixels, args.targets, None)]

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "sae_vision_ext"
 LEVELS = {
-    "_compat": 0, "_config": 0, "_errors": 0, "_hooks": 0, "_registry": 0, "_version": 0, "distributed": 0,
+    "_compat": 0, "_config": 0, "_io": 0, "_errors": 0, "_hooks": 0, "_registry": 0, "_version": 0, "distributed": 0,
     "data": 1, "models": 2, "activations": 3, "saes": 3, "training": 4, "vis": 4, "circuits": 5,
     "_sae_lens_hook": 6, "demo": 6, "analyse": 6, "cli": 7, "launch": 8, "": 9,
 }  # fmt: skip

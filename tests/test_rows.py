@@ -102,3 +102,23 @@ def test_engine_and_update_interval_are_validated():
         Attributor(rrm, engine="jacobian")
     with pytest.raises(ValueError, match="update_interval must be"):
         Attributor(rrm, update_interval=0)
+
+
+def test_half_precision_models_are_traced_in_float32_and_given_back_unchanged():
+    rrm = rrm_with("timm_cls", "topk", "layer_norm", True)
+    rrm.model.to(torch.bfloat16)
+    for sae in rrm.saes:
+        sae.to(torch.bfloat16)
+    before = [p.clone() for p in rrm.model.parameters()]
+    x = images(1).to(torch.bfloat16)
+    half = rrm.attribute(x)
+    assert next(rrm.model.parameters()).dtype == torch.bfloat16 and rrm.saes[0].W_enc.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(before, rrm.model.parameters(), strict=True))
+    rrm.model.to(torch.float32)
+    for sae in rrm.saes:
+        sae.to(torch.float32)
+    full = rrm.attribute(x.float())  # the same (bf16-rounded) weights in float32
+    torch.testing.assert_close(half.dense(), full.dense())
+    rows = ~torch.isnan(half.value)
+    residual = half.dense()[rows].sum(1) + half.constant[rows] - half.value[rows]
+    assert residual.abs().max() < 1e-3 * half.value[rows].abs().max()  # the sum rule at float32 precision

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .._errors import CorruptShardError
+from .._io import atomic_write, atomic_write_text
 from .harvest import ShuffleBuffer, TokenSelection, harvest
 
 logger = logging.getLogger(__name__)
@@ -116,23 +116,8 @@ def marker_path(folder: Path, i: int) -> Path:
     return folder / f"shard_{i:05d}.json"
 
 
-def _file_mode() -> int:
-    """The mode ordinary files get here (``0o666`` minus the umask): shards match their markers."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename onto ``path``, with the usual file mode."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.chmod(tmp, _file_mode())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def build_cache(
@@ -188,7 +173,7 @@ def build_cache(
         tensors = {h: torch.cat(v).contiguous() for h, v in parts.items()}
         n_tokens = next(iter(tensors.values())).shape[0]
         final = shard_path(folder, shard)
-        _atomic_write(final, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
+        atomic_write(final, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
         record = {"n_tokens": n_tokens, "n_images": stop - start, "sha256": _sha256(final)}
         _write_json(marker_path(folder, shard), record)
         tokens += n_tokens

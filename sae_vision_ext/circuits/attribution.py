@@ -176,7 +176,32 @@ class Attributor:
         stay as source-only nodes. A log line (``logging.INFO``) states the rows' arithmetic and memory
         before they start.
         ``progress``: a tqdm bar over the rows.
+        Half-precision models (float16, bfloat16) are traced in float32 (model and SAEs cast for the
+        call, then cast back, which is lossless): the linearisation's sum rules need float32 sums.
         """
+        low = {torch.float16, torch.bfloat16}
+        if next(self.model.parameters()).dtype not in low:
+            return self._attribute(pixels, targets, target_names, max_feature_nodes, progress)
+        logger.info("attribute(): the model is %s; tracing in float32.", next(self.model.parameters()).dtype)
+        dtypes = [next(m.parameters()).dtype for m in (self.model, *self.rrm.saes)]
+        try:
+            for m in (self.model, *self.rrm.saes):
+                m.to(torch.float32)
+            pixels = pixels.float()
+            targets = targets.float() if isinstance(targets, Tensor) else targets
+            return self._attribute(pixels, targets, target_names, max_feature_nodes, progress)
+        finally:
+            for m, dtype in zip((self.model, *self.rrm.saes), dtypes, strict=True):
+                m.to(dtype)
+
+    def _attribute(
+        self,
+        pixels: Tensor,
+        targets: Tensor | int | None,
+        target_names: list[str] | None,
+        max_feature_nodes: int | None,
+        progress: bool,
+    ) -> AttributionGraph:
         if pixels.shape[0] != 1:
             raise ValueError(f"attribute() traces one image; got a batch of {pixels.shape[0]}.")
         if max_feature_nodes is not None and max_feature_nodes < 0:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
-from .replacement_base import Reference, ReplacementModelBase
+from .replacement_base import Reference, ReplacementModelBase, reduce_reference
 
 
 class _Patcher:
@@ -138,9 +138,7 @@ def evaluate_circuit(
         names = [resid_post(layer) for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d_model]
-    neuron_refs = {"zero": lambda: torch.zeros_like(stack[:, 0]), "mean": lambda: stack.mean(1),
-                   "median": lambda: stack.median(1).values}[reference]()  # fmt: skip
-    neuron_refs = list(neuron_refs)
+    neuron_refs = list(reduce_reference(stack, reference, dim=1))
     patcher = _Patcher(rrm, refs, neuron_refs)
     slot_of = torch.full((rrm.model.cfg.n_layers + 1,), -1, dtype=torch.long)
     slot_of[torch.tensor(rrm.layers)] = torch.arange(rrm.n_layers)

@@ -21,8 +21,6 @@ Serve the folder with ``circuit_tracer.frontend.local_server.serve(data_dir=out_
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._hooks import resid_post
+from .._io import atomic_write_text
 from .graph_ops import node_influence
 from .nodes import (
     cantor_pair,
@@ -54,14 +53,6 @@ FEATURE_TYPES = {
 
 LOCAL_SCAN = "./data/features"
 """The ``scan`` that makes circuit-tracer's frontend read ``features/<code>.json`` from the served folder."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def exported_masks(graph: Any) -> tuple[Tensor, Tensor]:
@@ -161,7 +152,7 @@ def add_graph_metadata(out_dir: Path, metadata: dict[str, Any]) -> None:
     path = out_dir / "graph-metadata.json"
     graphs = json.loads(path.read_text())["graphs"] if path.exists() else []
     graphs = [g for g in graphs if g.get("slug") != metadata["slug"]] + [metadata]
-    _atomic_write(path, json.dumps({"graphs": graphs}, indent=2))
+    atomic_write_text(path, json.dumps({"graphs": graphs}, indent=2))
 
 
 def feature_files(
@@ -280,7 +271,7 @@ def write_circuit_tracer(
         folder.mkdir(exist_ok=True)
         records = feature_files(graph, exported, rrm, stats, images, n_examples, logit_effects)
         for code, record in records.items():
-            _atomic_write(folder / f"{code}.json", json.dumps(record))
-    _atomic_write(out / f"{slug}.json", json.dumps(exported))
+            atomic_write_text(folder / f"{code}.json", json.dumps(record))
+    atomic_write_text(out / f"{slug}.json", json.dumps(exported))
     add_graph_metadata(out, exported["metadata"])
     return exported

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .aggregated import AggregatedGraph, attribute_aggregated
 from .attribution import AttributionGraph, Attributor
+from .defaults import DEFAULT_MAX_FEATURE_NODES
 from .replacement_base import Reference, ReplacementModelBase
 
 __all__ = ["Reference", "ResidualReplacementModel"]
@@ -25,14 +26,14 @@ class ResidualReplacementModel(ReplacementModelBase):
         pixels: Tensor,
         target: Tensor | int | None = None,
         batch_size: int = 64,
-        max_feature_nodes: int | None = None,
+        max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
         mlp_leaves: bool = False,
         progress: bool = False,
     ) -> AttributionGraph:
         """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
         predicted class, a class id, or output direction(s). ``max_feature_nodes``: budget of feature
-        rows, explored in order of influence (``None``: all). ``mlp_leaves``: MLP outputs as leaf nodes.
-        ``progress``: a progress bar over rows."""
+        rows, explored in order of influence (default 7,500, circuit-tracer's; ``None``: all).
+        ``mlp_leaves``: MLP outputs as leaf nodes. ``progress``: a progress bar over rows."""
         attributor = Attributor(self, batch_size, mlp_leaves)
         return attributor.attribute(pixels, target, max_feature_nodes=max_feature_nodes, progress=progress)
 

@@ -40,6 +40,18 @@ from ..saes.affine import FrozenNorm
 Reference = Literal["zero", "mean", "median"]
 
 
+def reduce_reference(values: Tensor, kind: str, dim: int = 0) -> Tensor:
+    """The ``zero``, ``mean`` or ``median`` (:data:`Reference`) of ``values`` over ``dim``: the one
+    definition of a reference value (features, errors and raw residual neurons alike)."""
+    if kind == "zero":
+        return torch.zeros_like(values.select(dim, 0))
+    if kind == "mean":
+        return values.mean(dim)
+    if kind == "median":
+        return values.median(dim).values
+    raise ValueError(f"Unknown reference {kind!r}; valid: zero, mean, median.")
+
+
 class ReplacementModelBase:
     """A ``HookedViT`` with SAEs at ``blocks.{l}.hook_resid_post`` for the blocks ``rrm.layers``."""
 
@@ -222,18 +234,13 @@ class ReplacementModelBase:
         """Per-position reference of every feature (``[pos, d_sae]`` per layer) or of each layer's
         SAE error vector (``of="errors"``: ``[pos, d_model]`` per layer), over ``pixels``. ``kind``:
         ``zero``, ``mean`` or ``median`` (:data:`Reference`), validated with a ``ValueError``."""
-        if kind not in ("zero", "mean", "median"):
-            raise ValueError(f"Unknown reference {kind!r}; valid: zero, mean, median.")
+        reduce_reference(torch.zeros(1), kind)  # ValueError naming the valid kinds
         if of not in ("features", "errors"):
             raise ValueError(f"Unknown reference target {of!r}; valid: features, errors.")
         chunks = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
         acts = [self.feature_acts(x) if of == "features" else self.errors(x) for x in chunks]
         per_layer = [torch.cat([a[layer] for a in acts]) for layer in range(self.n_layers)]
-        if kind == "zero":
-            return [torch.zeros_like(a[0]) for a in per_layer]
-        if kind == "mean":
-            return [a.mean(0) for a in per_layer]
-        return [a.median(0).values for a in per_layer]
+        return [reduce_reference(a, kind) for a in per_layer]
 
     @torch.no_grad()
     def errors(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_model"]]:

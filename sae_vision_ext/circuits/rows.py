@@ -138,6 +138,21 @@ def _mlp_half_vjp(
     return g[0]
 
 
+def _add_direct(proj: Tensor, pos: Tensor, v: Tensor, dirs: Tensor) -> None:
+    """``proj[r, pos[r, a], k] += <v[r, a], dirs[pos[r, a], k]>`` (the residual path), grouped by token so
+    no ``[R, A, K, d]`` gather is built (``K`` is large for the paper's k)."""
+    n_rows, n_act = pos.shape
+    flat_pos, flat_v = pos.reshape(-1), v.reshape(-1, v.shape[-1])
+    if n_act == 1:  # one token per row: the gather is [R, K, d], small
+        proj[torch.arange(n_rows, device=pos.device), flat_pos] += torch.einsum("rd,rkd->rk", flat_v, dirs[flat_pos])
+        return
+    order = flat_pos.argsort()
+    tokens, counts = torch.unique_consecutive(flat_pos[order], return_counts=True)
+    row_of = torch.arange(n_rows, device=pos.device).repeat_interleave(n_act)
+    for token, idx in zip(tokens.tolist(), order.split(counts.tolist()), strict=True):
+        proj[:, token].index_add_(0, row_of[idx], flat_v[idx] @ dirs[token].T)
+
+
 def active_tokens(weights: Float[Tensor, "rows pos"]) -> tuple[Tensor, Tensor]:
     """Each row's tokens with a non-zero weight (``pos [R, A]``, padded) and their weights (zero on
     padding): the ``tokens`` argument of :func:`block_rows`."""
@@ -192,8 +207,7 @@ def block_rows(
         torch.mm(mixed.reshape(n_rows * n_pos, heads * d_head), w_v.reshape(heads * d_head, d), out=g.view(-1, d))
     # 4. projection on the ln1-folded sources, plus the residual path at the active tokens
     proj = torch.einsum("rpd,pkd->rpk", g, sources.folded)
-    direct = torch.einsum("rad,rakd->rak", v, sources.dirs[pos])
-    proj.scatter_add_(1, pos[..., None].expand_as(direct), direct)
+    _add_direct(proj, pos, v, sources.dirs)
     total = None
     if grad_sum:
         ln1 = model.blocks[layer].ln1

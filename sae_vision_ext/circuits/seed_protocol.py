@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
-from .replacement_base import Reference, ReplacementModelBase
+from .replacement_base import Reference, ReplacementModelBase, reduce_reference
 
 SEED_RANKINGS = ("relevance", "edge", "random", "neurons")
 
@@ -148,12 +148,7 @@ def evaluate_seed_protocol(
         names = [resid_post(layer) for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
     stack = [cache[n] for n in names]
-    neuron_refs = [
-        {"zero": lambda s: torch.zeros_like(s[0]), "mean": lambda s: s.mean(0), "median": lambda s: s.median(0).values}[
-            reference
-        ](s)
-        for s in stack
-    ]
+    neuron_refs = [reduce_reference(s, reference) for s in stack]
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, dict[str, dict[str, Tensor]]] = {}
     for i in tqdm(range(len(pixels)), desc="evaluate_circuit (seed protocol)", unit="image", disable=not progress):

@@ -22,9 +22,23 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import TrainingInterrupted
+from ..circuits.defaults import DEFAULT_MAX_FEATURE_NODES
 from .features import _cmd_analyse, _cmd_dashboard, _cmd_faithfulness, _cmd_trace
 from .setup import _cmd_demo, _cmd_hooks, _cmd_models, _cmd_saes
 from .training import _CONFIG_FLAGS, _cmd_cache, _cmd_eval, _cmd_train
+
+
+def _budget(text: str) -> int | None:
+    """``--max-feature-nodes``: a non-negative count, or ``all``."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of feature rows or 'all'; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all'; got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--edge-threshold", type=float, default=0.98)
             p.add_argument(
                 "--max-feature-nodes",
-                type=int,
-                default=None,
-                help="budget of feature rows, explored by influence (default: all)",
+                type=_budget,
+                default=DEFAULT_MAX_FEATURE_NODES,
+                help=f"budget of feature rows, explored by influence (default {DEFAULT_MAX_FEATURE_NODES}, "
+                "circuit-tracer's; 'all' for every row)",
             )
             p.add_argument("--mlp-leaves", action="store_true", help="MLP outputs as leaf nodes (second mode)")
             p.add_argument(

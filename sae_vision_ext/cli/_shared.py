@@ -13,17 +13,17 @@ def _step(message: str) -> None:
 
 
 def _load_images(model, dataset: str, n_images: int, seed: int):
-    """Preprocessed images (and labels for sve:shapes sets) for eval and dashboard commands."""
+    """Preprocessed images of an image source, and its labels and class names where the source has
+    them (the registered shapes sets), for eval and dashboard commands."""
     import torch
 
-    from ..data.shapes import SHAPES, make_shapes
     from ..data.sources import open_image_source
 
-    if dataset in ("sve:shapes", "sve:shapes-marker"):
-        raw, labels = make_shapes(n_images, seed=seed, balanced=dataset.endswith("marker")).tensors()
-        return model.preprocess(raw), labels, SHAPES
     ds = open_image_source(dataset, model.preprocess, n_images, seed)
-    return torch.stack([ds[i] for i in range(min(n_images, len(ds)))]), None, None
+    n = min(n_images, len(ds))
+    pixels = torch.stack([ds[i] for i in range(n)])
+    labels, names = ds.labels(n) if hasattr(ds, "labels") else (None, None)
+    return pixels, labels, names
 
 
 def _sae_refs(spec: str, model_id: str, n_layers: int) -> list[str]:

@@ -33,6 +33,13 @@ class ShapesImages(Dataset):
         img, _, _ = render_image(self.seed, i, **self.kwargs)
         return self.transform(torch.from_numpy(img).permute(2, 0, 1))
 
+    def labels(self, n: int | None = None) -> tuple[Tensor, list[str]]:
+        """The class of the first ``n`` images (default all) and the class names."""
+        from .shapes import SHAPES, render_image
+
+        ids = [render_image(self.seed, i, **self.kwargs)[1] for i in range(self.n if n is None else n)]
+        return torch.tensor(ids, dtype=torch.long), list(SHAPES)
+
 
 class FolderImages(Dataset):
     """Every image file under ``root`` (``ImageFolder`` layout or flat), sorted by path."""

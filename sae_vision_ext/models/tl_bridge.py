@@ -34,7 +34,7 @@ from transformer_lens.model_bridge.generalized_components import (
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
 
-_PREFIXES = ("", "vision_model.", "vision_model.vision_model.", "dinov2.", "dinov2_with_registers.")
+from .adapters.hf import base_prefix
 
 
 class PixelEmbeddingsBridge(GeneralizedComponent):
@@ -44,16 +44,6 @@ class PixelEmbeddingsBridge(GeneralizedComponent):
 
     def forward(self, pixel_values: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return super().forward(pixel_values, *args, **kwargs)
-
-
-def _find_prefix(hf_model: Any) -> str:
-    for prefix in _PREFIXES:
-        obj = hf_model
-        for part in filter(None, prefix.split(".")):
-            obj = getattr(obj, part, None)
-        if obj is not None and hasattr(obj, "embeddings"):
-            return prefix
-    raise ValueError(f"No `embeddings` module found in {type(hf_model).__name__} under {_PREFIXES}.")
 
 
 class _VisionEncoderAdapter(ViTArchitectureAdapter):
@@ -95,7 +85,7 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
         }
 
     def prepare_model(self, hf_model: Any) -> None:
-        self.component_mapping = self._build_component_mapping(_find_prefix(hf_model), with_classifier=False)
+        self.component_mapping = self._build_component_mapping(base_prefix(hf_model), with_classifier=False)
 
 
 class CLIPVisionArchitectureAdapter(_VisionEncoderAdapter):

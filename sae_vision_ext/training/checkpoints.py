@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import TrainingInterrupted
+from .._io import atomic_write_text
 
 
 class StopFlag:
@@ -130,9 +130,7 @@ class RunCheckpoint:
             "n_training_samples": trainer.n_training_samples,
             "config": cfg_dict,
         }
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(state))
         self._drop_other_steps(list(trainer.trainers), keep=folder.name)
         self.last_saved_at, self.last_saved_samples = time.monotonic(), trainer.n_training_samples
         return folder

@@ -52,13 +52,35 @@ def _hf_layer_parts(layer: nn.Module) -> BlockParts:
     )
 
 
+BASE_ATTRS = ("vision_model", "vit", "dinov2", "dinov2_with_registers")
+"""Attributes under which Hugging Face vision models nest the module holding ``embeddings``."""
+
+
+def base_prefix(module: nn.Module) -> str:
+    """The dotted path (``""``, ``"vision_model."``, ``"vision_model.vision_model."``, ``"dinov2."``, ...)
+    of the submodule that holds ``embeddings`` and the layers: the one place the HF base module is
+    found (the adapters' ``base`` and the TransformerLens bridge use it)."""
+    prefix, m = "", module
+    for _ in range(3):
+        if hasattr(m, "embeddings"):
+            return prefix
+        inner = next((getattr(m, a) for a in BASE_ATTRS if isinstance(getattr(m, a, None), nn.Module)), None)
+        if inner is None:
+            break
+        attr = next(a for a in BASE_ATTRS if getattr(m, a, None) is inner)
+        m, prefix = inner, f"{prefix}{attr}."
+    raise ValueError(
+        f"No `embeddings` module found in {type(module).__name__} (looked under {', '.join(BASE_ATTRS)}); "
+        "is this a Hugging Face vision model?"
+    )
+
+
 class _HFAdapter(ViTAdapter):
     """Shared HF logic; subclasses name their classes and state embeddings, pooling and head."""
 
     class_names: ClassVar[tuple[str, ...]] = ()
     default_mean: ClassVar[tuple[float, ...]] = (0.5, 0.5, 0.5)
     default_std: ClassVar[tuple[float, ...]] = (0.5, 0.5, 0.5)
-    base_attrs: ClassVar[tuple[str, ...]] = ("vision_model",)
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -68,13 +90,9 @@ class _HFAdapter(ViTAdapter):
 
     @property
     def base(self) -> nn.Module:
-        """The module holding ``embeddings`` and the layers (the model itself in transformers 5)."""
-        m = self.module
-        for attr in self.base_attrs:
-            inner = getattr(m, attr, None)
-            if isinstance(inner, nn.Module) and hasattr(inner, "embeddings"):
-                return inner
-        return m
+        """The module holding ``embeddings`` and the layers (:func:`base_prefix`; the model itself in
+        transformers 5)."""
+        return self.module.get_submodule(base_prefix(self.module).rstrip("."))
 
     @property
     def hf_config(self) -> Any:
@@ -137,7 +155,6 @@ class _HFAdapter(ViTAdapter):
 class HFViTAdapter(_HFAdapter):
     class_names = ("ViTModel", "ViTForImageClassification")
     supported_types = tuple(f"transformers.{n}" for n in class_names)
-    base_attrs = ("vit",)
 
     def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         emb = self.base.embeddings
@@ -174,13 +191,6 @@ class HFCLIPAdapter(_HFAdapter):
     default_std = OPENAI_CLIP_STD
     final_norm_after_pool = True
 
-    @property
-    def base(self) -> nn.Module:
-        m = self.module
-        while not hasattr(m, "embeddings"):  # 4.x nests vision_model twice for WithProjection
-            m = m.vision_model
-        return m
-
     def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         emb = self.base.embeddings
         x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
@@ -212,7 +222,6 @@ class HFDinov2Adapter(_HFAdapter):
     )  # fmt: skip
     supported_types = tuple(f"transformers.{n}" for n in class_names)
     default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
-    base_attrs = ("dinov2", "dinov2_with_registers")
 
     def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         emb = self.base.embeddings
