@@ -154,14 +154,14 @@ def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
 
 
 def part3_rows(n_rows: int, repeats: int = 2) -> list[object]:
-    """Row-engine time only (``_RowEngine.rows``), both engines on the same budget, interleaved."""
-    from sae_vision_ext.circuits import attribution
+    """Row-engine time only (``RowEngine.rows``), both engines on the same budget, interleaved."""
+    from sae_vision_ext.circuits import row_engine
     from sae_vision_ext.circuits.attribution import Attributor
     from sae_vision_ext.circuits.rows import row_macs
 
     rrm, pixels = _random_vit_b(12, 224)
     spent = {"staged": [], "autograd": []}
-    original = attribution._RowEngine.rows
+    original = row_engine.RowEngine.rows
     clock = {"t": 0.0}
 
     def timed(self, layer, idx):
@@ -170,7 +170,7 @@ def part3_rows(n_rows: int, repeats: int = 2) -> list[object]:
         clock["t"] += time.perf_counter() - t0
         return out
 
-    attribution._RowEngine.rows = timed
+    row_engine.RowEngine.rows = timed
     graphs = {}
     try:
         for _ in range(repeats):
@@ -181,7 +181,7 @@ def part3_rows(n_rows: int, repeats: int = 2) -> list[object]:
                 )
                 spent[engine].append(clock["t"])
     finally:
-        attribution._RowEngine.rows = original
+        row_engine.RowEngine.rows = original
     rows = int((~torch.isnan(graphs["staged"].value)).sum())
     both = ~torch.isnan(graphs["staged"].value) & ~torch.isnan(graphs["autograd"].value)
     a, b = (graphs[e].adjacency.coalesce() for e in ("staged", "autograd"))

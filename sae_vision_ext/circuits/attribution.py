@@ -27,7 +27,7 @@ only where the SAE's settings use them) and ``v`` the error vector or the input 
 ``constant[t]``, the response to the biases alone (the decoder bias ``σ*·b_dec + μ*``, LayerNorm,
 attention and MLP biases, ``b_enc``), is computed by a separate frozen forward in which every source
 residual is replaced by its bias, so ``Σ_s A[t, s] + constant[t] = h_t`` is a check, not a
-definition (``tests/test_attribution.py``, ``tests/test_attribution_saes.py``).
+definition (``tests/unit/test_attribution.py``, ``tests/unit/test_attribution_saes.py``).
 Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
 a time whose block reads the previous SAE layer directly, rows are computed in closed form on each
 target's token (``rows.py``: the rank-one encoder cotangent, the MLP half on the targets' tokens,
@@ -50,8 +50,8 @@ from ..saes import affine
 from .graph import AttributionGraph
 from .linearise import frozen_hooks, pre_capture_hooks
 from .replacement_base import ReplacementModelBase
+from .row_engine import RowEngine, estimate
 from .row_store import RowStore
-from .rows import Sources, Workspace, block_rows, row_macs
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ class Attributor:
         computes every active feature's row. With a budget, target rows come first, then features in
         order of their influence on the targets through the rows computed so far (recomputed every
         ``update_interval`` batches of ``batch_size``: circuit-tracer's exploration); unexplored features
-        stay as source-only nodes. A log line (``logging.INFO``) states the rows' arithmetic and memory
-        before they start.
+        stay as source-only nodes. Before the rows start, a line states their arithmetic, estimated time
+        and memory (printed with ``progress``, else logged at ``INFO``).
         ``progress``: a tqdm bar over the rows.
         Half-precision models (float16, bfloat16) are traced in float32 (model and SAEs cast for the
         call, then cast back, which is lossless): the linearisation's sum rules need float32 sums.
@@ -226,7 +226,7 @@ class Attributor:
             names = model.cfg.class_names
             target_names = target_names or [names[c] if c < len(names) else f"class {c}"]
             target_classes = [c]
-        targets = targets.to(clean_out.dtype).reshape(-1, clean_out.shape[-1])
+        targets = targets.to(clean_out).reshape(-1, clean_out.shape[-1])
 
         # ---- nodes: inputs; per layer [mlp leaves], features, errors; targets
         kinds, layers, poss, feats = ["input"] * n_pos, [-1] * n_pos, list(range(n_pos)), [-1] * n_pos
@@ -276,7 +276,7 @@ class Attributor:
             logger.info(
                 "attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).", gaps
             )
-        engine = _RowEngine(self, frozen, norms, mids, leaves, seeds)
+        engine = RowEngine(self, frozen, norms, mids, leaves, seeds)
         engine.set_sources(x_in, src_pos, src_feat, acts, errors, src_nodes, mlp_nodes, mlp_out)
         from .graph_ops import cache_influence, target_weights
 
@@ -287,7 +287,11 @@ class Attributor:
         n_feature_rows = sum(len(seeds[layer]) for layer in range(L))
         budget = n_feature_rows if max_feature_nodes is None else min(n_feature_rows, max_feature_nodes)
         n_rows = len(targets) + budget
-        _log_estimate(model, n_rows, n_nodes=n, n_src=max(len(src) for src in src_nodes.values()))
+        message = estimate(model, n_rows, n_nodes=n, n_src=max(len(src) for src in src_nodes.values()), device=dev)
+        if progress:
+            tqdm.write(message)
+        else:
+            logger.info(message)
         bar = tqdm(total=n_rows, desc="attribute", unit="row", disable=not progress)
 
         def run(layer: int, idx: Tensor) -> None:
@@ -345,115 +349,6 @@ class Attributor:
         )
         cache_influence(graph, store.influence().cpu())  # the same w(Â + Â² + …), from the row blocks
         return graph
-
-
-class _RowEngine:
-    """Rows of one traced image (module docstring): closed form through one block where a layer's
-    block reads the previous SAE layer directly (``rows.py``), plain batched VJPs elsewhere (logit
-    targets, MLP-leaf mode, blocks between SAE layers) or everywhere with ``engine="autograd"``; both
-    project on the same per-token source directions."""
-
-    def __init__(
-        self,
-        att: Attributor,
-        frozen: dict[str, Tensor],
-        norms: list[affine.FrozenNorm],
-        mids: dict[int, Tensor],
-        leaves: _Leaves,
-        seeds: list[Tensor],
-    ) -> None:
-        self.att, self.model, self.rrm = att, att.model, att.rrm
-        self.frozen, self.norms, self.mids, self.leaves, self.seeds = frozen, norms, mids, leaves, seeds
-        self.workspace = Workspace()
-        self._folded: dict[int, Sources] = {}
-        self._enc: dict[int, Tensor] = {}
-
-    def set_sources(
-        self,
-        x_in: Tensor,
-        src_pos: dict[int, Tensor],
-        src_feat: dict[int, Tensor],
-        acts: list[Tensor],
-        errors: list[Tensor],
-        src_nodes: dict[int, Tensor],
-        mlp_nodes: dict[int, Tensor],
-        mlp_out: list[Tensor],
-    ) -> None:
-        """Per source layer (``-1``: the inputs) the directions ``[T, K, d_model]`` each row is projected
-        on (active features' effective decoder rows, then the error vector), which flattened slot each
-        source node reads, its multiplier (the activation, or 1) and the source node ids."""
-        n_pos, dev = x_in.shape[0], x_in.device
-        self.n_pos, self.mlp_out = n_pos, mlp_out
-        self.mlp_nodes = {layer: ids.to(dev) for layer, ids in mlp_nodes.items()}
-        self.pos, self.feat = src_pos, src_feat
-        every = torch.arange(n_pos, device=dev)
-        self.sources = {-1: (x_in[:, None].detach(), every, None, every)}
-        for layer, sae in enumerate(self.rrm.saes):
-            pos, feat = src_pos[layer], src_feat[layer]
-            counts = torch.bincount(pos, minlength=n_pos)
-            slot = torch.arange(len(pos), device=dev) - (torch.cumsum(counts, 0) - counts)[pos]
-            k = int(counts.max()) if len(pos) else 0
-            dirs = torch.zeros(n_pos, k + 1, sae.cfg.d_in, dtype=errors[layer].dtype, device=dev)
-            dirs[pos, slot] = affine.decoder_directions(sae, feat, self.norms[layer].select(pos)).detach()
-            dirs[:, k] = errors[layer]
-            sel = torch.cat([pos * (k + 1) + slot, every * (k + 1) + k])
-            mult = torch.cat([acts[layer][pos, feat], torch.ones(n_pos, dtype=acts[layer].dtype, device=dev)])
-            self.sources[layer] = (dirs, sel, mult, src_nodes[layer].to(dev))
-
-    def _closed_form(self, layer: int) -> bool:
-        rrm = self.rrm
-        if self.att.engine == "autograd" or self.att.mlp or layer >= rrm.n_layers:
-            return False
-        return rrm.layers[layer] == (rrm.layers[layer - 1] + 1 if layer else 0)
-
-    def rows(self, layer: int, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Edge weights ``[R, S]`` of the targets ``seeds[layer][idx]`` and their source node ids ``[S]``."""
-        dirs, sel, mult, src = self.sources[layer - 1]
-        mlp_w = None
-        if self._closed_form(layer):
-            block = self.rrm.layers[layer]
-            if layer not in self._folded:
-                self._folded[layer] = Sources.for_block(self.model, block, self.frozen, dirs)
-                self._enc[layer] = affine.encoder_weights(self.rrm.saes[layer])[0].detach()
-            pos, feat = self.pos[layer][idx, None], self.feat[layer][idx]  # one token per row, weight 1
-            tokens = (pos, torch.ones(pos.shape, dtype=dirs.dtype, device=dirs.device))
-            cols = self._enc[layer][:, feat].T
-            proj, _ = block_rows(
-                self.model, block, self.frozen, self.mids[layer], cols, self.norms[layer], tokens,
-                self._folded[layer], self.workspace,
-            )
-        else:
-            mlp = self.att.mlp and layer < self.rrm.n_layers
-            inputs = [self.leaves.values[layer - 1]] + ([self.leaves.values[("mlp", layer)]] if mlp else [])
-            onehot = torch.zeros(len(idx), len(self.seeds[layer]), dtype=self.seeds[layer].dtype, device=dirs.device)
-            onehot[torch.arange(len(idx), device=dirs.device), idx] = 1.0
-            grads = torch.autograd.grad(
-                self.seeds[layer], inputs, grad_outputs=onehot, is_grads_batched=True, retain_graph=True,
-                allow_unused=True,
-            )
-            proj = torch.einsum("rpd,pkd->rpk", grads[0][:, 0].detach(), dirs)
-            if mlp:
-                gm = torch.zeros_like(grads[0][:, 0]) if grads[1] is None else grads[1][:, 0].detach()
-                mlp_w = (gm * self.mlp_out[layer]).sum(-1)
-        w = proj.reshape(len(idx), -1)[:, sel]
-        w = w if mult is None else w * mult
-        if mlp_w is not None:
-            return torch.cat([w, mlp_w], 1), torch.cat([src, self.mlp_nodes[layer]])
-        return w, src
-
-
-def _log_estimate(model: Any, n_rows: int, n_nodes: int, n_src: int) -> None:
-    """Say what a big graph will cost before it starts: arithmetic (``rows.row_macs``) and memory."""
-    cfg = model.cfg
-    macs = n_rows * row_macs(cfg.n_ctx, cfg.d_model, cfg.d_mlp, cfg.n_heads, n_src // max(cfg.n_ctx, 1))
-    mem = n_rows * n_src * (4 + 16)  # float32 weight + int64 (target, source) in the sparse adjacency
-    logger.info(
-        "attribute(): %d rows over %d nodes: about %.1f GFLOP of row arithmetic, %.0f MB for the edges.",
-        n_rows,
-        n_nodes,
-        2 * macs / 1e9,
-        mem / 1e6,
-    )
 
 
 def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ page faults than the matmul that fills it).
 
 Needs the standard pre-norm block (``HookedBlock`` with a LayerScale-like ``ls1``, no norm inside
 attention: ``Attributor`` refuses the others); tests compare the rows with plain batched VJPs through
-the whole frozen block on every adapter family, float64 (``tests/test_rows.py``,
-``tests/test_aggregated.py``).
+the whole frozen block on every adapter family, float64 (``tests/unit/test_rows.py``,
+``tests/unit/test_aggregated.py``).
 """
 
 from __future__ import annotations

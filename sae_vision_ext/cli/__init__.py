@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate SAEs spliced into a model (table per SAE, JSON beside)")
     p.add_argument("--model", required=True, help="model id, e.g. sve:shapes-vit")
-    p.add_argument("--sae", action="append", required=True, help="SAE reference (repeatable): path, sve:, release")
+    p.add_argument(
+        "--saes", default=None, help="'sve' (the model's shipped SAEs), a folder of SAE folders, or refs a,b,c"
+    )
+    p.add_argument(
+        "--sae", action="append", default=None, help="deprecated: one SAE reference (repeatable); use --saes"
+    )
     p.add_argument("--dataset", default="sve:shapes", help="sve:shapes or an image folder (default: %(default)s)")
     p.add_argument("--n-images", type=int, default=256)
     p.add_argument("--seed", type=int, default=4242, help="image seed for sve:shapes (default: %(default)s)")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
-from ._shared import _load_images
+from ._shared import _load_images, _sae_refs
 
 _CONFIG_FLAGS = {  # config fields settable by flag, with their types
     "model_name": str,
@@ -105,9 +106,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..saes.evaluate import evaluate_sae, format_eval_table
     from ..saes.loading import load_sae
 
+    if args.sae:
+        warnings.warn(
+            "sae-vision eval --sae is deprecated; use --saes a,b,c (as trace and analyse do).",
+            DeprecationWarning,
+            stacklevel=1,
+        )
+    if not args.sae and not args.saes:
+        raise SystemExit("sae-vision eval needs --saes: 'sve', a folder of SAE folders, or refs a,b,c.")
     model = HookedViT.from_pretrained(args.model)
+    refs = list(args.sae or []) + (_sae_refs(args.saes, args.model, model.cfg.n_layers) if args.saes else [])
     images, labels, _ = _load_images(model, args.dataset, args.n_images, args.seed)
-    for ref in args.sae:
+    for ref in refs:
         sae = load_sae(ref, hook_name=args.hook_name)
         out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
         metrics = evaluate_sae(model, sae, images, labels, out_path=out, progress=True)

@@ -3,7 +3,7 @@
 The wrapped module is kept as ``HookedViT.wrapped`` and its own parameters are used (no copies that
 can drift); the adapter for its family tells the generic forward where each piece lives. Outputs
 equal the wrapped model's forward (float32, max abs diff <= 1e-5 relative to the output scale;
-``tests/test_parity.py``) with and without hooks.
+``tests/unit/test_parity.py``) with and without hooks.
 
 Hook names (pos = prefix tokens first: CLS, registers, distillation; then patches row-major):
 ``hook_embed``, ``hook_pos_embed``, ``ln_pre.hook_normalized`` (if the model has ``ln_pre``),

@@ -4,8 +4,9 @@ Definitions (all over the tokens of the given images that the SAE's hook produce
 
 - ``fvu`` = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with one dataset-mean vector (not a
   per-token mean); ``explained_variance`` = 1 - fvu.
-- ``l0`` = mean number of active features per token; ``l0_cls`` and ``l0_patches`` split it by
-  position (prefix tokens vs patches).
+- ``l0`` = mean number of active features per token; ``l0_prefix`` and ``l0_patches`` split it by
+  position (prefix tokens: CLS, registers; vs patches); ``l0_cls`` is the old name of ``l0_prefix``,
+  kept one release.
 - ``dead_fraction``: features that never fire; ``dense_fraction``: features firing on more than
   ``dense_threshold`` of tokens.
 - Downstream, three runs: clean, SAE spliced (no error term), and mean-ablated (the hook replaced
@@ -72,7 +73,8 @@ def evaluate_sae(
         "dense_fraction": float((firing > dense_threshold).float().mean()),
     }  # fmt: skip
     if x.ndim == 3 and n_prefix > 0:
-        metrics["l0_cls"] = float(active[:, :n_prefix].sum(-1).float().mean())
+        metrics["l0_prefix"] = float(active[:, :n_prefix].sum(-1).float().mean())
+        metrics["l0_cls"] = metrics["l0_prefix"]  # deprecated name (it always covered every prefix token)
     if x.ndim == 3 and x.shape[1] > n_prefix:
         metrics["l0_patches"] = float(active[:, n_prefix:].sum(-1).float().mean())
 
@@ -109,6 +111,8 @@ def format_eval_table(metrics: dict[str, Any]) -> str:
     """One SAE's metrics as a two-column markdown table."""
     rows = []
     for key, value in metrics.items():
+        if key == "l0_cls":  # the deprecated alias of l0_prefix: one row is enough
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v:.4f}" for k, v in value.items())
         elif isinstance(value, float):

@@ -10,7 +10,7 @@ For each attribute value ``v`` (one against the rest) the AUROC says how well th
 positives (value ``v``) from negatives; it is computed from histograms of the scores (bin 0: exactly
 zero; then ``N_BINS - 1`` log-spaced bins from 1e-3 to 1e2), ties within a bin counted one half,
 so memory does not grow with the number of images and the numbers can be recomputed from
-``sae.encode`` with :func:`score_bins` (``tests/test_analysis.py``).
+``sae.encode`` with :func:`score_bins` (``tests/integration/test_analysis.py``).
 
 Per feature: the best ``(attribute, value)`` and its AUROC, the margin over the best value of any
 other attribute, and a type from the attribute's ``kind`` (``class``, ``colour``, ``texture``,

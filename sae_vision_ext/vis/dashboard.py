@@ -3,14 +3,14 @@
 Layout under ``out_dir``::
 
     index.html                 SAEs, layer evolution of feature kinds, density histograms, image links
-    <hook>/index.html          sortable table of live features (kind, densities, max, selectivity, CLS share)
+    <hook>/index.html          sortable table of live features (kind, densities, max, selectivity, prefix-token share)
     <hook>/f<id>.html + .png   top images with true heatmaps and crops, histogram, spatial map,
                                label distribution, neighbours by decoder cosine
     images/img<i>.html + .png  one image with the strongest features of every layer and their heatmaps
     stats/<hook>/              the FeatureStats (rebuild without recomputing: pass ``stats=``)
 
 Numbers on feature pages come from the streaming statistics; each top-image row carries
-``data-image``/``data-token`` so a test can recompute the activation (``tests/test_dashboard.py``).
+``data-image``/``data-token`` so a test can recompute the activation (``tests/integration/test_dashboard.py``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _feature_rows(s: FeatureStats, kinds: list[str], labels: Tensor | None, name
                 "max_act": float(s.max_act[f]),
                 "mean_act": float(s.mean_act[f]),
                 "selectivity": float(s.class_selectivity[f]),
-                "cls_share": float(s.cls_share[f]),
+                "prefix_share": float(s.prefix_share[f]),
                 "top_label": top_label,
                 "page": False,
             }

@@ -13,7 +13,7 @@ Per feature:
 - ``fire_tokens`` / ``fire_images``: tokens and images where the feature is non-zero; densities
   divide by ``n_tokens`` / ``n_images``.
 - ``sum_act``, ``max_act``; ``hist``: counts of log10(activation) of firing tokens in fixed bins.
-- ``fire_prefix``: firing count on prefix tokens (CLS share = fire_prefix / fire_tokens).
+- ``fire_prefix``: firing count on prefix tokens (prefix share = fire_prefix / fire_tokens).
 - ``spatial_sum``: activation summed per patch position (``spatial_map`` averages over images).
 - with labels: ``class_sum`` (activation summed per class over an image's tokens) and
   ``class_images`` (images per class) for the label distribution of top images and selectivity.
@@ -22,6 +22,7 @@ Per feature:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +134,16 @@ class FeatureStats:
         return (self.tensors["sum_act"] / max(self.n_tokens, 1)).float()
 
     @property
-    def cls_share(self) -> Tensor:
-        """Share of a feature's firings that are on prefix tokens (CLS, registers)."""
+    def prefix_share(self) -> Tensor:
+        """Share of a feature's firings that are on prefix tokens (CLS, registers: timm's
+        ``num_prefix_tokens``)."""
         return self.tensors["fire_prefix"].float() / self.tensors["fire_tokens"].clamp_min(1).float()
+
+    @property
+    def cls_share(self) -> Tensor:
+        """Deprecated name of :attr:`prefix_share` (it always covered every prefix token)."""
+        warnings.warn("FeatureStats.cls_share is now prefix_share.", DeprecationWarning, stacklevel=2)
+        return self.prefix_share
 
     def spatial_map(self, feature: int | None = None) -> Tensor:
         """Mean activation per patch position ``[grid_h, grid_w]`` (all features: ``[d_sae, h, w]``)."""
