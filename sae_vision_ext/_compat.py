@@ -1,14 +1,18 @@
 """Version shims for the host libraries, kept in one place.
 
 Each helper hides one difference between releases of timm, open_clip, transformers or
-TransformerLens so that adapter code reads the same on every supported version.
+TransformerLens so that adapter code reads the same on every supported version; ``renamed_kwargs``
+keeps this package's own old argument names working for one release.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def first_attr(obj: Any, *paths: str, default: Any = ...) -> Any:
@@ -35,3 +39,29 @@ def first_attr(obj: Any, *paths: str, default: Any = ...) -> Any:
 def is_identity(module: nn.Module | None) -> bool:
     """True for ``None`` and for ``nn.Identity`` (timm and open_clip use it for 'no layer')."""
     return module is None or isinstance(module, nn.Identity)
+
+
+def renamed_kwargs(**old_to_new: str) -> Callable[[F], F]:
+    """Decorator: keyword arguments under their old names (``old=new`` pairs) still work for one
+    release, with a ``DeprecationWarning`` naming the new name; both names at once is a ``TypeError``."""
+    import functools
+    import warnings
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {new!r} and its old name {old!r}; pass {new}= only.")
+                    warnings.warn(
+                        f"{fn.__name__}({old}=...) is renamed {new}=...; the old name goes in the next release.",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap

@@ -15,8 +15,17 @@ and report worst-group and average accuracy before and after ablating them.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ._hooks import resid_post
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from torch import Tensor
+
+    from .circuits.graph import AttributionGraph
+    from .circuits.replacement import ResidualReplacementModel
+    from .models.hooked_vit import HookedViT
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +116,7 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
     return rows
 
 
-def circuit_stage(model, saes, pixels, labels, out_dir: str):
+def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Tensor, out_dir: str) -> AttributionGraph:
     """Stage 4: faithfulness of the pure replacement model and one attribution graph."""
     from pathlib import Path
 
@@ -140,7 +149,9 @@ def circuit_stage(model, saes, pixels, labels, out_dir: str):
     return rrm, pruned
 
 
-def viewer_stage(rrm, pruned, pixels, labels, out_dir: str) -> None:
+def viewer_stage(
+    rrm: ResidualReplacementModel, pruned: AttributionGraph, pixels: Tensor, labels: Tensor, out_dir: str
+) -> None:
     """Stage 5: the graph viewer, linked to the dashboard pages of the circuit's features."""
     from pathlib import Path
 
@@ -158,7 +169,7 @@ def viewer_stage(rrm, pruned, pixels, labels, out_dir: str) -> None:
     print(f"graph viewer (open from disk): {viewer.resolve()}")
 
 
-def circuit_features(pruned, per_layer: int = 8) -> dict[str, list[int]]:
+def circuit_features(pruned: AttributionGraph, per_layer: int = 8) -> dict[str, list[int]]:
     """The ``per_layer`` most influential features of each layer of a pruned graph (for dashboard pages)."""
     from .circuits.export import exported_masks
     from .circuits.graph_ops import node_influence
@@ -176,7 +187,14 @@ def circuit_features(pruned, per_layer: int = 8) -> dict[str, list[int]]:
     return out
 
 
-def dashboard_stage(model, saes, pixels, labels, out_dir: str, circuit=None) -> None:
+def dashboard_stage(
+    model: HookedViT,
+    saes: list[SAE],
+    pixels: Tensor,
+    labels: Tensor,
+    out_dir: str,
+    circuit: dict[str, list[int]] | None = None,
+) -> None:
     """Stage 4: feature statistics, the logit lens and the offline dashboard (pages for the features a
     user looks for, and for the traced circuit's features)."""
     from pathlib import Path
@@ -202,7 +220,7 @@ def dashboard_stage(model, saes, pixels, labels, out_dir: str, circuit=None) -> 
     print(f"\nDashboard (open from disk, no server needed): {index.resolve()}")
 
 
-def sae_stage(model, model_id: str, pixels, labels) -> list:
+def sae_stage(model: HookedViT, model_id: str, pixels: Tensor, labels: Tensor) -> list[SAE]:
     """Stage 2: evaluate the shipped SAE of every residual layer with the SAE spliced in."""
     from .saes.evaluate import evaluate_sae
     from .saes.loading import load_sae

@@ -55,8 +55,10 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
-                             "(e.g. `torchrun --nproc_per_node=2 -m sae_vision_ext.cli cache ...`).")  # fmt: skip
+            raise ValueError(
+                f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
+                "(e.g. `torchrun --nproc_per_node=2 -m sae_vision_ext.cli cache ...`)."
+            )
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():  # "cuda" then means this rank's GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -68,8 +70,10 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 def require_launcher() -> tuple[int, int]:
     """For ``--distributed``: like ``init_from_env`` but an error when not started by torchrun."""
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError("--distributed needs torchrun's environment (RANK, WORLD_SIZE, ...): run "
-                         "`torchrun --nproc_per_node=N -m sae_vision_ext.cli <command> ...`.")  # fmt: skip
+        raise ValueError(
+            "--distributed needs torchrun's environment (RANK, WORLD_SIZE, ...): run "
+            "`torchrun --nproc_per_node=N -m sae_vision_ext.cli <command> ...`."
+        )
     return init_from_env()
 
 

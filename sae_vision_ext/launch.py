@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .cli import main
 from .distributed import is_distributed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _free_port() -> int:
@@ -49,7 +52,7 @@ def launch_local(
     return spawn_ranks(cli_rank, nprocs, (list(argv), threads_per_process), timeout)
 
 
-def spawn_ranks(target: Any, nprocs: int, args: tuple = (), timeout: float | None = None) -> list[int]:
+def spawn_ranks(target: Callable[..., None], nprocs: int, args: tuple = (), timeout: float | None = None) -> list[int]:
     """Start ``target(rank, nprocs, port, *args)`` in ``nprocs`` spawned processes (a free local port
     for the rendezvous); wait up to ``timeout`` seconds each, kill stragglers; return the exit codes."""
     import torch.multiprocessing as mp

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +38,11 @@ from torch import Tensor
 from .._errors import CorruptShardError
 from .._io import atomic_write, atomic_write_text
 from .harvest import ShuffleBuffer, TokenSelection, harvest
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from ..models.hooked_vit import HookedViT
 
 logger = logging.getLogger(__name__)
 CacheDtype = Literal["float32", "float16", "bfloat16"]
@@ -76,7 +81,7 @@ class CacheSettings:
         return -(-self.n_images // self.images_per_shard)
 
 
-def dataset_fingerprint(source: Any, n_images: int, seed: int) -> str:
+def dataset_fingerprint(source: str | Path | Dataset, n_images: int, seed: int) -> str:
     """A stable id of an image source: the shapes set's seed, or a hash of a folder's file list."""
     from ..data.sources import SOURCES
 
@@ -121,8 +126,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def build_cache(
-    model: Any,
-    dataset: Any,
+    model: HookedViT,
+    dataset: Dataset,
     settings: CacheSettings,
     root: str | Path,
     num_workers: int = 0,
@@ -315,7 +320,7 @@ def warn_if_near_miss(root: Path, settings: CacheSettings) -> None:
 
 
 def open_or_build_cache(
-    model: Any, dataset: Any, settings: CacheSettings, root: str | Path, **kwargs: Any
+    model: HookedViT, dataset: Dataset, settings: CacheSettings, root: str | Path, **kwargs: Any
 ) -> CachedActivations:
     root = cache_root(root, settings)
     folder = root / settings.key

@@ -15,12 +15,15 @@ of each hook's batch comes from the same token.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .._hooks import layer_of
+
+if TYPE_CHECKING:
+    from ..models.hooked_vit import HookedViT
 
 TokenSelection = Literal["all", "patches", "cls", "prefix", "no_registers"]
 TOKEN_SELECTIONS: tuple[str, ...] = get_args(TokenSelection)
@@ -72,7 +75,7 @@ def token_positions(n_prefix: int, has_cls: bool, n_registers: int, n_pos: int, 
 
 
 def harvest(
-    model,
+    model: HookedViT,
     image_batches: Iterable[Tensor],
     hook_names: Sequence[str],
     token_selection: TokenSelection = "all",

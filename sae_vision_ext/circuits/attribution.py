@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._compat import renamed_kwargs
 from .._hooks import resid_post, sae_acts, sae_error
 from ..saes import affine
 from .graph import AttributionGraph
@@ -133,8 +134,14 @@ class Attributor:
                 f"are {rrm.layers}. Use mlp_leaves=False for a subset of layers."
             )
 
-    def _forward(self, pixels: Tensor, frozen: dict[str, Tensor], leaves: _Leaves, norms: list[affine.FrozenNorm],
-                 resid_mid: dict[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    def _forward(
+        self,
+        pixels: Tensor,
+        frozen: dict[str, Tensor],
+        leaves: _Leaves,
+        norms: list[affine.FrozenNorm],
+        resid_mid: dict[int, Tensor] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         """Frozen forward of the linearised replacement model: at each SAE site the target
         pre-activations ``h`` are read from the incoming residual (normalisation frozen at ``norms``,
         ``saes/affine.py``), then the residual becomes a leaf (its clean value, which with the error
@@ -158,18 +165,20 @@ class Attributor:
             out = self.model(pixels)
         return out, [pre_acts[i] for i in range(len(blocks))]
 
+    @renamed_kwargs(targets="target")
     def attribute(
         self,
         pixels: Float[Tensor, "batch chan h w"],
-        targets: Tensor | int | None = None,
+        target: Tensor | int | None = None,
         target_names: list[str] | None = None,
         max_feature_nodes: int | None = None,
         progress: bool = False,
     ) -> AttributionGraph:
         """The graph for one image ``[1, chan, h, w]``.
 
-        ``targets``: output directions ``[n_targets, d_out]``, a class id, or ``None`` for the predicted
-        class (its logit demeaned over classes). ``max_feature_nodes``: budget of feature rows; ``None``
+        ``target`` (``targets=`` is the old spelling, deprecated): output directions
+        ``[n_targets, d_out]``, a class id, or ``None`` for the predicted class (its logit demeaned
+        over classes). ``max_feature_nodes``: budget of feature rows; ``None``
         computes every active feature's row. With a budget, target rows come first, then features in
         order of their influence on the targets through the rows computed so far (recomputed every
         ``update_interval`` batches of ``batch_size``: circuit-tracer's exploration); unexplored features
@@ -179,6 +188,7 @@ class Attributor:
         Half-precision models (float16, bfloat16) are traced in float32 (model and SAEs cast for the
         call, then cast back, which is lossless): the linearisation's sum rules need float32 sums.
         """
+        targets = target
         low = {torch.float16, torch.bfloat16}
         if next(self.model.parameters()).dtype not in low:
             return self._attribute(pixels, targets, target_names, max_feature_nodes, progress)
@@ -247,8 +257,9 @@ class Attributor:
                 )
             nz = acts[layer].nonzero()  # sorted by position, then feature
             src_pos[layer], src_feat[layer] = nz[:, 0], nz[:, 1]
-            feat_nodes[layer] = add("feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(),
-                                    acts[layer][nz[:, 0], nz[:, 1]].tolist())  # fmt: skip
+            feat_nodes[layer] = add(
+                "feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(), acts[layer][nz[:, 0], nz[:, 1]].tolist()
+            )
             err = add("error", block, list(range(n_pos)), [-1] * n_pos, errors[layer].norm(dim=-1).tolist())
             src_nodes[layer] = torch.cat([feat_nodes[layer], err])
         clean_t = (clean_out[0] @ targets.T).tolist()

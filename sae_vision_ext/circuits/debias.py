@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -40,6 +40,11 @@ from torch import Tensor
 from .._hooks import resid_post, sae_acts
 from ..saes import affine
 from .replacement import ResidualReplacementModel
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
 
 N_GRID = (1, 2, 4, 8, 16, 32, 64)
 
@@ -73,8 +78,10 @@ class SpuriousFeatures:
             "|---|---|---|---|---|---|",
         ]
         for i, (layer, f) in enumerate(self.candidates[:n]):
-            lines.append(f"| {i + 1} | {layer} | {f} | {self.attribution[i]:.3f} | {self.auroc[i]:.3f} | "
-                         f"{self.ablation_effect[i]:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {i + 1} | {layer} | {f} | {self.attribution[i]:.3f} | {self.auroc[i]:.3f} | "
+                f"{self.ablation_effect[i]:.3f} |"
+            )
         return "\n".join(lines)
 
 
@@ -111,8 +118,13 @@ def _ablation_hooks(features: Sequence[tuple[int, int]], reference: dict[int, Te
 
 
 @torch.no_grad()
-def _ablated_logits(rrm: ResidualReplacementModel, pixels: Tensor, features: Sequence[tuple[int, int]],
-                    reference: list[Tensor], batch_size: int) -> Tensor:  # fmt: skip
+def _ablated_logits(
+    rrm: ResidualReplacementModel,
+    pixels: Tensor,
+    features: Sequence[tuple[int, int]],
+    reference: list[Tensor],
+    batch_size: int,
+) -> Tensor:
     layers = sorted({int(layer) for layer, _ in features})
     by_layer = dict(zip(rrm.layers, reference, strict=True))
     out = []
@@ -172,8 +184,10 @@ def find_spurious_features(
 
     groups = torch.as_tensor(groups).long()
     if set(groups.unique().tolist()) != {0, 1}:
-        raise ValueError(f"groups must be 0/1 (spurious attribute absent/present) with both present; "
-                         f"got values {groups.unique().tolist()}.")  # fmt: skip
+        raise ValueError(
+            f"groups must be 0/1 (spurious attribute absent/present) with both present; "
+            f"got values {groups.unique().tolist()}."
+        )
     if not len(pixels) == len(labels) == len(groups):
         raise ValueError(f"pixels, labels and groups differ in length: {len(pixels)}, {len(labels)}, {len(groups)}.")
     if not 0.5 <= min_auroc <= 1.0:
@@ -186,14 +200,23 @@ def find_spurious_features(
     conflict = (groups == 1) & (labels != assoc) & (pred == assoc)
     control = (groups == 0) & (labels != assoc)
     if not conflict.any():
-        raise ValueError("No conflict images (attribute present, label != associated class, predicted as it): "
-                         "the model does not take this shortcut on these images, or there are too few.")  # fmt: skip
+        raise ValueError(
+            "No conflict images (attribute present, label != associated class, predicted as it): "
+            "the model does not take this shortcut on these images, or there are too few."
+        )
     score = _attribution(rrm, pixels[conflict], labels[conflict], assoc)
     score -= _attribution(rrm, pixels[control], labels[control], assoc)
 
-    feature_acts = [torch.cat(parts) for parts in zip(*[
-        [a.sum(1) for a in rrm.feature_acts(pixels[i : i + batch_size])]
-        for i in range(0, len(pixels), batch_size)], strict=True)]  # fmt: skip
+    feature_acts = [
+        torch.cat(parts)
+        for parts in zip(
+            *[
+                [a.sum(1) for a in rrm.feature_acts(pixels[i : i + batch_size])]
+                for i in range(0, len(pixels), batch_size)
+            ],
+            strict=True,
+        )
+    ]
     auroc = torch.zeros_like(score)  # [n_sae_layers, max d_sae]; padding (AUROC 0) is never a candidate
     for slot, a in enumerate(feature_acts):
         auroc[slot, : a.shape[-1]] = _auroc(a.double(), groups)
@@ -229,15 +252,21 @@ def find_spurious_features(
     allowed = [s for s in sweep if s["average"] >= sweep[0]["average"] - max_avg_drop]
     best = max(allowed, key=lambda s: (s["worst_group"], -s["n"]))
     return SpuriousFeatures(
-        associated_class=assoc, candidates=candidates,
-        attribution=[float(score[c]) for c in at], auroc=[float(auroc[c]) for c in at],
-        ablation_effect=effects, sweep=sweep, n_selected=int(best["n"]), reference=reference,
+        associated_class=assoc,
+        candidates=candidates,
+        attribution=[float(score[c]) for c in at],
+        auroc=[float(auroc[c]) for c in at],
+        ablation_effect=effects,
+        sweep=sweep,
+        n_selected=int(best["n"]),
+        reference=reference,
         n_conflict=int(conflict.sum()),
-    )  # fmt: skip
+    )
 
 
-def debias(model: Any, saes: Sequence[Any], features: Sequence[tuple[int, int]],
-           reference: list[Tensor] | None = None) -> Any:  # fmt: skip
+def debias(
+    model: HookedViT, saes: Sequence[SAE], features: Sequence[tuple[int, int]], reference: list[Tensor] | None = None
+) -> HookedViT:
     """A deep copy of ``model`` that ablates ``features`` (``(layer, feature)``, ``layer`` a block) at inference.
 
     The SAEs of the layers involved (``saes``: on ``blocks.{l}.hook_resid_post``, or a

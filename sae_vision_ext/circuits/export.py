@@ -13,7 +13,7 @@
   feature format (``frontend/feature_models.Model``), with ``metadata.scan = "./data/features"``
   so its feature panel reads them from the served folder instead of the Hub. Examples are token
   rows (position labels with the feature's activation at each): the traced image always, and the
-  top images of ``stats`` when ``stats``, ``images`` and ``rrm`` are given.
+  top images of ``stats`` when ``stats``, ``stats_pixels`` and ``rrm`` are given.
 
 Serve the folder with ``circuit_tracer.frontend.local_server.serve(data_dir=out_dir)``.
 """
@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .._compat import renamed_kwargs
 from .._hooks import resid_post
 from .._io import atomic_write_text
 from .graph_ops import node_influence
@@ -42,6 +43,11 @@ from .nodes import (
     readout_position,
 )
 
+if TYPE_CHECKING:
+    from ..vis.stats import FeatureStats
+    from .graph import AttributionGraph
+    from .replacement_base import ReplacementModelBase
+
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",
     "error": "mlp reconstruction error",
@@ -55,7 +61,7 @@ LOCAL_SCAN = "./data/features"
 """The ``scan`` that makes circuit-tracer's frontend read ``features/<code>.json`` from the served folder."""
 
 
-def exported_masks(graph: Any) -> tuple[Tensor, Tensor]:
+def exported_masks(graph: AttributionGraph) -> tuple[Tensor, Tensor]:
     """``(node_mask, edge_mask)`` of what is exported (see the module docstring); an unpruned graph
     exports every node and edge."""
     a = graph.adjacency.coalesce()
@@ -71,7 +77,7 @@ def exported_masks(graph: Any) -> tuple[Tensor, Tensor]:
 
 
 def graph_json(
-    graph: Any,
+    graph: AttributionGraph,
     slug: str,
     scan: str = LOCAL_SCAN,
     transcoder_list: list[str] | None = None,
@@ -155,12 +161,13 @@ def add_graph_metadata(out_dir: Path, metadata: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps({"graphs": graphs}, indent=2))
 
 
+@renamed_kwargs(images="stats_pixels")
 def feature_files(
-    graph: Any,
+    graph: AttributionGraph,
     exported: dict[str, Any],
-    rrm: Any | None = None,
-    stats: Mapping[str, Any] | None = None,
-    images: Tensor | None = None,
+    rrm: ReplacementModelBase | None = None,
+    stats: Mapping[str, FeatureStats] | None = None,
+    stats_pixels: Tensor | None = None,
     n_examples: int = 8,
     logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
 ) -> dict[int, dict[str, Any]]:
@@ -174,7 +181,7 @@ def feature_files(
         if kind == "feature":
             by_feature.setdefault((layers[i], feats[i]), [0.0] * n_pos)[poss[i]] = acts[i]
     wanted = {cantor_unpair(n["feature"]) for n in exported["nodes"] if n["feature_type"] == FEATURE_TYPES["feature"]}
-    top_rows = _top_rows(rrm, stats, images, n_examples, wanted) if stats else {}
+    top_rows = _top_rows(rrm, stats, stats_pixels, n_examples, wanted) if stats else {}
     out: dict[int, dict[str, Any]] = {}
     for layer, feat in sorted(wanted):
         code = cantor_pair(layer, feat)
@@ -217,10 +224,14 @@ def _example(acts: list[float], tokens: list[str], index: int = 0) -> dict[str, 
 
 @torch.no_grad()
 def _top_rows(
-    rrm: Any, stats: Mapping[str, Any], images: Tensor | None, n: int, wanted: set[tuple[int, int]]
+    rrm: ReplacementModelBase,
+    stats: Mapping[str, FeatureStats],
+    stats_pixels: Tensor | None,
+    n: int,
+    wanted: set[tuple[int, int]],
 ) -> dict[tuple[int, int], list[list[float]]]:
     """Per-position activations of each wanted feature on its top images (re-encoded with ``rrm``)."""
-    if rrm is None or images is None:
+    if rrm is None or stats_pixels is None:
         return {}
     needed: dict[tuple[int, int], list[int]] = {}
     for layer, feat in wanted:
@@ -230,7 +241,7 @@ def _top_rows(
     index = sorted({i for ids in needed.values() for i in ids})
     if not index:
         return {}
-    acts = rrm.feature_acts(images[torch.tensor(index)])
+    acts = rrm.feature_acts(stats_pixels[torch.tensor(index)])
     row_of = {img: r for r, img in enumerate(index)}
     out: dict[tuple[int, int], list[list[float]]] = {}
     for (layer, feat), ids in needed.items():
@@ -239,15 +250,16 @@ def _top_rows(
     return out
 
 
+@renamed_kwargs(images="stats_pixels")
 def write_circuit_tracer(
-    graph: Any,
+    graph: AttributionGraph,
     out_dir: str | Path,
     slug: str = "vit-graph",
     *,
     features: bool = True,
-    rrm: Any | None = None,
-    stats: Mapping[str, Any] | None = None,
-    images: Tensor | None = None,
+    rrm: ReplacementModelBase | None = None,
+    stats: Mapping[str, FeatureStats] | None = None,
+    stats_pixels: Tensor | None = None,
     n_examples: int = 8,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
     logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
@@ -269,7 +281,7 @@ def write_circuit_tracer(
     if features:
         folder = out / "features"
         folder.mkdir(exist_ok=True)
-        records = feature_files(graph, exported, rrm, stats, images, n_examples, logit_effects)
+        records = feature_files(graph, exported, rrm, stats, stats_pixels, n_examples, logit_effects)
         for code, record in records.items():
             atomic_write_text(folder / f"{code}.json", json.dumps(record))
     atomic_write_text(out / f"{slug}.json", json.dumps(exported))

@@ -102,8 +102,10 @@ class AttributionGraph:
     def aggregate_positions(self) -> tuple[list[tuple[str, int, int]], Tensor]:
         """Token-aggregated view (as the seed paper reports): nodes ``(kind, layer, feature)`` with
         edges summed over positions; returns the node keys and a dense matrix."""
-        node_keys = [(k, int(layer), int(f)) for k, layer, f in
-                     zip(self.node_kind, self.node_layer, self.node_feature, strict=True)]  # fmt: skip
+        node_keys = [
+            (k, int(layer), int(f))
+            for k, layer, f in zip(self.node_kind, self.node_layer, self.node_feature, strict=True)
+        ]
         keys = sorted(set(node_keys))
         index = {k: i for i, k in enumerate(keys)}
         node_to_key = torch.tensor([index[k] for k in node_keys])

@@ -20,10 +20,13 @@ to the next.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .graph import AttributionGraph
 
 
 def edges(adjacency: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,12 +76,12 @@ def influence(a_hat: Tensor, weights: Tensor, max_steps: int = 1000) -> Tensor:
     return propagate(dst, src, vals, weights, max_steps)
 
 
-def cache_influence(graph: Any, influence: Tensor) -> None:
+def cache_influence(graph: AttributionGraph, influence: Tensor) -> None:
     """Store an already computed ``node_influence(graph)`` (the attribution's row store has it)."""
     graph.__dict__["_influence_cache"] = {id(graph.adjacency): influence}
 
 
-def node_influence(graph: Any) -> Tensor:
+def node_influence(graph: AttributionGraph) -> Tensor:
     """Influence of every node of ``graph`` on its weighted targets (cached on the graph object)."""
     cache = graph.__dict__.setdefault("_influence_cache", {})
     key = id(graph.adjacency)
@@ -121,7 +124,7 @@ def _threshold(scores: Tensor, share: float) -> Tensor:
     return ordered[index]
 
 
-def prune(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
     """circuit-tracer 0.5.0's ``prune_graph`` on the sparse adjacency (same masks, tested against it).
 
     Nodes are kept when their influence reaches the score at which the descending cumulative share
@@ -164,7 +167,7 @@ def prune(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98)
     return PruneResult(node_mask, edge_mask, cumulative)
 
 
-def scores(graph: Any, node_mask: Tensor | None = None) -> dict[str, float]:
+def scores(graph: AttributionGraph, node_mask: Tensor | None = None) -> dict[str, float]:
     """Replacement and completeness scores; features outside ``node_mask`` count as errors."""
     dst, src, vals = edges(graph.adjacency)
     a_hat = normalised_values(dst, vals, graph.n_nodes)

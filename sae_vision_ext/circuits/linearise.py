@@ -16,12 +16,15 @@ fixed every block is affine in its input, so:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .._hooks import resid_post
+
+if TYPE_CHECKING:
+    from ..models.hooked_vit import HookedViT
 
 
 def gate(act_fn: str, pre: Tensor) -> Tensor:
@@ -39,27 +42,30 @@ def gate(act_fn: str, pre: Tensor) -> Tensor:
     raise ValueError(f"Cannot linearise activation {act_fn!r}; supported: gelu, gelu_tanh, quick_gelu, relu, silu.")
 
 
-def frozen_names(model: Any) -> list[str]:
+def frozen_names(model: HookedViT) -> list[str]:
     """Hooks whose clean values are recorded: patterns, LayerNorm scales, MLP pre-activations."""
-    return [n for n in model.hook_dict
-            if n.endswith(("attn.hook_pattern", "hook_scale", "mlp.hook_pre")) and ".hook_sae_" not in n]  # fmt: skip
+    return [
+        n
+        for n in model.hook_dict
+        if n.endswith(("attn.hook_pattern", "hook_scale", "mlp.hook_pre")) and ".hook_sae_" not in n
+    ]
 
 
 @torch.no_grad()
-def record(model: Any, pixels: Tensor) -> dict[str, Tensor]:
+def record(model: HookedViT, pixels: Tensor) -> dict[str, Tensor]:
     """The values to freeze, from the clean forward of ``pixels`` (one image: batch 1)."""
     _, cache = model.run_with_cache(pixels, names_filter=frozen_names(model), return_cache_object=False)
     return frozen_from_cache(model, cache)
 
 
-def frozen_from_cache(model: Any, cache: dict[str, Tensor]) -> dict[str, Tensor]:
+def frozen_from_cache(model: HookedViT, cache: dict[str, Tensor]) -> dict[str, Tensor]:
     """The values to freeze from a cache holding (at least) ``frozen_names(model)`` of a clean forward."""
     names = frozen_names(model)
     gates = {n.replace("hook_pre", "gate"): gate(model.cfg.act_fn, cache[n]) for n in names if n.endswith("hook_pre")}
     return {n: cache[n] for n in names if not n.endswith("hook_pre")} | gates
 
 
-def frozen_hooks(model: Any, frozen: dict[str, Tensor]) -> list[tuple[str, Callable]]:
+def frozen_hooks(model: HookedViT, frozen: dict[str, Tensor]) -> list[tuple[str, Callable]]:
     """Forward hooks that hold patterns, scales and gates at ``frozen`` (broadcast over the batch)."""
     hooks: list[tuple[str, Callable]] = []
     for name, value in frozen.items():
@@ -80,7 +86,7 @@ def _make_gate_hook(g: Tensor) -> Callable:
     return hook
 
 
-def pre_capture_hooks(model: Any) -> list[tuple[str, Callable]]:
+def pre_capture_hooks(model: HookedViT) -> list[tuple[str, Callable]]:
     """Store each MLP's pre-activation on its ``hook_post`` point so the gate hook can read it."""
     hooks = []
     for layer in range(model.cfg.n_layers):
@@ -95,7 +101,7 @@ def pre_capture_hooks(model: Any) -> list[tuple[str, Callable]]:
 
 
 def resid_post_gradients(
-    model: Any, pixels: Tensor, objective: Callable[[Tensor], Tensor]
+    model: HookedViT, pixels: Tensor, objective: Callable[[Tensor], Tensor]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Each layer's ``hook_resid_post`` and the gradient of ``objective(output)`` (a scalar) with respect
     to it, under the frozen linearisation of ``pixels``' own forward (no SAEs). The gradients are total
@@ -113,8 +119,7 @@ def resid_post_gradients(
         return t + probes[-1]
 
     hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
-    hooks += [(resid_post(layer), lambda t, hook, layer=layer: add_probe(t, hook, layer))
-              for layer in range(n_layers)]  # fmt: skip
+    hooks += [(resid_post(layer), lambda t, hook, layer=layer: add_probe(t, hook, layer)) for layer in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
         out = model(pixels)
     grads = torch.autograd.grad(objective(out), probes)

@@ -19,7 +19,7 @@ a demeaned logit: zero-shot labels for the features of embedding models.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -30,11 +30,16 @@ from ..saes import affine
 from ..vis.lens import top_bottom
 from .linearise import frozen_hooks, pre_capture_hooks, record
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
+
 __all__ = ["logit_lens", "top_bottom"]
 
 
 def _class_gradients(
-    model: Any, pixels: Tensor, layers: list[int], chunk: int, directions: Tensor | None = None
+    model: HookedViT, pixels: Tensor, layers: list[int], chunk: int, directions: Tensor | None = None
 ) -> tuple[dict, dict]:
     """Clean residuals and, per layer, the gradient of every demeaned class logit at it under the
     frozen linearisation of ``pixels`` (one image): ``[n_classes, pos, d_model]``."""
@@ -69,8 +74,8 @@ def _class_gradients(
 
 
 def logit_lens(
-    model: Any,
-    saes: Sequence[Any],
+    model: HookedViT,
+    saes: Sequence[SAE],
     pixels: Float[Tensor, "batch chan h w"],
     chunk: int = 64,
     directions: Float[Tensor, "n_dirs d_out"] | None = None,

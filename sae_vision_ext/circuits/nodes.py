@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .graph import AttributionGraph
 
 ERROR_FEATURE = -1
 """The ``feature`` field of error, MLP and target-less nodes."""
@@ -51,18 +54,18 @@ def position_label(pos: int, n_prefix: int, has_cls: bool, grid_w: int) -> str:
     return f"p({r},{c})"
 
 
-def position_labels(graph: Any) -> list[str]:
+def position_labels(graph: AttributionGraph) -> list[str]:
     """Labels of every position of ``graph`` (its input nodes, in order)."""
     n_pos = sum(k == "input" for k in graph.node_kind)
     return [position_label(p, graph.n_prefix, graph.has_cls, graph.grid[1]) for p in range(n_pos)]
 
 
-def readout_position(graph: Any) -> int:
+def readout_position(graph: AttributionGraph) -> int:
     """Where target nodes sit: the CLS token, else the last position."""
     return 0 if graph.has_cls else sum(k == "input" for k in graph.node_kind) - 1
 
 
-def target_code(graph: Any, index: int) -> int:
+def target_code(graph: AttributionGraph, index: int) -> int:
     """A target's ``feature`` field: its class when targets are classes, else its index."""
     return int(graph.target_classes[index]) if index < len(graph.target_classes) else index
 
@@ -76,7 +79,7 @@ class _Node(NamedTuple):
     """Index among the targets (``-1`` for other kinds)."""
 
 
-def _nodes(graph: Any, index: Sequence[int] | None = None) -> list[_Node]:
+def _nodes(graph: AttributionGraph, index: Sequence[int] | None = None) -> list[_Node]:
     """Each node's kind, layer, position, feature and target index, in node order (only the nodes
     ``index``, in that order, if given: exports of big graphs label only what they keep)."""
     first_target = graph.node_kind.index("target") if "target" in graph.node_kind else len(graph.node_kind)
@@ -89,7 +92,7 @@ def _nodes(graph: Any, index: Sequence[int] | None = None) -> list[_Node]:
     return [_Node(k, lay, pos, f, i - first_target if k == "target" else -1) for i, k, lay, pos, f in rows]
 
 
-def node_ids(graph: Any, index: Sequence[int] | None = None) -> list[str]:
+def node_ids(graph: AttributionGraph, index: Sequence[int] | None = None) -> list[str]:
     """The id of every node of ``graph`` (or of the nodes ``index``), in node order (module docstring)."""
     readout = readout_position(graph)
     names = {
@@ -102,7 +105,7 @@ def node_ids(graph: Any, index: Sequence[int] | None = None) -> list[str]:
     return [names[n.kind](n) for n in _nodes(graph, index)]
 
 
-def feature_codes(graph: Any, index: Sequence[int] | None = None) -> list[int]:
+def feature_codes(graph: AttributionGraph, index: Sequence[int] | None = None) -> list[int]:
     """circuit-tracer's ``feature`` field per node: the Cantor code for features, the position for
     inputs, the class (or target index) for targets, :data:`ERROR_FEATURE` for errors and MLP leaves."""
     codes = {
@@ -113,7 +116,7 @@ def feature_codes(graph: Any, index: Sequence[int] | None = None) -> list[int]:
     return [codes.get(n.kind, lambda n: ERROR_FEATURE)(n) for n in _nodes(graph, index)]
 
 
-def js_node_ids(graph: Any, index: Sequence[int] | None = None) -> list[str]:
+def js_node_ids(graph: AttributionGraph, index: Sequence[int] | None = None) -> list[str]:
     """circuit-tracer's ``jsNodeId`` per node (its ``Node.*_node`` constructors' formulas; MLP leaves,
     which it has no constructor for, keep their node id)."""
     readout = readout_position(graph)
@@ -134,7 +137,7 @@ def target_clerp(name: str, prob: float) -> str:
 
 
 def clerps(
-    graph: Any,
+    graph: AttributionGraph,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
     probs: Sequence[float] | None = None,
     index: Sequence[int] | None = None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,11 @@ from .._hooks import resid_post, sae_acts, sae_error
 from ..models.splicing import warn_if_trained_on_another_model
 from ..saes import affine
 from ..saes.affine import FrozenNorm
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
 
 Reference = Literal["zero", "mean", "median"]
 
@@ -55,11 +60,11 @@ def reduce_reference(values: Tensor, kind: str, dim: int = 0) -> Tensor:
 class ReplacementModelBase:
     """A ``HookedViT`` with SAEs at ``blocks.{l}.hook_resid_post`` for the blocks ``rrm.layers``."""
 
-    def __init__(self, model: Any, saes: Sequence[Any] | dict[int, Any]) -> None:
+    def __init__(self, model: HookedViT, saes: Sequence[SAE] | dict[int, SAE]) -> None:
         saes = list(saes.values()) if isinstance(saes, dict) else list(saes)
         if not saes:
             raise ValueError("ResidualReplacementModel needs at least one SAE on blocks.L.hook_resid_post.")
-        by_layer: dict[int, Any] = {}
+        by_layer: dict[int, SAE] = {}
         for sae in saes:
             hook = sae.cfg.metadata.hook_name or ""
             parts = hook.split(".")
@@ -74,8 +79,9 @@ class ReplacementModelBase:
             if not 0 <= layer < model.cfg.n_layers:
                 raise ValueError(f"SAE hook {hook!r} is past the model's {model.cfg.n_layers} blocks.")
             if sae.cfg.d_in != model.cfg.d_model:
-                raise ValueError(f"SAE of layer {layer} has d_in={sae.cfg.d_in}, the model's d_model is "
-                                 f"{model.cfg.d_model}.")  # fmt: skip
+                raise ValueError(
+                    f"SAE of layer {layer} has d_in={sae.cfg.d_in}, the model's d_model is {model.cfg.d_model}."
+                )
             warn_if_trained_on_another_model(sae, model)
             by_layer[layer] = sae
         self.model = model
@@ -97,13 +103,17 @@ class ReplacementModelBase:
         except ValueError:
             raise ValueError(f"Layer {layer} has no SAE; the SAE layers are {self.layers}.") from None
 
-    def sae_at(self, layer: int) -> Any:
+    def sae_at(self, layer: int) -> SAE:
         """The SAE at block ``layer``."""
         return self.saes[self.slot(layer)]
 
     @contextlib.contextmanager
-    def spliced(self, layers: Sequence[int] | None = None, keep_errors: bool | Sequence[int] = False,
-                error_values: dict[int, Tensor] | None = None) -> Iterator[Any]:  # fmt: skip
+    def spliced(
+        self,
+        layers: Sequence[int] | None = None,
+        keep_errors: bool | Sequence[int] = False,
+        error_values: dict[int, Tensor] | None = None,
+    ) -> Iterator[HookedViT]:
         """Context with the SAEs of blocks ``layers`` (all SAE layers if ``None``) spliced in. ``keep_errors``: ``True``
         for every spliced layer, ``False`` for none, or the layers that keep theirs.
         ``error_values``: ``{layer: [pos, d_model]}`` error terms to use instead of the image's own (for
@@ -156,8 +166,9 @@ class ReplacementModelBase:
         return frozen_from_cache(self.model, cache), norms, out, {n: cache[n] for n in names}
 
     @torch.no_grad()
-    def intervene(self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]],
-                  freeze: bool = True) -> dict[str, Any]:  # fmt: skip
+    def intervene(
+        self, pixels: Tensor, interventions: Sequence[tuple[int, int | None, int, float]], freeze: bool = True
+    ) -> dict[str, Any]:
         """Set features to values and run the model with every SAE spliced (error terms kept, so only
         the interventions change anything).
 
@@ -229,8 +240,9 @@ class ReplacementModelBase:
         return [sae.encode(cache[h]) for sae, h in zip(self.saes, hooks, strict=True)]
 
     @torch.no_grad()
-    def reference_values(self, pixels: Float[Tensor, "n chan h w"], kind: str = "median", batch_size: int = 64,
-                         of: str = "features") -> list[Tensor]:  # fmt: skip
+    def reference_values(
+        self, pixels: Float[Tensor, "n chan h w"], kind: str = "median", batch_size: int = 64, of: str = "features"
+    ) -> list[Tensor]:
         """Per-position reference of every feature (``[pos, d_sae]`` per layer) or of each layer's
         SAE error vector (``of="errors"``: ``[pos, d_model]`` per layer), over ``pixels``. ``kind``:
         ``zero``, ``mean`` or ``median`` (:data:`Reference`), validated with a ``ValueError``."""
@@ -246,13 +258,19 @@ class ReplacementModelBase:
     def errors(self, pixels: Float[Tensor, "batch chan h w"]) -> list[Float[Tensor, "batch pos d_model"]]:
         """Each layer's SAE error ``resid_post − reconstruction`` on the clean stream: ``[batch, pos, d_model]``."""
         names = [sae_error(s.cfg.metadata.hook_name) for s in self.saes]
-        _, cache = self.model.run_with_cache_with_saes(pixels, saes=self.saes, use_error_term=True,
-                                                       names_filter=names, return_cache_object=False)  # fmt: skip
+        _, cache = self.model.run_with_cache_with_saes(
+            pixels, saes=self.saes, use_error_term=True, names_filter=names, return_cache_object=False
+        )
         return [cache[n] for n in names]
 
     @torch.no_grad()
-    def faithfulness(self, pixels: Float[Tensor, "n chan h w"], labels: Int[Tensor, " n"] | None = None,
-                     batch_size: int = 64, progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    def faithfulness(
+        self,
+        pixels: Float[Tensor, "n chan h w"],
+        labels: Int[Tensor, " n"] | None = None,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
         """The pure replacement model against the original, for the first ``n`` SAE layers spliced
         (``n = 1..len(layers)``, no error terms), so compounding error is visible (``progress``: a
         bar over ``n``).
@@ -274,8 +292,9 @@ class ReplacementModelBase:
                 "cosine": float(F.cosine_similarity(out.flatten(1), clean.flatten(1)).mean()),
             }
             if self.model.adapter.output_kind() == "logits":
-                row["kl"] = float(F.kl_div(F.log_softmax(out, -1), F.log_softmax(clean, -1), log_target=True,
-                                           reduction="batchmean"))  # fmt: skip
+                row["kl"] = float(
+                    F.kl_div(F.log_softmax(out, -1), F.log_softmax(clean, -1), log_target=True, reduction="batchmean")
+                )
             if labels is not None:
                 row["accuracy"] = float((out.argmax(-1) == labels).float().mean())
                 row["accuracy_clean"] = float((clean.argmax(-1) == labels).float().mean())

@@ -5,13 +5,17 @@ directions built once per image (and ``ln1``-folded once per block)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..saes import affine
 from .rows import Sources, Workspace, block_rows, row_macs
+
+if TYPE_CHECKING:
+    from ..models.hooked_vit import HookedViT
+    from .attribution import Attributor, _Leaves
 
 
 class RowEngine:
@@ -23,11 +27,11 @@ class RowEngine:
 
     def __init__(
         self,
-        att: Any,
+        att: Attributor,
         frozen: dict[str, Tensor],
         norms: list[affine.FrozenNorm],
         mids: dict[int, Tensor],
-        leaves: Any,
+        leaves: _Leaves,
         seeds: list[Tensor],
     ) -> None:
         self.att, self.model, self.rrm = att, att.model, att.rrm
@@ -136,7 +140,7 @@ def matmul_rate(device: torch.device | str = "cpu", n: int = 768) -> float:
     return 2 * n * n * 4 * n / max(time.perf_counter() - t0, 1e-9)
 
 
-def estimate(model: Any, n_rows: int, n_nodes: int, n_src: int, device: Any = "cpu") -> str:
+def estimate(model: HookedViT, n_rows: int, n_nodes: int, n_src: int, device: torch.device | str = "cpu") -> str:
     """What a graph will cost before it starts: row arithmetic (``rows.row_macs``), the time it takes at
     :data:`ROW_EFFICIENCY` of this device's matmul rate, and the memory of the stored rows and edges."""
     cfg = model.cfg

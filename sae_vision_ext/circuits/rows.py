@@ -37,7 +37,7 @@ the whole frozen block on every adapter family, float64 (``tests/unit/test_rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -45,6 +45,9 @@ from torch import Tensor, nn
 
 from ..saes import affine
 from .linearise import frozen_hooks, pre_capture_hooks
+
+if TYPE_CHECKING:
+    from ..models.hooked_vit import HookedViT
 
 
 class Workspace:
@@ -76,7 +79,7 @@ class Sources:
     folded: Float[Tensor, "pos k d_model"] = field(init=False)
 
     @classmethod
-    def for_block(cls, model: Any, block: int, frozen: dict[str, Tensor], dirs: Tensor) -> Sources:
+    def for_block(cls, model: HookedViT, block: int, frozen: dict[str, Tensor], dirs: Tensor) -> Sources:
         out = cls(dirs)
         ln1 = model.blocks[block].ln1
         folded = dirs - dirs.mean(-1, keepdim=True) if ln1.kind == "LN" else dirs
@@ -114,7 +117,7 @@ def _norm_backward(norm: Any, y: Tensor, scale: Tensor) -> Tensor:
 
 
 def _mlp_half_vjp(
-    model: Any, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor, frozen: dict[str, Tensor]
+    model: HookedViT, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor, frozen: dict[str, Tensor]
 ) -> Tensor:
     """``cot · ∂mlp_half/∂resid_mid`` on the tokens ``pos`` (``[N]``; ``cot``: ``[N, d]``) with the block's
     ``ln2`` scale and gate frozen: closed form for ``nn.Linear`` projections, else the MLP recomputed
@@ -164,7 +167,7 @@ def active_tokens(weights: Float[Tensor, "rows pos"]) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def block_rows(
-    model: Any,
+    model: HookedViT,
     layer: int,
     frozen: dict[str, Tensor],
     resid_mid: Tensor,

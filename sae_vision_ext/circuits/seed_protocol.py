@@ -25,7 +25,7 @@ evenly on ``[0, 1]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -34,6 +34,9 @@ from torch import Tensor
 from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
 from .replacement_base import Reference, ReplacementModelBase, reduce_reference
+
+if TYPE_CHECKING:
+    from .aggregated import AggregatedGraph
 
 SEED_RANKINGS = ("relevance", "edge", "random", "neurons")
 
@@ -48,7 +51,7 @@ def _positive_share(r: Tensor) -> Tensor:
     return r / r.sum().clamp_min(1e-30)
 
 
-def select_nodes(graph: Any, rule: str, q: float, generator: torch.Generator) -> list[Tensor]:
+def select_nodes(graph: AggregatedGraph, rule: str, q: float, generator: torch.Generator) -> list[Tensor]:
     """Per SAE layer, the indices (into ``[d_sae + 1]``, error last) chosen by ``rule`` at fraction ``q``."""
     sizes = [len(r) for r in graph.relevance]
     if q <= 0:
@@ -134,7 +137,7 @@ def evaluate_seed_protocol(
     leaf_errors: bool = True,
     seed: int = 0,
     progress: bool = True,
-) -> Any:
+) -> CircuitEvaluation:
     """Insertion/deletion curves and AUC by the seed paper's protocol (module docstring), averaged over
     ``pixels`` (one token-aggregated graph per image). Returns a ``CircuitEvaluation`` with
     ``protocol="seed"`` and ``errors="clean"``; its circuit-level fields are NaN (the protocol has none)."""

@@ -6,7 +6,7 @@ row above the grid; the inputs column shows the traced image itself). Nodes are 
 (thousands stay responsive); only the selected node's edges are drawn (blue raises the target,
 red lowers it, width by |weight|), and the side panel lists its signed inputs and outputs, the
 feature's activation map on the traced image with a colour scale, its top patches over a reference
-set (``stats`` and ``images``), and a link to its dashboard page when that page exists. Hover shows
+set (``stats`` and ``stats_pixels``), and a link to its dashboard page when that page exists. Hover shows
 a node's label; a slider hides nodes beyond a cumulative-influence share (circuit-tracer's
 ``influence``); shift-click selects several nodes and "group" makes them a supernode, kept in the
 browser and downloadable as circuit-tracer's ``qParams.supernodes``. With ``aggregated`` (from
@@ -24,16 +24,24 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._compat import renamed_kwargs
 from .._hooks import resid_post
 from .export import exported_masks
 from .graph_ops import edges, node_influence
 from .nodes import clerps, node_ids, position_labels
+
+if TYPE_CHECKING:
+    from ..models.hooked_vit import HookedViT
+    from ..vis.stats import FeatureStats
+    from .aggregated import AggregatedGraph
+    from .graph import AttributionGraph
+    from .replacement_base import ReplacementModelBase
 
 
 def _png_data_uri(rgb: np.ndarray) -> str:
@@ -44,7 +52,7 @@ def _png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _image_uri(model: Any, pixels: Tensor, max_side: int = 192) -> str:
+def _image_uri(model: HookedViT, pixels: Tensor, max_side: int = 192) -> str:
     from PIL import Image
 
     from ..vis.plots import display_images
@@ -56,7 +64,7 @@ def _image_uri(model: Any, pixels: Tensor, max_side: int = 192) -> str:
     return _png_data_uri(np.asarray(im))
 
 
-def strongest_edges(graph: Any, per_node: int) -> Tensor:
+def strongest_edges(graph: AttributionGraph, per_node: int) -> Tensor:
     """Mask over the stored edges keeping, for every node, its ``per_node`` strongest inputs and
     outputs by |weight| (an edge is kept when either end keeps it)."""
     dst, src, vals = edges(graph.adjacency)
@@ -72,16 +80,17 @@ def strongest_edges(graph: Any, per_node: int) -> Tensor:
     return keep
 
 
+@renamed_kwargs(images="stats_pixels")
 def viewer_data(
-    graph: Any,
-    rrm: Any | None = None,
+    graph: AttributionGraph,
+    rrm: ReplacementModelBase | None = None,
     pixels: Tensor | None = None,
-    stats: Mapping[str, Any] | None = None,
-    images: Tensor | None = None,
+    stats: Mapping[str, FeatureStats] | None = None,
+    stats_pixels: Tensor | None = None,
     n_top: int = 4,
     dashboard_dir: str | None = None,
     base_dir: Path | None = None,
-    aggregated: Any | None = None,
+    aggregated: AggregatedGraph | None = None,
     max_edges_per_node: int = 40,
     supernodes: Sequence[Sequence[str]] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
@@ -144,7 +153,7 @@ def viewer_data(
     }
     if rrm is not None and pixels is not None:
         data["image"] = _image_uri(rrm.model, pixels)
-    if stats is not None and images is not None and rrm is not None:
+    if stats is not None and stats_pixels is not None and rrm is not None:
         used: set[int] = set()
         for key in shown_feats:
             layer, feat = (int(x) for x in key.split("_"))
@@ -153,7 +162,7 @@ def viewer_data(
                 tops = [(float(a), int(img), int(tok)) for a, img, tok in stats[hook].top_examples(feat)[:n_top]]
                 data["tops"][key] = tops
                 used |= {t[1] for t in tops}
-        data["refs"] = {str(i): _image_uri(rrm.model, images[i : i + 1], 96) for i in sorted(used)}
+        data["refs"] = {str(i): _image_uri(rrm.model, stats_pixels[i : i + 1], 96) for i in sorted(used)}
     if dashboard_dir is not None:
         root = Path(base_dir or ".") / dashboard_dir
         for key in shown_feats:
@@ -166,7 +175,7 @@ def viewer_data(
     return data
 
 
-def _aggregated_cards(agg: Any, per_layer: int = 6) -> dict[str, Any]:
+def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any]:
     """The paper's token-aggregated circuit: per SAE layer the ``per_layer`` features of largest
     |relevance| (plus the error node), and the edges among them."""
     cards, keep = [], []
@@ -196,24 +205,25 @@ def _aggregated_cards(agg: Any, per_layer: int = 6) -> dict[str, Any]:
     return {"cards": cards, "links": links, "target": agg.target_value}
 
 
+@renamed_kwargs(images="stats_pixels")
 def render_graph_html(
-    graph: Any,
+    graph: AttributionGraph,
     path: str | Path,
-    rrm: Any | None = None,
+    rrm: ReplacementModelBase | None = None,
     pixels: Tensor | None = None,
     dashboard_dir: str | None = None,
     title: str = "attribution graph",
-    stats: Mapping[str, Any] | None = None,
-    images: Tensor | None = None,
+    stats: Mapping[str, FeatureStats] | None = None,
+    stats_pixels: Tensor | None = None,
     n_top: int = 4,
-    aggregated: Any | None = None,
+    aggregated: AggregatedGraph | None = None,
     max_edges_per_node: int = 40,
     supernodes: Sequence[Sequence[str]] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
 ) -> Path:
     """Write the viewer for ``graph`` to ``path`` (see the module docstring). ``rrm`` and the traced
     ``pixels`` ``[1, chan, h, w]`` draw the image under the grid; top patches need ``stats``
-    (``{hook_name: FeatureStats}``), the preprocessed ``images`` they were collected on and ``rrm``;
+    (``{hook_name: FeatureStats}``), the preprocessed ``stats_pixels`` they were collected on and ``rrm``;
     ``dashboard_dir`` is relative to ``path``'s folder (only existing pages are linked)."""
     import markupsafe
 
@@ -225,7 +235,7 @@ def render_graph_html(
         rrm,
         pixels,
         stats,
-        images,
+        stats_pixels,
         n_top,
         dashboard_dir,
         path.parent,

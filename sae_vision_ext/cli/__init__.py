@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (shown on pages and tables)")
     p.set_defaults(func=_cmd_dashboard)
 
-    for name, func, text in (("faithfulness", _cmd_faithfulness, "replacement model vs original model"),
-                             ("trace", _cmd_trace, "attribution graph of one image")):  # fmt: skip
+    for name, func, text in (
+        ("faithfulness", _cmd_faithfulness, "replacement model vs original model"),
+        ("trace", _cmd_trace, "attribution graph of one image"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", required=True)
         p.add_argument("--saes", required=True, help="'sve', a folder of SAE folders (one per layer), or refs a,b,c")

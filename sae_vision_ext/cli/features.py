@@ -109,9 +109,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     _step("writing circuit-tracer's files and the viewer")
     labels = {(layer_of(h), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()}
     exported = pruned.to_json(
-        out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, images=ref, feature_labels=labels
+        out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, stats_pixels=ref, feature_labels=labels
     )
-    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, images=ref, feature_labels=labels)
+    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, stats_pixels=ref, feature_labels=labels)
     from ..circuits.graph_ops import node_influence
 
     infl = node_influence(graph)

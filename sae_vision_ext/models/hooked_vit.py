@@ -49,7 +49,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
     ``run_with_cache_with_saes`` and ``run_with_hooks_with_saes`` (see ``models/splicing.py``).
     """
 
-    def __init__(self, module: nn.Module, model_name: str | None = None, adapter: ViTAdapter | None = None):
+    def __init__(self, module: nn.Module, model_name: str | None = None, adapter: ViTAdapter | None = None) -> None:
         super().__init__()
         adapter = adapter or adapter_for(module)
         self.wrapped = module

@@ -23,11 +23,16 @@ import difflib
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from .hooked_vit import HookedViT
 
 
 def _set_deep_attr(obj: Any, path: str, value: nn.Module) -> None:
@@ -204,27 +209,52 @@ class SAESplicingMixin:
                 for sae, err in previous.values():
                     self.add_sae(sae, use_error_term=err, check_model_name=False)
 
-    def run_with_saes(self, *args: Any, saes: Any = (), reset_saes_end: bool = True,
-                      use_error_term: bool | None = None, **kwargs: Any) -> Tensor:  # fmt: skip
+    def run_with_saes(
+        self,
+        *args: Any,
+        saes: SAE | Sequence[SAE] = (),
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
             return self(*args, **kwargs)
 
-    def run_with_cache_with_saes(self, *args: Any, saes: Any = (), reset_saes_end: bool = True,
-                                 use_error_term: bool | None = None, return_cache_object: bool = True,
-                                 **kwargs: Any) -> tuple[Tensor, Any]:  # fmt: skip
+    def run_with_cache_with_saes(
+        self,
+        *args: Any,
+        saes: SAE | Sequence[SAE] = (),
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        return_cache_object: bool = True,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
         with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
             return self.run_with_cache(*args, return_cache_object=return_cache_object, **kwargs)
 
-    def run_with_hooks_with_saes(self, *args: Any, saes: Any = (), reset_saes_end: bool = True,
-                                 fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), reset_hooks_end: bool = True,
-                                 clear_contexts: bool = False, **kwargs: Any) -> Tensor:  # fmt: skip
+    def run_with_hooks_with_saes(
+        self,
+        *args: Any,
+        saes: SAE | Sequence[SAE] = (),
+        reset_saes_end: bool = True,
+        fwd_hooks: Sequence = (),
+        bwd_hooks: Sequence = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **kwargs: Any,
+    ) -> Tensor:
         with self.saes(saes=saes, reset_saes_end=reset_saes_end):
-            return self.run_with_hooks(*args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks),
-                                       reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts,
-                                       **kwargs)  # fmt: skip
+            return self.run_with_hooks(
+                *args,
+                fwd_hooks=list(fwd_hooks),
+                bwd_hooks=list(bwd_hooks),
+                reset_hooks_end=reset_hooks_end,
+                clear_contexts=clear_contexts,
+                **kwargs,
+            )
 
 
-def warn_if_trained_on_another_model(sae: Any, model: Any) -> None:
+def warn_if_trained_on_another_model(sae: SAE, model: HookedViT) -> None:
     """A ``UserWarning`` when the SAE's ``metadata.model_name`` names a different model than ``model``'s
     (both known): its features are meaningless on this model's activations."""
     import warnings

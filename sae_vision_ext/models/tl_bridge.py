@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 from transformer_lens.model_bridge.generalized_components import (
@@ -35,6 +35,9 @@ from transformer_lens.model_bridge.generalized_components.base import Generalize
 from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
 
 from .adapters.hf import base_prefix
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class PixelEmbeddingsBridge(GeneralizedComponent):
@@ -136,7 +139,7 @@ def _hub_offline() -> Iterator[None]:
         hub_constants.HF_HUB_OFFLINE = old
 
 
-def boot_vision_bridge(hf_model: Any, model_name: str | None = None, offline: bool = True) -> Any:
+def boot_vision_bridge(hf_model: nn.Module, model_name: str | None = None, offline: bool = True) -> nn.Module:
     """A ``TransformerBridge`` over an already-built HF vision encoder (any class TL or we support).
 
     Sets ``hf_model.config.architectures`` to the model's class name when missing and switches the

@@ -34,11 +34,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 LINEAR_ARCHITECTURES = ("standard", "jumprelu", "topk", "abstopk", "signed_topk", "gated")
 """SAELens architectures whose active features equal an affine pre-activation (see module docstring)."""
@@ -71,7 +74,7 @@ class FrozenNorm:
         return FrozenNorm(self.kind, self.center, pick(self.in_scale), pick(self.out_scale), pick(self.out_shift))
 
 
-def check_linearisable(sae: Any, where: str = "attribution") -> None:
+def check_linearisable(sae: SAE, where: str = "attribution") -> None:
     """Raise ``ValueError`` (naming the setting) if ``sae`` has no exact affine view."""
     cfg = sae.cfg
     arch = cfg.architecture()
@@ -99,7 +102,7 @@ def check_linearisable(sae: Any, where: str = "attribution") -> None:
         )
 
 
-def frozen_norm(sae: Any, x: Float[Tensor, "*tokens d_in"]) -> FrozenNorm:
+def frozen_norm(sae: SAE, x: Float[Tensor, "*tokens d_in"]) -> FrozenNorm:
     """The normalisation statistics of the clean tokens ``x`` (what SAELens computes in ``encode``)."""
     kind = sae.cfg.normalize_activations
     x = x.detach().to(sae.W_dec.dtype)
@@ -114,11 +117,11 @@ def frozen_norm(sae: Any, x: Float[Tensor, "*tokens d_in"]) -> FrozenNorm:
     return FrozenNorm(kind, False, one, one, 0 * one)
 
 
-def _decoder_norms(sae: Any) -> Tensor | None:
+def _decoder_norms(sae: SAE) -> Tensor | None:
     return sae.W_dec.norm(dim=-1) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else None
 
 
-def encoder_weights(sae: Any) -> tuple[Float[Tensor, "d_in d_sae"], Float[Tensor, " d_sae"]]:
+def encoder_weights(sae: SAE) -> tuple[Float[Tensor, "d_in d_sae"], Float[Tensor, " d_sae"]]:
     """``(W_h, b_h)`` of the pre-activation ``h`` (module docstring), decoder-norm rescaling folded in."""
     if sae.cfg.architecture() == "gated":
         w, b = sae.W_enc * sae.r_mag.exp(), sae.b_mag
@@ -128,7 +131,7 @@ def encoder_weights(sae: Any) -> tuple[Float[Tensor, "d_in d_sae"], Float[Tensor
     return (w, b) if norms is None else (w * norms, b * norms)
 
 
-def pre_acts(sae: Any, x: Float[Tensor, "*tokens d_in"], norm: FrozenNorm) -> Float[Tensor, "*tokens d_sae"]:
+def pre_acts(sae: SAE, x: Float[Tensor, "*tokens d_in"], norm: FrozenNorm) -> Float[Tensor, "*tokens d_sae"]:
     """``h`` of tokens ``x`` with the normalisation frozen at ``norm``: affine in ``x``, differentiable."""
     x = x.to(sae.W_dec.dtype)
     if norm.center:
@@ -138,7 +141,7 @@ def pre_acts(sae: Any, x: Float[Tensor, "*tokens d_in"], norm: FrozenNorm) -> Fl
     return x @ w + b
 
 
-def decoder_directions(sae: Any, feats: Tensor, norm: FrozenNorm) -> Tensor:
+def decoder_directions(sae: SAE, feats: Tensor, norm: FrozenNorm) -> Tensor:
     """Effective decoder rows ``d_f[p] = s[p]·W_dec[f]/n_f`` for features ``feats`` at the tokens of
     ``norm`` (``norm.select(...)`` first): ``[*tokens, d_in]`` matching ``feats``' shape."""
     rows = sae.W_dec[feats]
@@ -149,7 +152,7 @@ def decoder_directions(sae: Any, feats: Tensor, norm: FrozenNorm) -> Tensor:
 
 
 def decoder_projection(
-    sae: Any, grad: Float[Tensor, "*tokens d_in"], norm: FrozenNorm
+    sae: SAE, grad: Float[Tensor, "*tokens d_in"], norm: FrozenNorm
 ) -> Float[Tensor, "*tokens d_sae"]:
     """``<grad[p], d_f[p]>`` for every feature ``f`` at every token (the effect of one unit of each
     feature's activation on a linear objective whose gradient at the SAE's site is ``grad``)."""
@@ -158,12 +161,12 @@ def decoder_projection(
     return proj if norms is None else proj / norms
 
 
-def decoder_bias(sae: Any, norm: FrozenNorm) -> Tensor:
+def decoder_bias(sae: SAE, norm: FrozenNorm) -> Tensor:
     """``c[p] = s[p]·b_dec + μ*[p]``: the reconstruction of all-zero features at the tokens of ``norm``."""
     return sae.b_dec * norm.out_scale + norm.out_shift
 
 
-def decode(sae: Any, acts: Float[Tensor, "*tokens d_sae"], norm: FrozenNorm) -> Float[Tensor, "*tokens d_in"]:
+def decode(sae: SAE, acts: Float[Tensor, "*tokens d_sae"], norm: FrozenNorm) -> Float[Tensor, "*tokens d_in"]:
     """The reconstruction with frozen statistics: ``Σ_f a_f d_f + c`` (affine in ``acts``)."""
     norms = _decoder_norms(sae)
     if norms is not None:
@@ -172,7 +175,7 @@ def decode(sae: Any, acts: Float[Tensor, "*tokens d_sae"], norm: FrozenNorm) -> 
 
 
 @contextlib.contextmanager
-def frozen_normalisation(sae: Any, norm: FrozenNorm) -> Iterator[None]:
+def frozen_normalisation(sae: SAE, norm: FrozenNorm) -> Iterator[None]:
     """Within the context the SAE's own ``encode``/``decode`` use ``norm`` instead of the statistics of
     whatever they are given (SAELens's ``run_time_activation_norm_fn_in/out``, restored on exit), so a
     spliced forward is frozen like the attribution graph. A no-op for the identity normalisations."""

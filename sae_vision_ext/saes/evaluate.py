@@ -21,36 +21,44 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._compat import renamed_kwargs
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
+
 
 @torch.no_grad()
+@renamed_kwargs(images="pixels")
 def evaluate_sae(
-    model: Any,
-    sae: Any,
-    images: Tensor,
+    model: HookedViT,
+    sae: SAE,
+    pixels: Tensor,
     labels: Tensor | None = None,
     batch_size: int = 64,
     dense_threshold: float = 0.1,
     out_path: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of ``sae`` at its hook on ``images`` (preprocessed ``[n, chan, h, w]``); JSON to ``out_path``
+    """Metrics of ``sae`` at its hook on ``pixels`` (preprocessed ``[n, chan, h, w]``); JSON to ``out_path``
     (``progress``: a bar over batches)."""
     from tqdm.auto import tqdm
 
     hook = sae.cfg.metadata.hook_name
     model.check_hook_name(hook)
     n_prefix, kind = model.cfg.n_prefix_tokens, model.adapter.output_kind()
-    chunks = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
+    chunks = [slice(i, i + batch_size) for i in range(0, len(pixels), batch_size)]
 
     clean_out, acts = [], []
     for s in tqdm(chunks, desc=f"evaluate {hook}", unit="batch", disable=not progress):
-        out, cache = model.run_with_cache(images[s], names_filter=hook, return_cache_object=False)
+        out, cache = model.run_with_cache(pixels[s], names_filter=hook, return_cache_object=False)
         clean_out.append(out)
         acts.append(cache[hook])
     clean = torch.cat(clean_out)
@@ -66,7 +74,7 @@ def evaluate_sae(
     active = feats != 0
     firing = active.flatten(0, -2).float().mean(0)
     metrics: dict[str, Any] = {
-        "hook_name": hook, "n_images": len(images), "n_tokens": int(flat_x.shape[0]), "d_sae": int(sae.cfg.d_sae),
+        "hook_name": hook, "n_images": len(pixels), "n_tokens": int(flat_x.shape[0]), "d_sae": int(sae.cfg.d_sae),
         "fvu": fvu, "explained_variance": 1 - fvu,
         "l0": float(active.sum(-1).float().mean()),
         "dead_fraction": float((firing == 0).float().mean()),
@@ -78,9 +86,9 @@ def evaluate_sae(
     if x.ndim == 3 and x.shape[1] > n_prefix:
         metrics["l0_patches"] = float(active[:, n_prefix:].sum(-1).float().mean())
 
-    spliced = torch.cat([model.run_with_saes(images[s], saes=[sae], use_error_term=False) for s in chunks])
+    spliced = torch.cat([model.run_with_saes(pixels[s], saes=[sae], use_error_term=False) for s in chunks])
     ablated = torch.cat(
-        [model.run_with_hooks(images[s], fwd_hooks=[(hook, lambda a, hook: pos_mean.expand_as(a))]) for s in chunks]
+        [model.run_with_hooks(pixels[s], fwd_hooks=[(hook, lambda a, hook: pos_mean.expand_as(a))]) for s in chunks]
     )
     if kind == "logits":
         logp = {k: F.log_softmax(v, -1) for k, v in (("clean", clean), ("spliced", spliced), ("ablated", ablated))}
@@ -95,8 +103,10 @@ def evaluate_sae(
         if labels is not None:
             metrics["accuracy"] = {k: float((v.argmax(-1) == labels).float().mean()) for k, v in logp.items()}
     else:
-        cos = {run: float(F.cosine_similarity(v.flatten(1), clean.flatten(1)).mean())
-               for run, v in (("spliced", spliced), ("ablated", ablated))}  # fmt: skip
+        cos = {
+            run: float(F.cosine_similarity(v.flatten(1), clean.flatten(1)).mean())
+            for run, v in (("spliced", spliced), ("ablated", ablated))
+        }
         metrics["cosine"] = cos
         metrics["loss_recovered"] = (
             (cos["spliced"] - cos["ablated"]) / (1 - cos["ablated"]) if cos["ablated"] < 1 else None

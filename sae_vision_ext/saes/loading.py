@@ -37,6 +37,8 @@ from .formats.sparsify import sparsify_disk_converter
 from .rrm_checkpoints import RRM_MODELS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sae_lens import SAE
 
 __all__ = [
@@ -142,7 +144,7 @@ def _download(repo_id: str, folder: str | None, force_download: bool = False) ->
     return Path(root) / folder if folder else Path(root)
 
 
-def hub_converter(format_name: str, allow_pickle: bool = False) -> Any:
+def hub_converter(format_name: str, allow_pickle: bool = False) -> Callable[..., ConverterOutput]:
     """A SAELens Hub converter (``SAE.from_pretrained(repo_id, folder, converter=...)``) for a registered
     format: downloads ``folder`` of the repo and runs the format's disk converter on it."""
     fmt = FORMATS.get(format_name)

@@ -20,12 +20,15 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._hooks import resid_post
 from .io import sae_lens_version, torch_load
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 RRM_MODELS: dict[str, str] = {
     "vit": "timm:vit_base_patch16_224",
@@ -160,7 +163,7 @@ def rrm_layer_dirs(root: str | Path) -> dict[int, Path]:
     return chosen
 
 
-def load_rrm(ref: str | Path, device: str = "cpu") -> Any:
+def load_rrm(ref: str | Path, device: str = "cpu") -> SAE | list[SAE]:
     """One SAE for an ``epoch<N>.pth`` file or ``L<layer>`` folder; the list of SAEs (sorted by layer,
     ready for ``ResidualReplacementModel``) for a model or ``K<k>_R<R>`` folder."""
     from sae_lens import SAE

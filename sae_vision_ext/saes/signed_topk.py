@@ -35,7 +35,7 @@ class SignedTopKSAEConfig(TopKSAEConfig):
 class SignedTopKSAE(TopKSAE):
     cfg: SignedTopKSAEConfig
 
-    def get_activation_fn(self):
+    def get_activation_fn(self) -> SignedTopK:
         return SignedTopK(self.cfg.k)
 
 

@@ -24,10 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import TrainingInterrupted
 from .._io import atomic_write_text
+
+if TYPE_CHECKING:
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 
 class StopFlag:
@@ -115,7 +118,7 @@ class RunCheckpoint:
         by_time = every_seconds is not None and time.monotonic() - self.last_saved_at >= every_seconds
         return n_samples > self.last_saved_samples and (by_tokens or by_time)
 
-    def save(self, trainer: Any, provider: CountingStream, cfg_dict: dict[str, Any]) -> Path:
+    def save(self, trainer: MultiSAETrainer, provider: CountingStream, cfg_dict: dict[str, Any]) -> Path:
         """Write every hook's SAELens checkpoint, then commit ``state.json`` atomically, then drop the
         previous step's folders of these hooks."""
         step = trainer.n_training_steps
@@ -156,7 +159,7 @@ class RunCheckpoint:
                 step_dir.rmdir()  # only once every rank's hooks are gone
 
 
-def load_trainer_state(trainer: Any, path: Path) -> None:
+def load_trainer_state(trainer: MultiSAETrainer, path: Path) -> None:
     """SAELens's ``SAETrainer.load_trainer_state`` with every ``torch.load`` forced to
     ``weights_only=True``: a planted ``trainer_state.pt`` cannot run code on resume."""
     import functools

@@ -29,7 +29,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,10 +37,17 @@ from .._errors import CorruptShardError, TrainingInterrupted
 from .checkpoints import CountingStream, RunCheckpoint, StopFlag, load_trainer_state, stop_on_signals
 from .config import VisionSAETrainingConfig
 
+if TYPE_CHECKING:
+    from sae_lens import TrainingSAE
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    from ..activations.cache import CacheSettings
+    from ..models.hooked_vit import HookedViT
+
 logger = logging.getLogger(__name__)
 
 
-def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_size: int) -> dict[str, Any]:
+def sae_metadata(cfg: VisionSAETrainingConfig, model: HookedViT, hook: str, context_size: int) -> dict[str, Any]:
     from .._version import __version__
 
     return {
@@ -58,7 +65,7 @@ def sae_metadata(cfg: VisionSAETrainingConfig, model: Any, hook: str, context_si
     }
 
 
-def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metadata: dict[str, Any]) -> Any:
+def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metadata: dict[str, Any]) -> TrainingSAE:
     """A SAELens ``TrainingSAE`` of ``cfg.architecture`` from SAELens's training registry, for one hook
     (per-layer overrides applied); ``topk`` is :class:`~.auxk.AuxKTopKTrainingSAE` (configurable AuxK)."""
     import dataclasses
@@ -95,7 +102,7 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
 
 
 @torch.no_grad()
-def initial_b_dec(trainer: Any, sae: Any, batches: list[torch.Tensor], method: str) -> torch.Tensor:
+def initial_b_dec(trainer: MultiSAETrainer, sae: TrainingSAE, batches: list[torch.Tensor], method: str) -> torch.Tensor:
     """``b_dec`` at the mean or geometric median of ``batches`` in the SAE's input space (after the
     trainer's activation scaler and the SAE's run-time normalisation, where ``b_dec`` is subtracted)."""
     x = torch.cat([sae.run_time_activation_norm_fn_in(trainer.activation_scaler(b.to(sae.W_enc))) for b in batches])
@@ -110,7 +117,7 @@ def initial_b_dec(trainer: Any, sae: Any, batches: list[torch.Tensor], method: s
     return centre
 
 
-def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> Any:
+def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> CacheSettings:
     """The ``CacheSettings`` a training config implies (the same for ``sae-vision cache`` and training)."""
     from ..activations.cache import CacheSettings, dataset_fingerprint
 
@@ -128,7 +135,7 @@ def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: 
 
 
 def activation_stream(
-    cfg: VisionSAETrainingConfig, model: Any, hooks: list[str], read_hooks: list[str] | None = None
+    cfg: VisionSAETrainingConfig, model: HookedViT, hooks: list[str], read_hooks: list[str] | None = None
 ) -> tuple[Iterator[dict], int]:
     """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image.
     The cache (if any) holds ``hooks``; batches carry ``read_hooks`` (default: all of them)."""
@@ -201,7 +208,7 @@ def _trainer_class():
     return VisionMultiSAETrainer
 
 
-def check_hooks(cfg: VisionSAETrainingConfig, model: Any, hooks: list[str]) -> None:
+def check_hooks(cfg: VisionSAETrainingConfig, model: HookedViT, hooks: list[str]) -> None:
     """Every hook to train exists on ``model`` and every ``per_layer`` key names one of them; the device
     is usable. ``ValueError`` naming the value, with close valid names."""
     from .._registry import unknown_name_message
@@ -228,7 +235,7 @@ def dead_window_steps(cfg: VisionSAETrainingConfig) -> int:
     return min(1000, max(1, cfg.training_tokens // cfg.train_batch_size // 10))
 
 
-def train_saes(cfg: VisionSAETrainingConfig, model: Any = None, resume: bool = False) -> dict[str, Any]:
+def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference).
 
     Raises :class:`TrainingInterrupted` after saving a checkpoint if SIGINT/SIGTERM arrives;

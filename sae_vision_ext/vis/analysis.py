@@ -23,13 +23,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._hooks import layer_of
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sae_lens import SAE
+
+    from ..data.shapes import ShapesData
+    from ..models.hooked_vit import HookedViT
 
 N_BINS = 64
 """Score bins: bin 0 is an exact zero, then log-spaced bins over [1e-3, 1e2]."""
@@ -169,7 +177,7 @@ class FeatureAnalysis:
         }
 
 
-def shapes_attributes(data: Any, grid: tuple[int, int], image_size: int) -> list[Attribute]:
+def shapes_attributes(data: ShapesData, grid: tuple[int, int], image_size: int) -> list[Attribute]:
     """The shapes set's ground truth as attributes: per image shape, colour, background, marker, size
     (three bins), rotation (four), the object's cell on a 3x3 grid; per patch the patch position and
     whether the patch holds the marker (top-left patch of marked images)."""
@@ -203,8 +211,8 @@ def shapes_attributes(data: Any, grid: tuple[int, int], image_size: int) -> list
 
 @torch.no_grad()
 def analyse_features(
-    model: Any,
-    saes: Sequence[Any],
+    model: HookedViT,
+    saes: Sequence[SAE],
     pixels: Tensor,
     attributes: Sequence[Attribute],
     threshold: float = 0.9,
@@ -285,7 +293,7 @@ def feature_labels(analyses: Mapping[str, FeatureAnalysis]) -> dict[tuple[int, i
     return out
 
 
-def plot_type_evolution(analyses: Mapping[str, FeatureAnalysis], path: Any) -> Any:
+def plot_type_evolution(analyses: Mapping[str, FeatureAnalysis], path: str | Path) -> Path:
     """Stacked shares of live features per type and layer (the paper's feature evolution)."""
     from .plots import plot_layer_evolution
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +34,11 @@ from .plots import (
     plot_top_patches,
 )
 from .stats import HIST_EDGES, FeatureStats, collect_feature_stats
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
 
 
 def _hist_svg(counts: Tensor) -> str:
@@ -153,8 +158,8 @@ def choose_feature_pages(
 
 
 def build_dashboard(
-    model: Any,
-    saes: Sequence[Any],
+    model: HookedViT,
+    saes: Sequence[SAE],
     pixels: Tensor,
     out_dir: str | Path,
     labels: Tensor | None = None,

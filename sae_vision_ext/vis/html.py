@@ -5,10 +5,13 @@ The dashboard (``vis/dashboard.py``) and the graph viewer (``circuits/viewer.py`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jinja2
 
 
-def template_env() -> Any:
+def template_env() -> jinja2.Environment:
     """A ``jinja2.Environment`` loading this package's templates, HTML autoescaped."""
     import jinja2
 

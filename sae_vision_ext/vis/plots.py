@@ -9,19 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._compat import renamed_kwargs
 from .._hooks import layer_of
 from .stats import FeatureStats
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
 
 KINDS = ("dead", "dense", "position", "class", "colour", "other")
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
@@ -32,7 +40,7 @@ def pyplot():
 
 
 @torch.no_grad()
-def feature_heatmaps(model: Any, sae: Any, pixels: Tensor, feature: int) -> Tensor:
+def feature_heatmaps(model: HookedViT, sae: SAE, pixels: Tensor, feature: int) -> Tensor:
     """The feature's activation at every patch of each image: ``[n, grid_h, grid_w]``."""
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
@@ -42,7 +50,7 @@ def feature_heatmaps(model: Any, sae: Any, pixels: Tensor, feature: int) -> Tens
     return acts.reshape(len(pixels), *model.cfg.grid_size)
 
 
-def display_images(model: Any, pixels: Tensor) -> np.ndarray:
+def display_images(model: HookedViT, pixels: Tensor) -> np.ndarray:
     """Undo the model's normalisation: ``[n, h, w, 3]`` floats in [0, 1] for plotting."""
     cfg = model.data_config
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
@@ -54,21 +62,30 @@ def _overlay(ax: Any, img: np.ndarray, heat: np.ndarray, vmax: float) -> None:
     h, w = img.shape[:2]
     ax.imshow(img)
     masked = np.ma.masked_where(heat <= 0, heat)  # where the feature is silent the image shows through
-    ax.imshow(masked, cmap="magma", alpha=0.6, vmin=0, vmax=max(vmax, 1e-6), extent=(0, w, h, 0),
-              interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        masked, cmap="magma", alpha=0.6, vmin=0, vmax=max(vmax, 1e-6), extent=(0, w, h, 0), interpolation="nearest"
+    )
     ax.axis("off")
 
 
-def plot_top_patches(stats: FeatureStats, feature: int, images: Tensor, path: str | Path, model: Any, sae: Any,
-                     labels: Sequence[str] | None = None, crop_patches: int = 3) -> Path:  # fmt: skip
+@renamed_kwargs(images="pixels")
+def plot_top_patches(
+    stats: FeatureStats,
+    feature: int,
+    pixels: Tensor,
+    path: str | Path,
+    model: HookedViT,
+    sae: SAE,
+    labels: Sequence[str] | None = None,
+    crop_patches: int = 3,
+) -> Path:
     """Top images of ``feature`` with its heatmap (top row, one colour scale for all, drawn beside
     them) and a crop around the hottest patch (bottom).
 
-    ``images`` are the preprocessed images the stats were collected on (indexed by image index);
-    ``labels``, when given, name every image of ``images`` (indexed by image index, like ``images``);
+    ``pixels`` are the preprocessed images the stats were collected on (indexed by image index);
+    ``labels``, when given, name every image of ``pixels`` (indexed by image index, like ``pixels``);
     ``model`` and ``sae`` recompute the true per-patch activations for the heatmaps.
     """
-    pixels = images
     plt = pyplot()
     examples = stats.top_examples(feature)
     path = Path(path)
@@ -149,8 +166,13 @@ def plot_spatial_maps(stats: FeatureStats, path: str | Path, n: int = 16) -> Pat
     return Path(path)
 
 
-def feature_kinds(stats: FeatureStats, colour_stats: FeatureStats | None = None, dense: float = 0.3,
-                  position: float = 0.5, selective: float = 0.5) -> list[str]:  # fmt: skip
+def feature_kinds(
+    stats: FeatureStats,
+    colour_stats: FeatureStats | None = None,
+    dense: float = 0.3,
+    position: float = 0.5,
+    selective: float = 0.5,
+) -> list[str]:
     """A kind per feature, first match wins: ``dead`` (never fires), ``dense`` (token density above
     ``dense``), ``class`` (class selectivity above ``selective``), ``colour`` (selectivity over the
     colour factor, from ``colour_stats`` collected with colour ids as labels), ``position`` (over

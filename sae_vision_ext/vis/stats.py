@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .._compat import renamed_kwargs
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from ..models.hooked_vit import HookedViT
 
 HIST_EDGES = torch.linspace(-4.0, 2.0, 31)  # log10 activation bins
 
@@ -49,8 +56,9 @@ class FeatureStats:
     tensors: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, hook_name: str, d_sae: int, top_k: int, n_prefix: int, grid: tuple[int, int],
-              n_classes: int = 0) -> FeatureStats:  # fmt: skip
+    def empty(
+        cls, hook_name: str, d_sae: int, top_k: int, n_prefix: int, grid: tuple[int, int], n_classes: int = 0
+    ) -> FeatureStats:
         s = cls(hook_name, d_sae, top_k, n_prefix, tuple(grid), n_classes)
         n_patch = grid[0] * grid[1]
         s.tensors = {
@@ -181,8 +189,10 @@ class FeatureStats:
         d = Path(folder) / self.hook_name
         d.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(d / "stats.safetensors"))
-        meta = {k: getattr(self, k) for k in ("hook_name", "d_sae", "top_k", "n_prefix", "n_classes", "n_images",
-                                              "n_tokens")}  # fmt: skip
+        meta = {
+            k: getattr(self, k)
+            for k in ("hook_name", "d_sae", "top_k", "n_prefix", "n_classes", "n_images", "n_tokens")
+        }
         (d / "meta.json").write_text(json.dumps(meta | {"grid": list(self.grid)}))
         return d
 
@@ -206,10 +216,11 @@ def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterable[Ten
 
 
 @torch.no_grad()
+@renamed_kwargs(images="pixels")
 def collect_feature_stats(
-    model: Any,
-    saes: Any,
-    images: Tensor | Iterable[Tensor],
+    model: HookedViT,
+    saes: SAE | Sequence[SAE] | Mapping[str, SAE],
+    pixels: Tensor | Iterable[Tensor],
     labels: Tensor | None = None,
     top_k: int = 16,
     batch_size: int = 64,
@@ -218,7 +229,7 @@ def collect_feature_stats(
 ) -> FeatureStats | dict[str, FeatureStats]:
     """Statistics of one SAE (returns ``FeatureStats``) or several (``{hook_name: FeatureStats}``).
 
-    ``images`` are preprocessed ``[n, chan, h, w]`` (or an iterable of such batches, in order);
+    ``pixels`` are preprocessed ``[n, chan, h, w]`` (or an iterable of such batches, in order);
     ``labels`` (``[n]``, class ids) enable the label distribution and class selectivity.
     """
     from tqdm import tqdm
@@ -237,14 +248,15 @@ def collect_feature_stats(
     stop = None if deepest is None else deepest + 1
     n_classes = n_classes if n_classes is not None else (int(labels.max()) + 1 if labels is not None else 0)
     stats = {
-        s.cfg.metadata.hook_name: FeatureStats.empty(s.cfg.metadata.hook_name, s.cfg.d_sae, top_k,
-                                                     model.cfg.n_prefix_tokens, model.cfg.grid_size, n_classes)
+        s.cfg.metadata.hook_name: FeatureStats.empty(
+            s.cfg.metadata.hook_name, s.cfg.d_sae, top_k, model.cfg.n_prefix_tokens, model.cfg.grid_size, n_classes
+        )
         for s in sae_list
-    }  # fmt: skip
-    total = len(images) if isinstance(images, Tensor) else None
+    }
+    total = len(pixels) if isinstance(pixels, Tensor) else None
     bar = tqdm(total=total, desc="feature stats", unit="img", disable=not progress)
     offset = 0
-    for batch in _batches(images, batch_size):
+    for batch in _batches(pixels, batch_size):
         _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop, return_cache_object=False)
         lab = None if labels is None else labels[offset : offset + len(batch)]
         for sae in sae_list:

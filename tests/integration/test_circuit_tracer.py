@@ -98,7 +98,7 @@ def test_every_export_validates_against_circuit_tracers_models(tmp_path):
         group = [
             ["a group", *[n["node_id"] for n in exported_ids if n["feature_type"] == "cross layer transcoder"][:2]]
         ]
-        out = g.to_json(tmp_path / name / f"{name}.json", rrm=rrm, stats=stats, images=ref, supernodes=group)
+        out = g.to_json(tmp_path / name / f"{name}.json", rrm=rrm, stats=stats, stats_pixels=ref, supernodes=group)
         assert out["qParams"]["supernodes"] == group
         model = graph_models.Model.model_validate(json.loads((tmp_path / name / f"{name}.json").read_text()))
         assert len(model.nodes) == len(out["nodes"]) > 0

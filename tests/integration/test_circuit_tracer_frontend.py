@@ -70,7 +70,7 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
     pruned = g.prune()
     ref = images(4, seed=3).double()
     stats = collect_feature_stats(rrm.model, rrm.saes, ref, top_k=3, progress=False)
-    out = pruned.to_json(tmp_path / "vit.json", rrm=rrm, stats=stats, images=ref)
+    out = pruned.to_json(tmp_path / "vit.json", rrm=rrm, stats=stats, stats_pixels=ref)
     # circuit-tracer's own selection for the same graph and thresholds
     import torch
     from circuit_tracer.graph import prune_graph

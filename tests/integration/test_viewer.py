@@ -76,7 +76,15 @@ def test_viewer_click_draws_only_that_nodes_edges_with_heatmap_and_top_patches(t
     page_path.parent.mkdir(parents=True)
     page_path.write_text("<html></html>")
     path = render_graph_html(
-        graph, tmp_path / "graph.html", rrm, x, dashboard_dir="dash", stats=stats, images=ref, n_top=3, aggregated=agg
+        graph,
+        tmp_path / "graph.html",
+        rrm,
+        x,
+        dashboard_dir="dash",
+        stats=stats,
+        stats_pixels=ref,
+        n_top=3,
+        aggregated=agg,
     )
     data = page_data(path)
     shown, _ = exported_masks(graph)

@@ -29,12 +29,23 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _imports(name: str) -> list[tuple[str, list[str]]]:
-    """``(imported module, names)`` for every ``sae_vision_ext`` import in module ``name``."""
+def _typing_only(tree: ast.Module) -> set[int]:
+    """Ids of the import nodes under ``if TYPE_CHECKING:`` (annotations only: never run)."""
+    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    return {id(m) for b in blocks for stmt in b.body for m in ast.walk(stmt)}
+
+
+def _imports(name: str, runtime_only: bool = False) -> list[tuple[str, list[str]]]:
+    """``(imported module, names)`` for every ``sae_vision_ext`` import in module ``name`` (with
+    ``runtime_only``, not those under ``if TYPE_CHECKING:``)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _typing_only(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -58,7 +69,8 @@ def _subpackage(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-EDGES = {m: {t for t, _ in _imports(m) if t in MODULES and t != m} for m in MODULES}
+EDGES = {m: {t for t, _ in _imports(m, runtime_only=True) if t in MODULES and t != m} for m in MODULES}
+"""Runtime imports (a cycle is among these; imports for annotations only still obey the levels)."""
 
 
 def test_every_subpackage_has_a_level():
@@ -98,3 +110,35 @@ def test_imports_go_down_the_pipeline_and_never_take_private_names_across_subpac
         assert not target.rsplit(".", 1)[-1].startswith("_") or theirs.startswith("_") or target.endswith("__init__"), (
             f"{module} imports the private module {target}"
         )
+
+
+DOMAIN_PARAMS = {"model", "sae", "saes", "graph", "rrm", "stats", "trainer", "dataset", "aggregated", "pixels"}
+"""Parameters that always hold one of the package's (or a host's) types: never typed ``Any``."""
+
+
+def _public_functions():
+    for name, path in MODULES.items():
+        if any(part.startswith("_") for part in name.split(".")[1:]):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                yield name, node
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for m in node.body:
+                    if isinstance(m, ast.FunctionDef) and (not m.name.startswith("_") or m.name == "__init__"):
+                        yield f"{name}.{node.name}", m
+
+
+def test_public_api_is_typed():
+    """Every public function and method annotates each parameter and its return; the parameters that
+    carry a model, SAE, graph or replacement model name its type (``Any`` hides the contract)."""
+    problems = []
+    for where, f in _public_functions():
+        args = [a for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs if a.arg not in ("self", "cls")]
+        for a in args:
+            hint = ast.unparse(a.annotation) if a.annotation is not None else None
+            if hint is None or (a.arg in DOMAIN_PARAMS and hint.replace(" | None", "") == "Any"):
+                problems.append(f"{where}.{f.name}({a.arg}: {hint})")
+        if f.returns is None:
+            problems.append(f"{where}.{f.name} -> (no return annotation)")
+    assert not problems, "untyped public API:\n" + "\n".join(problems)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from ..._compat import first_attr
 from ..components import BlockParts, SeparateQKV, act_fn_name
 from ..config import HookedViTConfig
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ViTAdapter, register_adapter, register_loader, unsupported
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -334,7 +337,7 @@ def _image_processor_config(name: str) -> dict[str, Any] | None:
     return cfg
 
 
-def hf_class_names(config: Any, n_classes: int) -> tuple[str, ...]:
+def hf_class_names(config: PretrainedConfig, n_classes: int) -> tuple[str, ...]:
     """``config.id2label`` of an HF classifier, unless it holds only the ``LABEL_<i>`` placeholders."""
     id2label = getattr(config, "id2label", None) or {}
     names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(n_classes)]

@@ -119,9 +119,11 @@ class TimmViTAdapter(ViTAdapter):
             from timm.layers import resample_abs_pos_embed
 
             pe = resample_abs_pos_embed(
-                pe, new_size=grid, old_size=m.patch_embed.grid_size,
+                pe,
+                new_size=grid,
+                old_size=m.patch_embed.grid_size,
                 num_prefix_tokens=0 if m.no_embed_class else n_prefix,
-            )  # fmt: skip
+            )
         if m.no_embed_class:
             pe = torch.cat([pe.new_zeros(1, n_prefix, d), pe], dim=1)
         return tok, pe
@@ -171,7 +173,7 @@ def load_timm(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def timm_class_names(model: Any) -> tuple[str, ...]:
+def timm_class_names(model: nn.Module) -> tuple[str, ...]:
     """Class names of a timm classifier: ``pretrained_cfg["label_names"]`` when set, else timm's own
     ImageNet label descriptions (first synonym) when the head matches the inferred subset."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -1,0 +1,57 @@
+"""Old argument spellings keep working for one release, with a DeprecationWarning naming the new one,
+and give the same result as the new spelling."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import images, rrm_for
+
+from sae_vision_ext._compat import renamed_kwargs
+from sae_vision_ext.circuits.attribution import Attributor
+from sae_vision_ext.saes.evaluate import evaluate_sae
+from sae_vision_ext.vis.stats import collect_feature_stats
+
+
+@pytest.fixture(scope="module")
+def rrm():
+    return rrm_for("timm_cls")
+
+
+def test_renamed_kwargs_maps_warns_and_refuses_both():
+    @renamed_kwargs(old="new")
+    def f(a: int, new: int = 0) -> int:
+        return 10 * a + new
+
+    with pytest.warns(DeprecationWarning, match=r"f\(old=\.\.\.\) is renamed new="):
+        assert f(1, old=2) == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert f(1, new=3) == 13
+    with pytest.raises(TypeError, match="both 'new' and its old name 'old'"):
+        f(1, old=2, new=3)
+    assert f.__name__ == "f"
+
+
+def test_images_is_now_pixels(rrm):
+    x = images(2).double()
+    sae = rrm.saes[0]
+    new = collect_feature_stats(rrm.model, sae, pixels=x, top_k=3, progress=False)
+    with pytest.warns(DeprecationWarning, match="renamed pixels="):
+        old = collect_feature_stats(rrm.model, sae, images=x, top_k=3, progress=False)
+    torch.testing.assert_close(old.tensors["max_act"], new.tensors["max_act"])
+    with pytest.warns(DeprecationWarning, match="renamed pixels="):
+        metrics = evaluate_sae(rrm.model, sae, images=x)
+    assert metrics["fvu"] == evaluate_sae(rrm.model, sae, x)["fvu"]
+
+
+def test_attribute_targets_is_now_target(rrm):
+    x = images(1, seed=3).double()
+    att = Attributor(rrm, batch_size=16)
+    new = att.attribute(x, target=2, max_feature_nodes=None)
+    with pytest.warns(DeprecationWarning, match=r"attribute\(targets=\.\.\.\) is renamed target="):
+        old = att.attribute(x, targets=2, max_feature_nodes=None)
+    torch.testing.assert_close(old.adjacency.to_dense(), new.adjacency.to_dense())
+    assert old.target_classes == new.target_classes == [2]
