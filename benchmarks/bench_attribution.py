@@ -76,13 +76,13 @@ def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, err
 
 
 def part1(name: str, rrm, pixels, n_targets: int, budget: int | None) -> list[object]:
-    from sae_vision_ext.circuits.attribution import Attributor, record_with_saes
+    from sae_vision_ext.circuits.attribution import Attributor
 
     t0 = time.perf_counter()
     graph = Attributor(rrm, batch_size=64).attribute(pixels, max_feature_nodes=budget)
     ours = time.perf_counter() - t0
     n_rows = int((~torch.isnan(graph.value)).sum())
-    frozen = record_with_saes(rrm, pixels)
+    frozen = rrm.frozen_state(pixels)[0]
     with torch.no_grad():
         acts = [a[0] for a in rrm.feature_acts(pixels)]
         _, cache = rrm.model.run_with_cache_with_saes(pixels, saes=rrm.saes, use_error_term=True,

@@ -24,6 +24,7 @@ def run_analysis(
     out: str | Path,
     n_images: int = 512,
     seed: int = 31,
+    *,
     threshold: float = 0.9,
     progress: bool = True,
 ) -> dict[str, Any]:

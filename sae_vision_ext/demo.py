@@ -193,6 +193,7 @@ def dashboard_stage(
     pixels: Tensor,
     labels: Tensor,
     out_dir: str,
+    *,
     circuit: dict[str, list[int]] | None = None,
 ) -> None:
     """Stage 4: feature statistics, the logit lens and the offline dashboard (pages for the features a

@@ -24,7 +24,7 @@ with install_import_hook("sae_vision_ext", "beartype.beartype"):  # imported und
     import sae_vision_ext.circuits.replacement
     import sae_vision_ext.circuits.seed_protocol
     import sae_vision_ext.models
-    import sae_vision_ext.saes.affine  # noqa: F401
+    import sae_vision_ext.saes.affine
 
 import pytest
 import torch

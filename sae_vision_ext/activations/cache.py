@@ -131,6 +131,7 @@ def build_cache(
     settings: CacheSettings,
     root: str | Path,
     num_workers: int = 0,
+    *,
     image_batch_size: int = 64,
     progress: bool = True,
 ) -> Path:
@@ -171,7 +172,12 @@ def build_cache(
         parts: dict[str, list[Tensor]] = {h: [] for h in settings.hook_names}
         batches = ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in loader)
         for chunk in harvest(
-            model, batches, list(settings.hook_names), settings.token_selection, settings.patches_per_image, gen
+            model,
+            batches,
+            list(settings.hook_names),
+            settings.token_selection,
+            settings.patches_per_image,
+            generator=gen,
         ):
             for h, t in chunk.items():
                 parts[h].append(t.to("cpu", dtype))

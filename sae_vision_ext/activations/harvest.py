@@ -80,6 +80,7 @@ def harvest(
     hook_names: Sequence[str],
     token_selection: TokenSelection = "all",
     patches_per_image: int | None = None,
+    *,
     generator: torch.Generator | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """For each preprocessed image batch, ``{hook: [n_tokens, d]}`` from one forward pass.

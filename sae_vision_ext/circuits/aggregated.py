@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +119,7 @@ def attribute_aggregated(
     reference: list[Tensor] | None = None,
     error_reference: list[Tensor] | None = None,
     target: int | None = None,
+    *,
     leaf_errors: bool = True,
     batch_size: int = 64,
     engine: Literal["staged", "autograd"] = "staged",
@@ -138,19 +140,9 @@ def attribute_aggregated(
     if engine not in ("staged", "autograd"):
         raise ValueError(f"engine must be 'staged' or 'autograd'; got {engine!r}.")
     att = Attributor(rrm, batch_size=batch_size)  # validates the SAEs and the readout
-    model, n = rrm.model, rrm.n_layers
+    n = rrm.n_layers
     frozen, norms = rrm.frozen_state(pixels)
-    hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
-    with torch.no_grad():
-        clean, cache = model.run_with_cache_with_saes(
-            pixels,
-            saes=rrm.saes,
-            use_error_term=True,
-            return_cache_object=False,
-            names_filter=[f"{h}.hook_sae_{k}" for h in hooks for k in ("acts_post", "error")],
-        )
-    acts = [cache[sae_acts(h)][0] for h in hooks]
-    errors = [cache[sae_error(h)][0] for h in hooks]
+    clean, acts, errors = _clean_acts(rrm, pixels)
     reference = _references(reference, acts, "reference")
     error_reference = _references(error_reference, errors, "error_reference")
     d_acts = [a - r.to(a.dtype) for a, r in zip(acts, reference, strict=True)]
@@ -165,70 +157,24 @@ def attribute_aggregated(
     if leaf_errors:
         grads: list[Tensor | None] = [None] * (n - 1) + [grad_last[0]]
     else:
-        total = resid_post_gradients(model, pixels, lambda o: o[0] @ direction.to(o.dtype))[1]
+        total = resid_post_gradients(rrm.model, pixels, lambda o: o[0] @ direction.to(o.dtype))[1]
         grads = [total[b][0] for b in rrm.layers]
+    pairs = _PairRows(rrm, frozen, norms, pre=pre, leaves=leaves, mids=mids, engine=engine, batch_size=batch_size)
 
     relevance: list[Tensor] = [torch.empty(0)] * n
     edges: list[Tensor] = [torch.empty(0)] * n
-    workspace = Workspace()
     for i in range(n - 1, -1, -1):
-        sae, norm = rrm.saes[i], norms[i]
-        g_feat = affine.decoder_projection(sae, grads[i], norm)  # [pos, d_sae]
+        g_feat = affine.decoder_projection(rrm.saes[i], grads[i], norms[i])  # [pos, d_sae]
         relevance[i] = torch.cat([(g_feat * d_acts[i]).sum(0), (grads[i] * d_errs[i]).sum()[None]])
         if i == n - 1:
             edges[i] = relevance[i][None].clone()
         if i == 0:
             break
-        # rows of layer i's targets (features active somewhere), sources at layer i - 1
-        weight = g_feat * (acts[i] != 0)  # c[p', f']
-        rows = weight.abs().sum(0).nonzero().flatten()
-        prev = rrm.saes[i - 1]
-        # staged rows when the block reads the previous SAE layer directly (rows.py)
-        staged = engine == "staged" and rrm.layers[i - 1] == rrm.layers[i] - 1
-        if staged:  # rows sorted by how many tokens they are active on, so batches pad little
-            rows = rows[(weight[:, rows] != 0).sum(0).argsort(stable=True)]
-        elif engine == "staged":
-            logger.info(
-                "attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through them (slower).",
-                rrm.layers[i - 1] + 1,
-                rrm.layers[i],
-            )
-        dirs, index = _padded_sources(prev, norms[i - 1], d_acts[i - 1], d_errs[i - 1])
-        e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 2, dtype=torch.float64)  # + a padding column
-        grad_prev = torch.zeros_like(leaves.values[i - 1][0])
-        if staged:
-            sources = Sources.for_block(model, rrm.layers[i], frozen, dirs)
-            w_h = affine.encoder_weights(sae)[0].detach()
-        for start in range(0, len(rows), batch_size):
-            fo = rows[start : start + batch_size]
-            if staged:
-                proj, j_sum = block_rows(
-                    model,
-                    rrm.layers[i],
-                    frozen,
-                    mids[i],
-                    w_h[:, fo].T,
-                    norm,
-                    active_tokens(weight[:, fo].T),
-                    sources,
-                    workspace,
-                    grad_sum=True,
-                )
-            else:
-                cot = torch.zeros(len(fo), *pre[i].shape, dtype=pre[i].dtype)
-                cot[torch.arange(len(fo)), 0, :, fo] = weight[:, fo].T
-                (j,) = torch.autograd.grad(
-                    pre[i], leaves.values[i - 1], grad_outputs=cot, is_grads_batched=True, retain_graph=True
-                )
-                j = j[:, 0].detach()  # [rows, pos, d_model]
-                proj, j_sum = torch.einsum("rpd,pkd->rpk", j, dirs), j.sum(0)
-            e[fo] = e[fo].index_add(1, index, proj.reshape(len(fo), -1).double())
-            grad_prev += j_sum
-        e = torch.cat([e[:, :-2], e[:, -2:-1]], 1)  # drop the padding column; the error column last
+        e, grad_prev = pairs.edges(i, g_feat * (acts[i] != 0), d_acts[i - 1], d_errs[i - 1])
         if leaf_errors:
             grads[i - 1] = grad_prev
         else:
-            g_prev = affine.decoder_projection(prev, grads[i - 1], norms[i - 1])
+            g_prev = affine.decoder_projection(rrm.saes[i - 1], grads[i - 1], norms[i - 1])
             r_prev = torch.cat([(g_prev * d_acts[i - 1]).sum(0), (grads[i - 1] * d_errs[i - 1]).sum()[None]])
             e[-1] = r_prev.double() - e[:-1].sum(0)
         edges[i - 1] = e
@@ -241,6 +187,105 @@ def attribute_aggregated(
         leaf_errors=leaf_errors,
         activation=[a.sum(0).double() for a in acts],
     )
+
+
+def _clean_acts(rrm: ReplacementModelBase, pixels: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The output, and each SAE layer's activations and error terms, of the clean forward with every
+    SAE spliced and its error term kept (so the output is the original model's)."""
+    hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
+    with torch.no_grad():
+        clean, cache = rrm.model.run_with_cache_with_saes(
+            pixels,
+            saes=rrm.saes,
+            use_error_term=True,
+            return_cache_object=False,
+            names_filter=[name for h in hooks for name in (sae_acts(h), sae_error(h))],
+        )
+    return clean, [cache[sae_acts(h)][0] for h in hooks], [cache[sae_error(h)][0] for h in hooks]
+
+
+class _PairRows:
+    """The edges between consecutive SAE layers of one image's frozen forward (``pre``: each layer's
+    target pre-activations; ``leaves``: the spliced residuals; ``mids``: each block's
+    ``resid_mid``): one row per target feature active somewhere, gradient-weighted and summed over
+    tokens, in closed form (``rows.py``) where the block reads the previous SAE layer directly and
+    ``engine`` is ``staged``, else by batched VJPs."""
+
+    def __init__(
+        self,
+        rrm: ReplacementModelBase,
+        frozen: dict[str, Tensor],
+        norms: list[affine.FrozenNorm],
+        *,
+        pre: list[Tensor],
+        leaves: Any,
+        mids: dict[int, Tensor],
+        engine: str,
+        batch_size: int,
+    ) -> None:
+        self.rrm, self.frozen, self.norms, self.pre, self.leaves, self.mids = rrm, frozen, norms, pre, leaves, mids
+        self.engine, self.batch_size, self.workspace = engine, batch_size, Workspace()
+
+    def edges(self, i: int, weight: Tensor, d_acts: Tensor, d_errs: Tensor) -> tuple[Tensor, Tensor]:
+        """``[d_sae_i + 1, d_sae_{i-1} + 1]`` edges into SAE layer ``i`` (error row and column last;
+        the error row left zero) from the sources ``d_acts``/``d_errs`` of layer ``i - 1``, and the sum
+        of the rows' gradients at layer ``i - 1``. ``weight``: ``[pos, d_sae_i]``, each target
+        feature's gradient weight per token (zero where it is not active)."""
+        rrm, layers = self.rrm, self.rrm.layers
+        sae, prev = rrm.saes[i], rrm.saes[i - 1]
+        rows = weight.abs().sum(0).nonzero().flatten()
+        staged = self.engine == "staged" and layers[i - 1] == layers[i] - 1
+        if staged:  # rows sorted by how many tokens they are active on, so batches pad little
+            rows = rows[(weight[:, rows] != 0).sum(0).argsort(stable=True)]
+        elif self.engine == "staged":
+            logger.info(
+                "attribute_aggregated: blocks %d..%d lie between SAE layers; rows by plain VJPs through them (slower).",
+                layers[i - 1] + 1,
+                layers[i],
+            )
+        dirs, index = _padded_sources(prev, self.norms[i - 1], d_acts, d_errs)
+        e = torch.zeros(sae.cfg.d_sae + 1, prev.cfg.d_sae + 2, dtype=torch.float64)  # + a padding column
+        grad_prev = torch.zeros_like(self.leaves.values[i - 1][0])
+        batch = self._staged(i, dirs) if staged else self._vjp(i, dirs)
+        for start in range(0, len(rows), self.batch_size):
+            fo = rows[start : start + self.batch_size]
+            proj, j_sum = batch(fo, weight[:, fo])
+            e[fo] = e[fo].index_add(1, index, proj.reshape(len(fo), -1).double())
+            grad_prev += j_sum
+        return torch.cat([e[:, :-2], e[:, -2:-1]], 1), grad_prev  # the padding column dropped; error last
+
+    def _staged(self, i: int, dirs: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        block, model = self.rrm.layers[i], self.rrm.model
+        sources = Sources.for_block(model, block, self.frozen, dirs)
+        w_h = affine.encoder_weights(self.rrm.saes[i])[0].detach()
+
+        def batch(fo: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+            return block_rows(
+                model,
+                block,
+                self.frozen,
+                self.mids[i],
+                w_h[:, fo].T,
+                norm=self.norms[i],
+                tokens=active_tokens(weight.T),
+                sources=sources,
+                workspace=self.workspace,
+                grad_sum=True,
+            )
+
+        return batch
+
+    def _vjp(self, i: int, dirs: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        pre, leaf = self.pre[i], self.leaves.values[i - 1]
+
+        def batch(fo: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+            cot = torch.zeros(len(fo), *pre.shape, dtype=pre.dtype)
+            cot[torch.arange(len(fo)), 0, :, fo] = weight.T
+            (j,) = torch.autograd.grad(pre, leaf, grad_outputs=cot, is_grads_batched=True, retain_graph=True)
+            j = j[:, 0].detach()  # [rows, pos, d_model]
+            return torch.einsum("rpd,pkd->rpk", j, dirs), j.sum(0)
+
+        return batch
 
 
 def _padded_sources(sae: Any, norm: affine.FrozenNorm, d_acts: Tensor, d_err: Tensor) -> tuple[Tensor, Tensor]:

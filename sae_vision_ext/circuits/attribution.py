@@ -39,17 +39,22 @@ features' decoder rows only.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .._compat import renamed_kwargs
 from .._hooks import resid_post, sae_acts, sae_error
 from ..saes import affine
 from .graph import AttributionGraph
+from .graph_ops import cache_influence, resolve_targets, target_probs, target_weights
 from .linearise import frozen_hooks, pre_capture_hooks
+from .nodes import NodeTable
 from .replacement_base import ReplacementModelBase
 from .row_engine import RowEngine, estimate
 from .row_store import RowStore
@@ -216,166 +221,179 @@ class Attributor:
             raise ValueError(f"attribute() traces one image; got a batch of {pixels.shape[0]}.")
         if max_feature_nodes is not None and max_feature_nodes < 0:
             raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
-        model, rrm = self.model, self.rrm
-        L = rrm.n_layers
-        hooks = [sae.cfg.metadata.hook_name for sae in rrm.saes]
-        names = [sae_acts(h) for h in hooks] + [sae_error(h) for h in hooks] + ["blocks.0.hook_resid_pre"]
-        names += [f"blocks.{b}.hook_mlp_out" for b in range(model.cfg.n_layers)] if self.mlp else []
-        # with every error term kept the output is the original model's
-        frozen, norms, clean_out, cache = rrm.recorded_forward(pixels, names)
-        acts = [cache[sae_acts(h)][0] for h in hooks]
-        errors = [cache[sae_error(h)][0] for h in hooks]
-        mlp_out = [cache[f"blocks.{b}.hook_mlp_out"][0] for b in range(model.cfg.n_layers)] if self.mlp else []
-        x_in = cache["blocks.0.hook_resid_pre"][0]
-        n_pos, dev = x_in.shape[0], x_in.device
-        target_classes: list[int] = []
-        if targets is None or isinstance(targets, int):
-            c = int(clean_out[0].argmax()) if targets is None else int(targets)
-            targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1], device=dev)
-            targets[0, c] += 1.0
-            names = model.cfg.class_names
-            target_names = target_names or [names[c] if c < len(names) else f"class {c}"]
-            target_classes = [c]
-        targets = targets.to(clean_out).reshape(-1, clean_out.shape[-1])
-
-        # ---- nodes: inputs; per layer [mlp leaves], features, errors; targets
-        kinds, layers, poss, feats = ["input"] * n_pos, [-1] * n_pos, list(range(n_pos)), [-1] * n_pos
-        vals = x_in.norm(dim=-1).tolist()
-
-        def add(kind: str, layer: int, pos: list[int], feat: list[int], value: list[float]) -> Tensor:
-            first = len(kinds)
-            kinds.extend([kind] * len(pos)), layers.extend([layer] * len(pos))
-            poss.extend(pos), feats.extend(feat), vals.extend(value)
-            return torch.arange(first, len(kinds))
-
-        src_pos, src_feat, src_nodes, mlp_nodes, feat_nodes = {}, {}, {}, {}, {}
-        for layer in range(L):
-            block = rrm.layers[layer]  # ``layer`` counts SAE layers; nodes carry the block number
-            if self.mlp:
-                mlp_nodes[layer] = add(
-                    "mlp", block, list(range(n_pos)), [-1] * n_pos, mlp_out[block].norm(dim=-1).tolist()
-                )
-            nz = acts[layer].nonzero()  # sorted by position, then feature
-            src_pos[layer], src_feat[layer] = nz[:, 0], nz[:, 1]
-            feat_nodes[layer] = add(
-                "feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(), acts[layer][nz[:, 0], nz[:, 1]].tolist()
-            )
-            err = add("error", block, list(range(n_pos)), [-1] * n_pos, errors[layer].norm(dim=-1).tolist())
-            src_nodes[layer] = torch.cat([feat_nodes[layer], err])
-        clean_t = (clean_out[0] @ targets.T).tolist()
-        target_nodes = add("target", model.cfg.n_layers, [-1] * len(targets), [-1] * len(targets), clean_t)
-        n = len(kinds)
-
-        # ---- constants: bias-only frozen forward (every source residual replaced by its bias)
-        bias_only: dict[Any, Tensor] = {-1: torch.zeros_like(x_in)}
-        bias_only |= {layer: affine.decoder_bias(rrm.saes[layer], norms[layer]).detach() for layer in range(L)}
-        bias_only |= {("mlp", layer): torch.zeros_like(x_in) for layer in range(L)} if self.mlp else {}
-        with torch.no_grad():
-            out_b, pre_b = self._forward(pixels, frozen, _Leaves(L, bias_only, mlp=self.mlp), norms)
+        rec = self._record(pixels)
+        targets, target_names, target_classes = resolve_targets(
+            self.model.cfg.class_names, rec.clean_out, targets, target_names
+        )
+        nodes, src = self._nodes(rec, targets)
+        seeds, seeds_b, leaves, mids = self._seeds(pixels, rec, targets, src)
+        engine = RowEngine(self, rec.frozen, rec.norms, mids, leaves, seeds=seeds)
+        engine.set_sources(
+            rec.x_in,
+            src.pos,
+            src.feat,
+            rec.acts,
+            rec.errors,
+            src_nodes=src.nodes,
+            mlp_nodes=src.mlp,
+            mlp_out=rec.mlp_out,
+        )
+        dev, n = rec.x_in.device, len(nodes)
+        weights = target_weights(nodes.kinds, target_classes, rec.clean_out[0] if target_classes else None)
+        store = RowStore(n, weights.to(dev))
         value = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         constant = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
-
-        # ---- one frozen forward; rows are batched vector-Jacobian products against it
-        leaves = _Leaves(L, mlp=self.mlp)
-        mids: dict[int, Tensor] = {}
-        out, pre = self._forward(pixels, frozen, leaves, norms, mids)
-        seeds = [pre[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
-        seeds_b = [pre_b[layer][0, src_pos[layer], src_feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
-        node_ids = [feat_nodes[layer].to(dev) for layer in range(L)] + [target_nodes.to(dev)]
-        gaps = [b for a, b in zip([-1, *rrm.layers], rrm.layers, strict=False) if b != a + 1]
-        if gaps and not self.mlp:
-            logger.info(
-                "attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).", gaps
-            )
-        engine = RowEngine(self, frozen, norms, mids, leaves, seeds)
-        engine.set_sources(x_in, src_pos, src_feat, acts, errors, src_nodes, mlp_nodes, mlp_out)
-        from .graph_ops import cache_influence, target_weights
-
-        weights = target_weights(kinds, target_classes, clean_out[0] if target_classes else None)
-        store = RowStore(n, weights.to(dev))
-        from tqdm.auto import tqdm
-
-        n_feature_rows = sum(len(seeds[layer]) for layer in range(L))
+        node_ids = [src.features[layer].to(dev) for layer in range(len(src.features))] + [src.targets.to(dev)]
+        n_feature_rows = sum(len(s) for s in seeds[:-1])
         budget = n_feature_rows if max_feature_nodes is None else min(n_feature_rows, max_feature_nodes)
         n_rows = len(targets) + budget
-        message = estimate(model, n_rows, n_nodes=n, n_src=max(len(src) for src in src_nodes.values()), device=dev)
-        if progress:
-            tqdm.write(message)
-        else:
-            logger.info(message)
+        message = estimate(self.model, n_rows, n_nodes=n, n_src=max(len(s) for s in src.nodes.values()), device=dev)
+        (tqdm.write if progress else logger.info)(message)
         bar = tqdm(total=n_rows, desc="attribute", unit="row", disable=not progress)
 
         def run(layer: int, idx: Tensor) -> None:
             """Rows of ``seeds[layer][idx]`` (one SAE layer, or the targets), ``batch_size`` per batch."""
             for start in range(0, len(idx), self.batch_size):
                 part = idx[start : start + self.batch_size]
-                w, src = engine.rows(layer, part)
-                nodes = node_ids[layer][part]
-                value[nodes] = seeds[layer][part].detach().double()
-                constant[nodes] = seeds_b[layer][part].double()
-                store.add(layer, nodes, src, w)
+                w, sources = engine.rows(layer, part)
+                ids = node_ids[layer][part]
+                value[ids] = seeds[layer][part].detach().double()
+                constant[ids] = seeds_b[layer][part].double()
+                store.add(layer, ids, sources, w)
                 bar.update(len(part))
 
-        run(L, torch.arange(len(targets), device=dev))
+        run(len(seeds) - 1, torch.arange(len(targets), device=dev))
         if budget == n_feature_rows:  # every row: layer by layer, no ranking needed
-            for layer in range(L - 1, -1, -1):
+            for layer in range(len(seeds) - 2, -1, -1):
                 run(layer, torch.arange(len(seeds[layer]), device=dev))
         else:
-            layer_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-            index_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-            for layer in range(L):
-                layer_of[node_ids[layer]] = layer
-                index_of[node_ids[layer]] = torch.arange(len(node_ids[layer]), device=dev)
-            open_ = layer_of >= 0  # feature nodes without a row yet
-            n_done = 0
-            while n_done < budget:
-                infl = store.influence()
-                score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
-                chunk = self.batch_size * self.update_interval
-                k = min(chunk, budget - n_done, int(torch.isfinite(score).sum()))
-                if k == 0:
-                    break
-                order = score.topk(k).indices
-                open_[order] = False
-                n_done += k
-                for layer in layer_of[order].unique().flip(0).tolist():
-                    run(layer, index_of[order[layer_of[order] == layer]])
+            self._explore(run, store, node_ids[:-1], n, budget)
         bar.close()
         graph = AttributionGraph(
-            node_kind=kinds,
-            node_layer=torch.tensor(layers),
-            node_pos=torch.tensor(poss),
-            node_feature=torch.tensor(feats),
-            activation=torch.tensor(vals, dtype=torch.float64),
+            node_kind=nodes.kinds,
+            node_layer=torch.tensor(nodes.layers),
+            node_pos=torch.tensor(nodes.positions),
+            node_feature=torch.tensor(nodes.features),
+            activation=torch.tensor(nodes.values, dtype=torch.float64),
             adjacency=store.adjacency().cpu(),
             value=value.cpu(),
             constant=constant.cpu(),
-            target_names=list(target_names or [f"target {i}" for i in range(len(targets))]),
+            target_names=target_names,
             target_classes=target_classes,
-            n_prefix=model.cfg.n_prefix_tokens,
-            has_cls=model.cfg.has_cls_token,
-            grid=model.cfg.grid_size,
+            n_prefix=self.model.cfg.n_prefix_tokens,
+            has_cls=self.model.cfg.has_cls_token,
+            grid=self.model.cfg.grid_size,
             weights=weights,
-            target_probs=target_probs(target_classes, len(targets), clean_out),
+            target_probs=target_probs(target_classes, len(targets), rec.clean_out),
         )
         cache_influence(graph, store.influence().cpu())  # the same w(Â + Â² + …), from the row blocks
         return graph
 
+    def _record(self, pixels: Tensor) -> _Recorded:
+        """One clean forward with every SAE spliced and its error term kept (so the output is the
+        original model's): the frozen state, the SAE input statistics and the node values."""
+        model, hooks = self.model, [sae.cfg.metadata.hook_name for sae in self.rrm.saes]
+        mlp_names = [f"blocks.{b}.hook_mlp_out" for b in range(model.cfg.n_layers)] if self.mlp else []
+        names = [sae_acts(h) for h in hooks] + [sae_error(h) for h in hooks] + ["blocks.0.hook_resid_pre", *mlp_names]
+        frozen, norms, clean_out, cache = self.rrm.recorded_forward(pixels, names)
+        return _Recorded(
+            frozen=frozen,
+            norms=norms,
+            clean_out=clean_out,
+            acts=[cache[sae_acts(h)][0] for h in hooks],
+            errors=[cache[sae_error(h)][0] for h in hooks],
+            mlp_out=[cache[name][0] for name in mlp_names],
+            x_in=cache["blocks.0.hook_resid_pre"][0],
+        )
 
-def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> Tensor:
-    """The model's probability of each target's class (NaN where targets are not classes)."""
-    out = torch.full((n_targets,), float("nan"), dtype=torch.float64)
-    if len(target_classes) == n_targets:
-        out[:] = torch.softmax(logits[0].double(), -1)[torch.tensor(target_classes, dtype=torch.long)]
-    return out
+    def _nodes(self, rec: _Recorded, targets: Tensor) -> tuple[NodeTable, _SourceNodes]:
+        """The node table in the module docstring's order, and each SAE layer's source nodes."""
+        n_pos = rec.x_in.shape[0]
+        every = list(range(n_pos))
+        nodes, src = NodeTable(), _SourceNodes({}, {}, {}, {}, {}, torch.zeros(0, dtype=torch.long))
+        nodes.add("input", -1, every, [-1] * n_pos, rec.x_in.norm(dim=-1).tolist())
+        for layer, block in enumerate(self.rrm.layers):  # ``layer`` counts SAE layers; nodes carry the block
+            if self.mlp:
+                src.mlp[layer] = nodes.add("mlp", block, every, [-1] * n_pos, rec.mlp_out[block].norm(dim=-1).tolist())
+            nz = rec.acts[layer].nonzero()  # sorted by position, then feature
+            src.pos[layer], src.feat[layer] = nz[:, 0], nz[:, 1]
+            values = rec.acts[layer][nz[:, 0], nz[:, 1]].tolist()
+            src.features[layer] = nodes.add("feature", block, nz[:, 0].tolist(), nz[:, 1].tolist(), values)
+            err = nodes.add("error", block, every, [-1] * n_pos, rec.errors[layer].norm(dim=-1).tolist())
+            src.nodes[layer] = torch.cat([src.features[layer], err])
+        clean_t = (rec.clean_out[0] @ targets.T).tolist()
+        src.targets = nodes.add("target", self.model.cfg.n_layers, [-1] * len(targets), [-1] * len(targets), clean_t)
+        return nodes, src
+
+    def _seeds(
+        self, pixels: Tensor, rec: _Recorded, targets: Tensor, src: _SourceNodes
+    ) -> tuple[list[Tensor], list[Tensor], _Leaves, dict[int, Tensor]]:
+        """Per SAE layer (then the targets) the row seeds: the target pre-activations on the frozen
+        forward the rows differentiate, and on the bias-only forward (every source residual replaced
+        by its bias: the ``constant`` of each row). Also that forward's leaves and ``resid_mid``."""
+        L, x_in = self.rrm.n_layers, rec.x_in
+        bias_only: dict[Any, Tensor] = {-1: torch.zeros_like(x_in)}
+        bias_only |= {layer: affine.decoder_bias(self.rrm.saes[layer], rec.norms[layer]).detach() for layer in range(L)}
+        bias_only |= {("mlp", layer): torch.zeros_like(x_in) for layer in range(L)} if self.mlp else {}
+        with torch.no_grad():
+            out_b, pre_b = self._forward(pixels, rec.frozen, _Leaves(L, bias_only, mlp=self.mlp), rec.norms)
+        leaves, mids = _Leaves(L, mlp=self.mlp), {}
+        out, pre = self._forward(pixels, rec.frozen, leaves, rec.norms, mids)
+        seeds = [pre[layer][0, src.pos[layer], src.feat[layer]] for layer in range(L)] + [out[0] @ targets.T]
+        seeds_b = [pre_b[layer][0, src.pos[layer], src.feat[layer]] for layer in range(L)] + [out_b[0] @ targets.T]
+        gaps = [b for a, b in zip([-1, *self.rrm.layers], self.rrm.layers, strict=False) if b != a + 1]
+        if gaps and not self.mlp:
+            logger.info(
+                "attribute(): SAE layers %s follow blocks without an SAE; their rows use plain VJPs (slower).", gaps
+            )
+        return seeds, seeds_b, leaves, mids
+
+    def _explore(
+        self, run: Callable[[int, Tensor], None], store: RowStore, node_ids: list[Tensor], n: int, budget: int
+    ) -> None:
+        """circuit-tracer's exploration: rows of the ``budget`` features of most influence on the
+        targets through the rows computed so far, ``batch_size * update_interval`` at a time."""
+        dev = node_ids[0].device
+        layer_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+        index_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+        for layer, ids in enumerate(node_ids):
+            layer_of[ids] = layer
+            index_of[ids] = torch.arange(len(ids), device=dev)
+        open_ = layer_of >= 0  # feature nodes without a row yet
+        n_done = 0
+        while n_done < budget:
+            infl = store.influence()
+            score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
+            k = min(self.batch_size * self.update_interval, budget - n_done, int(torch.isfinite(score).sum()))
+            if k == 0:
+                break
+            order = score.topk(k).indices
+            open_[order] = False
+            n_done += k
+            for layer in layer_of[order].unique().flip(0).tolist():
+                run(layer, index_of[order[layer_of[order] == layer]])
 
 
-def record_with_saes(rrm: ReplacementModelBase, pixels: Tensor) -> dict[str, Tensor]:
-    """Frozen model values (patterns, scales, gates) from the clean forward with every SAE spliced and
-    its error term kept (so equal to the clean model's)."""
-    return rrm.frozen_state(pixels)[0]
+class _Recorded(NamedTuple):
+    """What the clean forward gives the attributor (``Attributor._record``)."""
+
+    frozen: dict[str, Tensor]
+    norms: list[affine.FrozenNorm]
+    clean_out: Tensor
+    acts: list[Tensor]
+    errors: list[Tensor]
+    mlp_out: list[Tensor]
+    x_in: Tensor
 
 
-def frozen_state(rrm: ReplacementModelBase, pixels: Tensor) -> tuple[dict[str, Tensor], list[affine.FrozenNorm]]:
-    """``rrm.frozen_state(pixels)``: what the linearisation holds fixed for one image."""
-    return rrm.frozen_state(pixels)
+@dataclass
+class _SourceNodes:
+    """Per SAE layer: active features' positions and ids, their node indices, the layer's source nodes
+    (features then errors) and MLP-leaf nodes; and the target nodes."""
+
+    pos: dict[int, Tensor]
+    feat: dict[int, Tensor]
+    features: dict[int, Tensor]
+    nodes: dict[int, Tensor]
+    mlp: dict[int, Tensor]
+    targets: Tensor

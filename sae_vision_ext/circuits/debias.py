@@ -173,6 +173,7 @@ def find_spurious_features(
     labels: Int[Tensor, " n"],
     groups: Int[Tensor, " n"],
     min_auroc: float = 0.7,
+    *,
     max_candidates: int = 64,
     max_avg_drop: float = 0.02,
     batch_size: int = 256,

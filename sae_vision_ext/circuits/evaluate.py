@@ -105,6 +105,7 @@ def evaluate_circuit(
     labels: Int[Tensor, " n"] | None = None,
     fractions: Sequence[float] = FRACTIONS,
     reference: Reference = "median",
+    *,
     reference_pixels: Float[Tensor, "n_ref chan h w"] | None = None,
     node_threshold: float = 0.8,
     max_feature_nodes: int | None = None,
@@ -127,7 +128,7 @@ def evaluate_circuit(
         from .seed_protocol import evaluate_seed_protocol
 
         return evaluate_seed_protocol(
-            rrm, pixels, labels, fractions, reference, reference_pixels, seed=seed, progress=progress
+            rrm, pixels, labels, fractions, reference, reference_pixels=reference_pixels, seed=seed, progress=progress
         )
 
     if not all(0.0 <= q <= 1.0 for q in fractions) or list(fractions) != sorted(fractions):

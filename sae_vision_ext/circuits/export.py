@@ -82,6 +82,7 @@ def graph_json(
     scan: str = LOCAL_SCAN,
     transcoder_list: list[str] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
+    *,
     prompt: str | None = None,
     supernodes: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def feature_files(
     rrm: ReplacementModelBase | None = None,
     stats: Mapping[str, FeatureStats] | None = None,
     stats_pixels: Tensor | None = None,
+    *,
     n_examples: int = 8,
     logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
 ) -> dict[int, dict[str, Any]]:
@@ -277,11 +279,13 @@ def write_circuit_tracer(
     sae_layers = sorted({int(lay) for lay, k in zip(graph.node_layer, graph.node_kind, strict=True) if k == "error"})
     transcoders = [resid_post(layer) for layer in sae_layers]
     scan = LOCAL_SCAN if features else "sae_vision_ext"
-    exported = graph_json(graph, slug, scan, transcoders, feature_labels, prompt, supernodes)
+    exported = graph_json(graph, slug, scan, transcoders, feature_labels, prompt=prompt, supernodes=supernodes)
     if features:
         folder = out / "features"
         folder.mkdir(exist_ok=True)
-        records = feature_files(graph, exported, rrm, stats, stats_pixels, n_examples, logit_effects)
+        records = feature_files(
+            graph, exported, rrm, stats, stats_pixels, n_examples=n_examples, logit_effects=logit_effects
+        )
         for code, record in records.items():
             atomic_write_text(folder / f"{code}.json", json.dumps(record))
     atomic_write_text(out / f"{slug}.json", json.dumps(exported))

@@ -20,6 +20,7 @@ to the next.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -103,6 +104,31 @@ def target_weights(node_kind: list[str], target_classes: list[int], logits: Tens
     else:
         w[targets] = 1.0 / len(targets)
     return w
+
+
+def resolve_targets(
+    class_names: Sequence[str], clean_out: Tensor, targets: Tensor | int | None, target_names: list[str] | None
+) -> tuple[Tensor, list[str], list[int]]:
+    """The targets of ``Attributor.attribute``: output directions ``[n_targets, d_out]``, their names
+    and (for class targets) classes. ``None`` is the predicted class, an int that class, each as its
+    logit demeaned over classes."""
+    target_classes: list[int] = []
+    if targets is None or isinstance(targets, int):
+        c = int(clean_out[0].argmax()) if targets is None else int(targets)
+        targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1], device=clean_out.device)
+        targets[0, c] += 1.0
+        target_names = target_names or [class_names[c] if c < len(class_names) else f"class {c}"]
+        target_classes = [c]
+    targets = targets.to(clean_out).reshape(-1, clean_out.shape[-1])
+    return targets, list(target_names or [f"target {i}" for i in range(len(targets))]), target_classes
+
+
+def target_probs(target_classes: list[int], n_targets: int, logits: Tensor) -> Tensor:
+    """The model's probability of each target's class (NaN where targets are not classes)."""
+    out = torch.full((n_targets,), float("nan"), dtype=torch.float64)
+    if len(target_classes) == n_targets:
+        out[:] = torch.softmax(logits[0].double(), -1)[torch.tensor(target_classes, dtype=torch.long)]
+    return out
 
 
 class PruneResult(NamedTuple):

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from .graph import AttributionGraph
@@ -169,3 +170,30 @@ def clerps(
         "target": target,
     }
     return [texts[n.kind](n) for n in _nodes(graph, index)]
+
+
+class NodeTable:
+    """A graph's node attributes in node order (kind, block, position, feature, activation), built by
+    appending one group of nodes at a time; ``add`` returns the new nodes' indices. The attributor
+    appends in the order its module docstring states (inputs; per SAE layer [MLP leaves], features,
+    errors; targets), so the index of a node is its row and column in the adjacency."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.layers: list[int] = []
+        self.positions: list[int] = []
+        self.features: list[int] = []
+        self.values: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def add(self, kind: str, layer: int, positions: list[int], features: list[int], values: list[float]) -> Tensor:
+        """Append ``len(positions)`` nodes of ``kind`` at block ``layer``; their indices."""
+        first = len(self.kinds)
+        self.kinds += [kind] * len(positions)
+        self.layers += [layer] * len(positions)
+        self.positions += positions
+        self.features += features
+        self.values += values
+        return torch.arange(first, len(self.kinds))

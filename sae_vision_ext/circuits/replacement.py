@@ -28,6 +28,7 @@ class ResidualReplacementModel(ReplacementModelBase):
         batch_size: int = 64,
         max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
         mlp_leaves: bool = False,
+        *,
         progress: bool = False,
     ) -> AttributionGraph:
         """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
@@ -44,10 +45,20 @@ class ResidualReplacementModel(ReplacementModelBase):
         error_reference: list[Tensor] | None = None,
         target: int | None = None,
         leaf_errors: bool = True,
+        *,
         batch_size: int = 64,
         engine: str = "staged",
     ) -> AggregatedGraph:
         """The seed paper's token-aggregated graph of one image (``circuits/aggregated.py``): per SAE
         layer a relevance per feature plus one error node, dense edges between consecutive SAE layers.
         ``reference``: ``self.reference_values(ref_pixels, kind="median")`` (default zero)."""
-        return attribute_aggregated(self, pixels, reference, error_reference, target, leaf_errors, batch_size, engine)
+        return attribute_aggregated(
+            self,
+            pixels,
+            reference,
+            error_reference,
+            target,
+            leaf_errors=leaf_errors,
+            batch_size=batch_size,
+            engine=engine,
+        )

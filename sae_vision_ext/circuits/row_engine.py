@@ -32,6 +32,7 @@ class RowEngine:
         norms: list[affine.FrozenNorm],
         mids: dict[int, Tensor],
         leaves: _Leaves,
+        *,
         seeds: list[Tensor],
     ) -> None:
         self.att, self.model, self.rrm = att, att.model, att.rrm
@@ -47,6 +48,7 @@ class RowEngine:
         src_feat: dict[int, Tensor],
         acts: list[Tensor],
         errors: list[Tensor],
+        *,
         src_nodes: dict[int, Tensor],
         mlp_nodes: dict[int, Tensor],
         mlp_out: list[Tensor],
@@ -96,10 +98,10 @@ class RowEngine:
                 self.frozen,
                 self.mids[layer],
                 cols,
-                self.norms[layer],
-                tokens,
-                self._folded[layer],
-                self.workspace,
+                norm=self.norms[layer],
+                tokens=tokens,
+                sources=self._folded[layer],
+                workspace=self.workspace,
             )
         else:
             mlp = self.att.mlp and layer < self.rrm.n_layers

@@ -90,7 +90,7 @@ class Sources:
         return out
 
 
-def row_macs(n_pos: int, d_model: int, d_mlp: int, heads: int, k_slots: int, n_active: int = 1) -> int:
+def row_macs(n_pos: int, d_model: int, d_mlp: int, heads: int, k_slots: int, *, n_active: int = 1) -> int:
     """Multiply-adds of one row with ``n_active`` tokens (module docstring): the FLOP floor is twice this."""
     a = n_active
     return 2 * a * d_model * d_mlp + 2 * a * d_model**2 + a * heads * n_pos * d_model + n_pos * k_slots * d_model
@@ -117,7 +117,7 @@ def _norm_backward(norm: Any, y: Tensor, scale: Tensor) -> Tensor:
 
 
 def _mlp_half_vjp(
-    model: HookedViT, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor, frozen: dict[str, Tensor]
+    model: HookedViT, layer: int, resid_mid: Tensor, pos: Tensor, cot: Tensor, *, frozen: dict[str, Tensor]
 ) -> Tensor:
     """``cot · ∂mlp_half/∂resid_mid`` on the tokens ``pos`` (``[N]``; ``cot``: ``[N, d]``) with the block's
     ``ln2`` scale and gate frozen: closed form for ``nn.Linear`` projections, else the MLP recomputed
@@ -172,6 +172,7 @@ def block_rows(
     frozen: dict[str, Tensor],
     resid_mid: Tensor,
     encoder_cols: Float[Tensor, "rows d_model"],
+    *,
     norm: affine.FrozenNorm,
     tokens: tuple[Tensor, Tensor],
     sources: Sources,
@@ -193,7 +194,7 @@ def block_rows(
     scale = norm.in_scale.reshape(-1)[pos] if norm.in_scale.ndim else norm.in_scale
     u = (w * scale)[..., None] * cols[:, None, :]  # [R, A, d]
     # 2. MLP half on the active tokens
-    v = u + _mlp_half_vjp(model, layer, resid_mid, pos.reshape(-1), u.reshape(-1, d), frozen).reshape(u.shape)
+    v = u + _mlp_half_vjp(model, layer, resid_mid, pos.reshape(-1), u.reshape(-1, d), frozen=frozen).reshape(u.shape)
     # 3. attention half (value path): cotangent at z, then the gradient G at ln1's output
     ls1 = _diag(parts.ls1, d, v)
     dz = (v if ls1 is None else v * ls1) @ parts.out_proj.weight.detach()  # [R, A, H·dh]

@@ -80,6 +80,7 @@ def _masked_outputs(
     masks: list[list[Tensor]],
     refs: list[Tensor],
     err_refs: list[Tensor],
+    *,
     clean_errors: list[Tensor],
 ) -> Tensor:
     """Row ``b``: features/error nodes ``masks[b][i]`` of SAE layer ``i`` masked (module docstring)."""
@@ -133,6 +134,7 @@ def evaluate_seed_protocol(
     labels: Int[Tensor, " n"] | None = None,
     fractions: Sequence[float] | None = None,
     reference: Reference = "median",
+    *,
     reference_pixels: Float[Tensor, "n_ref chan h w"] | None = None,
     leaf_errors: bool = True,
     seed: int = 0,
@@ -182,7 +184,7 @@ def evaluate_seed_protocol(
             if rule == "neurons":
                 out = _neuron_outputs(rrm, x, rows, neuron_refs)
             else:
-                out = _masked_outputs(rrm, x, rows, refs, err_refs, clean_errors)
+                out = _masked_outputs(rrm, x, rows, refs, err_refs, clean_errors=clean_errors)
             n_f = len(fractions)
             for mode, part in (("insertion", out[:n_f]), ("deletion", out[n_f:])):
                 for metric, v in output_metrics(part, target).items():

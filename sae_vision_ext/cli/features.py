@@ -18,7 +18,12 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
         embedded_metadata(args.model.removeprefix("sve:"))["arch"]["depth"] if args.model.startswith("sve:") else 0
     )
     report = run_analysis(
-        args.model, _sae_refs(args.saes, args.model, n_layers), args.out, args.n_images, args.seed, args.threshold
+        args.model,
+        _sae_refs(args.saes, args.model, n_layers),
+        args.out,
+        args.n_images,
+        args.seed,
+        threshold=args.threshold,
     )
     print(report["table"])
     print(f"analysis pass {report['seconds']:.1f} s; report: {(Path(args.out) / 'analysis.md').resolve()}")

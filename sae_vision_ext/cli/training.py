@@ -65,7 +65,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             f"verified {root / settings.key}: {len(problems)} bad shard(s) removed"
             + (", rewriting" if problems else "")
         )
-    folder = build_cache(model, dataset, settings, root, cfg.num_workers, cfg.image_batch_size)
+    folder = build_cache(model, dataset, settings, root, cfg.num_workers, image_batch_size=cfg.image_batch_size)
     if rank == 0:
         print(f"cache ready: {folder}")
     return 0

@@ -111,6 +111,7 @@ def render_image(
     image_size: int = 64,
     spurious_class: int | None = None,
     spurious_rate: float = 0.95,
+    *,
     other_marker_rate: float = 0.0,
     balanced: bool = False,
     marker_size: int = 6,
@@ -149,6 +150,7 @@ def make_shapes(
     image_size: int = 64,
     spurious_class: int | None = None,
     spurious_rate: float = 0.95,
+    *,
     other_marker_rate: float = 0.0,
     balanced: bool = False,
     start: int = 0,
@@ -166,7 +168,13 @@ def make_shapes(
     factors: dict[str, list[float]] = {}
     for j in range(n):
         img, label, f = render_image(
-            seed, start + j, image_size, spurious_class, spurious_rate, other_marker_rate, balanced
+            seed,
+            start + j,
+            image_size,
+            spurious_class,
+            spurious_rate,
+            other_marker_rate=other_marker_rate,
+            balanced=balanced,
         )
         images[j], labels[j] = img, label
         for k, v in f.items():

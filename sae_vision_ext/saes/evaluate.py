@@ -43,6 +43,7 @@ def evaluate_sae(
     pixels: Tensor,
     labels: Tensor | None = None,
     batch_size: int = 64,
+    *,
     dense_threshold: float = 0.1,
     out_path: str | Path | None = None,
     progress: bool = False,

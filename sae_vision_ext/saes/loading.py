@@ -184,6 +184,7 @@ def load_sae(
     hook_name: str | None = None,
     allow_pickle: bool = False,
     format: str | None = None,
+    *,
     cfg_overrides: dict[str, Any] | None = None,
 ) -> SAE | list[SAE]:
     """Load an SAE as a ``sae_lens.SAE`` from a path, a ``<prefix>:`` reference or a release name.

@@ -165,7 +165,12 @@ def activation_stream(
         return stream, per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
     stream = harvest(
-        model, (b.to(cfg.device) for b in batches), read_hooks, cfg.token_selection, cfg.patches_per_image, gen
+        model,
+        (b.to(cfg.device) for b in batches),
+        read_hooks,
+        cfg.token_selection,
+        cfg.patches_per_image,
+        generator=gen,
     )
     return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
 

@@ -216,6 +216,7 @@ def analyse_features(
     pixels: Tensor,
     attributes: Sequence[Attribute],
     threshold: float = 0.9,
+    *,
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict[str, FeatureAnalysis]:

@@ -163,6 +163,7 @@ def build_dashboard(
     pixels: Tensor,
     out_dir: str | Path,
     labels: Tensor | None = None,
+    *,
     label_names: Sequence[str] | None = None,
     top_k: int = 8,
     n_feature_pages: int = 16,
@@ -239,7 +240,7 @@ def build_dashboard(
                 }
                 for v, i, t in s.top_examples(f)
             ]
-            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae, labels=image_labels)
+            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae=sae, labels=image_labels)
             lens = None
             if logit_lens is not None and hook in logit_lens:
                 lens = top_bottom(logit_lens[hook], f, names)
@@ -291,7 +292,19 @@ def build_dashboard(
     plot_layer_evolution(kinds_by_hook, out / "layer_evolution.png")
     (out / "images").mkdir(exist_ok=True)
     for i in image_ids:
-        _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_ids, crumbs_root)
+        _image_page(
+            env,
+            model,
+            saes,
+            pixels,
+            i,
+            out=out,
+            names=names,
+            labels=labels,
+            logits=logits,
+            page_ids=page_ids,
+            crumbs_root=crumbs_root,
+        )
         bar.update(1)
     bar.close()
     index = out / "index.html"
@@ -304,7 +317,7 @@ def build_dashboard(
 
 
 @torch.no_grad()
-def _image_page(env, model, saes, pixels, i, out, names, labels, logits, page_ids, crumbs_root) -> None:
+def _image_page(env, model, saes, pixels, i, *, out, names, labels, logits, page_ids, crumbs_root) -> None:
     from .plots import pyplot
 
     plt = pyplot()

@@ -75,6 +75,7 @@ def plot_top_patches(
     pixels: Tensor,
     path: str | Path,
     model: HookedViT,
+    *,
     sae: SAE,
     labels: Sequence[str] | None = None,
     crop_patches: int = 3,

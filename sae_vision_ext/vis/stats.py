@@ -57,7 +57,7 @@ class FeatureStats:
 
     @classmethod
     def empty(
-        cls, hook_name: str, d_sae: int, top_k: int, n_prefix: int, grid: tuple[int, int], n_classes: int = 0
+        cls, hook_name: str, d_sae: int, top_k: int, n_prefix: int, grid: tuple[int, int], *, n_classes: int = 0
     ) -> FeatureStats:
         s = cls(hook_name, d_sae, top_k, n_prefix, tuple(grid), n_classes)
         n_patch = grid[0] * grid[1]
@@ -223,6 +223,7 @@ def collect_feature_stats(
     pixels: Tensor | Iterable[Tensor],
     labels: Tensor | None = None,
     top_k: int = 16,
+    *,
     batch_size: int = 64,
     n_classes: int | None = None,
     progress: bool = True,
@@ -249,7 +250,12 @@ def collect_feature_stats(
     n_classes = n_classes if n_classes is not None else (int(labels.max()) + 1 if labels is not None else 0)
     stats = {
         s.cfg.metadata.hook_name: FeatureStats.empty(
-            s.cfg.metadata.hook_name, s.cfg.d_sae, top_k, model.cfg.n_prefix_tokens, model.cfg.grid_size, n_classes
+            s.cfg.metadata.hook_name,
+            s.cfg.d_sae,
+            top_k,
+            model.cfg.n_prefix_tokens,
+            model.cfg.grid_size,
+            n_classes=n_classes,
         )
         for s in sae_list
     }

@@ -52,7 +52,7 @@ def test_everything_masked_makes_the_output_independent_of_the_image(seed_setup)
     outs = []
     for img in (x, y):
         clean_errors = [e[0] for e in rrm.errors(img)]
-        outs.append(_masked_outputs(rrm, img, every + none, ref, err_ref, clean_errors))
+        outs.append(_masked_outputs(rrm, img, every + none, ref, err_ref, clean_errors=clean_errors))
         torch.testing.assert_close(outs[-1][1], rrm.model(img)[0])
     torch.testing.assert_close(outs[0][0], outs[1][0])
     assert (rrm.model(x) - rrm.model(y)).abs().max() > 1e-3

@@ -7,7 +7,7 @@ import torch
 from helpers import build_native, images, rrm_for
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor, _Leaves, frozen_state
+from sae_vision_ext.circuits.attribution import Attributor, _Leaves
 from sae_vision_ext.circuits.replacement import ResidualReplacementModel
 from sae_vision_ext.saes import affine
 
@@ -34,7 +34,7 @@ def test_sum_rule_edges_plus_bias_response_equal_preactivation(traced):
 def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
     rrm, x, g = traced
     att = Attributor(rrm)
-    frozen, norms = frozen_state(rrm, x)
+    frozen, norms = rrm.frozen_state(x)
     leaves = _Leaves(rrm.n_layers)
     with torch.no_grad():
         out0, pre0 = att._forward(x, frozen, leaves, norms)
@@ -74,7 +74,7 @@ def test_frozen_perturbation_moves_targets_by_exactly_the_edge(traced):
 def test_second_derivatives_vanish_under_freezing(traced):
     rrm, x, _ = traced
     att = Attributor(rrm)
-    frozen, norms = frozen_state(rrm, x)
+    frozen, norms = rrm.frozen_state(x)
     leaves = _Leaves(rrm.n_layers)
     _, pre = att._forward(x, frozen, leaves, norms)
     h = pre[1][0].sum()
@@ -151,7 +151,7 @@ def test_mlp_leaf_mode_is_exact_with_the_mlp_gate_left_free(variant):
     assert kinds.count("mlp") == rrm.n_layers * rrm.model.cfg.n_ctx
     rows = ~torch.isnan(g.value)
     torch.testing.assert_close(g.dense()[rows].sum(1) + g.constant[rows], g.value[rows], atol=1e-8, rtol=1e-8)
-    frozen, norms = frozen_state(rrm, x)
+    frozen, norms = rrm.frozen_state(x)
     frozen = {k: v for k, v in frozen.items() if not k.endswith("gate")}  # gates free
     leaves = _Leaves(rrm.n_layers, mlp=True)
     with torch.no_grad():

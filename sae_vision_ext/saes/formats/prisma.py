@@ -166,7 +166,7 @@ def prisma_disk_converter(
     }
     architecture = pc.get("architecture") or "standard"
     if pc.get("is_transcoder"):
-        cfg, state = _transcoder(pc, state, norm, act, device, d_in, d_sae, meta)
+        cfg, state = _transcoder(pc, state, norm, act, device, d_in=d_in, d_sae=d_sae, meta=meta)
     elif architecture == "gated":
         if act != "relu":
             raise ValueError(
@@ -188,7 +188,7 @@ def prisma_disk_converter(
     return finish(cfg, state, device, cfg_overrides)
 
 
-def _transcoder(pc, state, norm, act, device, d_in, d_sae, meta):  # type: ignore[no-untyped-def]
+def _transcoder(pc, state, norm, act, device, *, d_in, d_sae, meta):  # type: ignore[no-untyped-def]
     if norm != "none":
         raise ValueError(
             f"ViT-Prisma transcoder with normalize_activations {norm!r}: ViT-Prisma de-normalises the transcoder "
