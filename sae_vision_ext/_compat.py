@@ -65,3 +65,31 @@ def renamed_kwargs(**old_to_new: str) -> Callable[[F], F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def reordered_args(old_order: tuple[str, ...], is_old: Callable[[tuple[Any, ...]], bool]) -> Callable[[F], F]:
+    """Decorator: a call in a function's previous positional order (``old_order`` names its
+    parameters in that order; ``is_old(args)`` recognises such a call by its positional arguments)
+    still works for one release, bound by name, with a ``DeprecationWarning`` showing the new order."""
+    import functools
+    import inspect
+    import warnings
+
+    def wrap(fn: F) -> F:
+        new_order = [p for p in inspect.signature(fn).parameters if p in old_order]
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            if not args or not is_old(args):
+                return fn(*args, **kwargs)
+            warnings.warn(
+                f"{fn.__name__}({', '.join(old_order[: len(args)])}, ...) is the old argument order; "
+                f"call {fn.__name__}({', '.join(new_order[:6])}, ...). The old order goes in the next release.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return fn(**dict(zip(old_order, args, strict=False)), **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .._hooks import resid_post, sae_acts
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
+from .graph_ops import node_influence
 from .replacement_base import Reference, ReplacementModelBase, reduce_reference
 
 
@@ -99,6 +100,26 @@ def _spearman(a: Tensor, b: Tensor) -> float:
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
 
 
+def _orders(sites_all: Tensor, infl: Tensor, refs: list[Tensor], gen: torch.Generator) -> dict[str, Tensor]:
+    """The ``influence`` and ``random`` orders of the sites ``(slot, position, feature)`` to patch:
+    the graph's feature nodes ``sites_all`` (by ``infl``, most first), then the sites whose clean value
+    differs from the reference but that are not nodes (inactive features with a non-zero reference),
+    in random order."""
+    differs = [r != 0 for r in refs]  # the graph's feature nodes are exactly the active sites
+    for slot, d in enumerate(differs):
+        here = sites_all[sites_all[:, 0] == slot]
+        d[here[:, 1], here[:, 2]] = False
+    extra = torch.cat(
+        [torch.cat([torch.full((len(nz), 1), slot), nz], 1) for slot, nz in enumerate(d.nonzero() for d in differs)]
+    )
+    extra = extra[torch.randperm(len(extra), generator=gen)]
+    every = torch.cat([sites_all, extra])
+    return {
+        "influence": torch.cat([sites_all[infl.argsort(descending=True)], extra]),
+        "random": every[torch.randperm(len(every), generator=gen)],
+    }
+
+
 def evaluate_circuit(
     rrm: ReplacementModelBase,
     pixels: Float[Tensor, "n chan h w"],
@@ -148,33 +169,17 @@ def evaluate_circuit(
     faiths, comps, rhos, sizes = [], [], [], []
     for i in tqdm(range(len(pixels)), desc="evaluate_circuit", unit="image", disable=not progress):
         x = pixels[i : i + 1]
-        target = None if labels is None else int(labels[i])
-        graph = rrm.attribute(x, target=target, max_feature_nodes=max_feature_nodes)
+        graph = rrm.attribute(x, target=None if labels is None else int(labels[i]), max_feature_nodes=max_feature_nodes)
         target = graph.target_classes[0]
-        from .graph_ops import node_influence
-
-        infl = node_influence(graph)
         feat_idx = torch.tensor([j for j, k in enumerate(graph.node_kind) if k == "feature"], dtype=torch.long)
         slots = slot_of[graph.node_layer[feat_idx]]  # sites name SAE layers by slot (widths may differ)
         sites_all = torch.stack([slots, graph.node_pos[feat_idx], graph.node_feature[feat_idx]], 1)
-        # sites whose clean value differs from the reference but that are not graph nodes (inactive
-        # features with a non-zero reference) come after the graph's nodes, in random order
-        differs = [r != 0 for r in refs]  # the graph's feature nodes are exactly the active sites
-        for i, d in enumerate(differs):
-            here = sites_all[sites_all[:, 0] == i]
-            d[here[:, 1], here[:, 2]] = False
-        extra = torch.cat(
-            [torch.cat([torch.full((len(nz), 1), i), nz], 1) for i, nz in enumerate(d.nonzero() for d in differs)]
-        )
-        extra = extra[torch.randperm(len(extra), generator=gen)]
-        ranked = torch.cat([sites_all[infl[feat_idx].argsort(descending=True)], extra])
-        every = torch.cat([sites_all, extra])
-        orders = {"influence": ranked, "random": every[torch.randperm(len(every), generator=gen)]}
+        infl = node_influence(graph)[feat_idx]
         with torch.no_grad():
             full = rrm.model(x)
-        n_out = full.shape[-1]
-        direction = -torch.full((n_out,), 1.0 / n_out, dtype=x.dtype)
+        direction = -torch.full((full.shape[-1],), 1.0 / full.shape[-1], dtype=x.dtype)
         direction[target] += 1.0
+        orders = _orders(sites_all, infl, refs, gen)
         orders["neurons"] = _neuron_ranking(rrm, x, direction, neuron_refs)
         for name, order in orders.items():
             counts = [math.ceil(q * len(order)) for q in fractions]
@@ -189,18 +194,18 @@ def evaluate_circuit(
         circuit = sites_all[keep]
         sizes.append(int(keep.sum()))
         outs = patcher.run(x, [circuit, sites_all[:0], circuit], [True, True, False], False)
-        m = output_metrics(torch.cat([outs, full]), target)["demeaned_logit"]
-        m_c, m_empty, m_minus, m_full = m.tolist()
+        m_c, m_empty, m_minus, m_full = output_metrics(torch.cat([outs, full]), target)["demeaned_logit"].tolist()
         span = m_full - m_empty
         faiths.append((m_c - m_empty) / span if span else float("nan"))
         comps.append(1 - (m_minus - m_empty) / span if span else float("nan"))
         # influence vs single-node ablation
-        top = infl[feat_idx].argsort(descending=True)[:n_ablations]
-        rest = torch.randperm(len(feat_idx), generator=gen)[:n_ablations]
-        pick = torch.unique(torch.cat([top, rest]))
+        pick = torch.unique(
+            torch.cat(
+                [infl.argsort(descending=True)[:n_ablations], torch.randperm(len(infl), generator=gen)[:n_ablations]]
+            )
+        )
         outs = patcher.run(x, [sites_all[j : j + 1] for j in pick.tolist()], [False] * len(pick), False)
-        effect = (output_metrics(outs, target)["demeaned_logit"] - m_full).abs()
-        rhos.append(_spearman(infl[feat_idx][pick], effect))
+        rhos.append(_spearman(infl[pick], (output_metrics(outs, target)["demeaned_logit"] - m_full).abs()))
     n = len(pixels)
     curves = {r: {mode: {k: (v / n).tolist() for k, v in d.items()} for mode, d in m.items()} for r, m in sums.items()}
     aucs = {r: {mode: {k: auc(v) for k, v in d.items()} for mode, d in m.items()} for r, m in curves.items()}

@@ -97,21 +97,51 @@ def viewer_data(
     feature_labels: Mapping[tuple[int, int], str] | None = None,
 ) -> dict[str, Any]:
     """What the viewer page embeds (see the module docstring)."""
-    ids, labels = node_ids(graph), clerps(graph, feature_labels)
-    raw = (node_influence(graph) + graph.weights).tolist()
-    cum = graph.cumulative_influence.tolist() if graph.cumulative_influence is not None else None
     if graph.node_mask is not None:
         shown, edge_keep = exported_masks(graph)
     else:
         shown, edge_keep = torch.ones(graph.n_nodes, dtype=torch.bool), strongest_edges(graph, max_edges_per_node)
+    index = {i: j for j, i in enumerate(shown.nonzero().squeeze(1).tolist())}
+    nodes = _nodes(graph, index, feature_labels)
+    shown_feats = {f"{n['l']}_{n['f']}" for n in nodes if n["k"] == "feature"}
+    dst, src, vals = edges(graph.adjacency)
+    keep = edge_keep & shown[src] & shown[dst]
+    triples = zip(src[keep].tolist(), dst[keep].tolist(), vals[keep].tolist(), strict=True)
+    maps = _activation_maps(graph)
+    kinds, layers = graph.node_kind, graph.node_layer.tolist()
+    data: dict[str, Any] = {
+        "grid": list(graph.grid),
+        "n_prefix": graph.n_prefix,
+        "tokens": position_labels(graph),
+        "layers": sorted({layers[i] for i in range(len(kinds)) if kinds[i] in ("feature", "error", "mlp")}),
+        "targets": graph.target_names,
+        "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
+        "nodes": nodes,
+        "links": [[index[s], index[d], round(w, 6)] for s, d, w in triples],
+        "maps": {k: maps[k] for k in shown_feats},
+        "image": _image_uri(rrm.model, pixels) if rrm is not None and pixels is not None else None,
+        "refs": {},
+        "tops": {},
+        "pages": _dashboard_pages(shown_feats, dashboard_dir, base_dir) if dashboard_dir is not None else {},
+        "supernodes": [list(s) for s in supernodes or []],
+        "aggregated": _aggregated_cards(aggregated) if aggregated is not None else None,
+    }
+    if stats is not None and stats_pixels is not None and rrm is not None:
+        data["tops"] = _top_patches(shown_feats, stats, n_top)
+        used = sorted({img for tops in data["tops"].values() for _, img, _ in tops})
+        data["refs"] = {str(i): _image_uri(rrm.model, stats_pixels[i : i + 1], 96) for i in used}
+    return data
+
+
+def _nodes(
+    graph: AttributionGraph, index: dict[int, int], feature_labels: Mapping[tuple[int, int], str] | None
+) -> list[dict[str, Any]]:
+    """The shown nodes (``index``: graph node -> page node), in node order, as the page reads them."""
+    ids, labels = node_ids(graph), clerps(graph, feature_labels)
+    raw = (node_influence(graph) + graph.weights).tolist()
+    cum = graph.cumulative_influence.tolist() if graph.cumulative_influence is not None else None
     kinds, layers = graph.node_kind, graph.node_layer.tolist()
     poss, feats, acts = graph.node_pos.tolist(), graph.node_feature.tolist(), graph.activation.tolist()
-    n_pos = sum(k == "input" for k in kinds)
-    index = {i: j for j, i in enumerate(shown.nonzero().squeeze(1).tolist())}
-    maps: dict[str, list[float]] = {}
-    for i, kind in enumerate(kinds):  # each feature's activation at every position (all nodes, pruned or not)
-        if kind == "feature":
-            maps.setdefault(f"{layers[i]}_{feats[i]}", [0.0] * n_pos)[poss[i]] = round(acts[i], 5)
     first_target = kinds.index("target") if "target" in kinds else len(kinds)
     nodes = []
     for i in index:
@@ -130,50 +160,43 @@ def viewer_data(
             node["c"] = graph.target_names[i - first_target]
             node["p"] = -1
         nodes.append(node)
-    shown_feats = {f"{n['l']}_{n['f']}" for n in nodes if n["k"] == "feature"}
-    dst, src, vals = edges(graph.adjacency)
-    keep = edge_keep & shown[src] & shown[dst]
-    triples = zip(src[keep].tolist(), dst[keep].tolist(), vals[keep].tolist(), strict=True)
-    links = [[index[s], index[d], round(w, 6)] for s, d, w in triples]
-    data: dict[str, Any] = {
-        "grid": list(graph.grid),
-        "n_prefix": graph.n_prefix,
-        "tokens": position_labels(graph),
-        "layers": sorted({layers[i] for i in range(len(kinds)) if kinds[i] in ("feature", "error", "mlp")}),
-        "targets": graph.target_names,
-        "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
-        "nodes": nodes,
-        "links": links,
-        "maps": {k: maps[k] for k in shown_feats},
-        "image": None,
-        "refs": {},
-        "tops": {},
-        "pages": {},
-        "supernodes": [list(s) for s in supernodes or []],
-        "aggregated": None,
-    }
-    if rrm is not None and pixels is not None:
-        data["image"] = _image_uri(rrm.model, pixels)
-    if stats is not None and stats_pixels is not None and rrm is not None:
-        used: set[int] = set()
-        for key in shown_feats:
-            layer, feat = (int(x) for x in key.split("_"))
-            hook = resid_post(layer)
-            if hook in stats:
-                tops = [(float(a), int(img), int(tok)) for a, img, tok in stats[hook].top_examples(feat)[:n_top]]
-                data["tops"][key] = tops
-                used |= {t[1] for t in tops}
-        data["refs"] = {str(i): _image_uri(rrm.model, stats_pixels[i : i + 1], 96) for i in sorted(used)}
-    if dashboard_dir is not None:
-        root = Path(base_dir or ".") / dashboard_dir
-        for key in shown_feats:
-            layer, feat = key.split("_")
-            page = f"blocks.{layer}.hook_resid_post/f{feat}.html"
-            if (root / page).exists():  # links only to pages that exist
-                data["pages"][key] = f"{dashboard_dir}/{page}"
-    if aggregated is not None:
-        data["aggregated"] = _aggregated_cards(aggregated)
-    return data
+    return nodes
+
+
+def _activation_maps(graph: AttributionGraph) -> dict[str, list[float]]:
+    """Each feature's activation at every position (all its nodes, pruned or not), keyed ``{layer}_{feature}``."""
+    n_pos = sum(k == "input" for k in graph.node_kind)
+    layers, poss = graph.node_layer.tolist(), graph.node_pos.tolist()
+    feats, acts = graph.node_feature.tolist(), graph.activation.tolist()
+    maps: dict[str, list[float]] = {}
+    for i, kind in enumerate(graph.node_kind):
+        if kind == "feature":
+            maps.setdefault(f"{layers[i]}_{feats[i]}", [0.0] * n_pos)[poss[i]] = round(acts[i], 5)
+    return maps
+
+
+def _top_patches(
+    features: set[str], stats: Mapping[str, FeatureStats], n_top: int
+) -> dict[str, list[tuple[float, int, int]]]:
+    """``(activation, image, token)`` of the top ``n_top`` examples of each ``{layer}_{feature}``."""
+    out = {}
+    for key in features:
+        layer, feat = (int(x) for x in key.split("_"))
+        if resid_post(layer) in stats:
+            examples = stats[resid_post(layer)].top_examples(feat)[:n_top]
+            out[key] = [(float(a), int(img), int(tok)) for a, img, tok in examples]
+    return out
+
+
+def _dashboard_pages(features: set[str], dashboard_dir: str, base_dir: Path | None) -> dict[str, str]:
+    """Links to the dashboard pages of ``features`` that exist under ``base_dir / dashboard_dir``."""
+    root, pages = Path(base_dir or ".") / dashboard_dir, {}
+    for key in features:
+        layer, feat = key.split("_")
+        page = f"{resid_post(int(layer))}/f{feat}.html"
+        if (root / page).exists():
+            pages[key] = f"{dashboard_dir}/{page}"
+    return pages
 
 
 def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any]:
@@ -207,7 +230,7 @@ def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any
 
 
 @renamed_kwargs(images="stats_pixels")
-def render_graph_html(
+def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each documented)
     graph: AttributionGraph,
     path: str | Path,
     rrm: ReplacementModelBase | None = None,

@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_setup_commands, _training_commands, _feature_commands, _circuit_commands):
+        add(sub)
+    return parser
 
+
+def _setup_commands(sub: argparse._SubParsersAction) -> None:
+    """``models``, ``hooks``, ``saes``, ``demo``."""
     p = sub.add_parser("models", help="list adapters, model sources and embedded models")
     p.set_defaults(func=_cmd_models)
 
@@ -58,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", action="store_true", help="random weights (pretrained=False): no download")
     p.set_defaults(func=_cmd_hooks)
 
+    p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
+    p.set_defaults(func=_cmd_saes)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded shapes model (offline)")
+    p.add_argument("--model", default="sve:shapes-vit", help="embedded model to use (default: %(default)s)")
+    p.add_argument("--n-images", type=int, default=512, help="shapes images to run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: %(default)s)")
+    p.add_argument("--out", default="sae-vision-demo", help="folder for the demo's outputs (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _training_commands(sub: argparse._SubParsersAction) -> None:
+    """``cache``, ``train``, ``eval``."""
     for name, func, text in (
         ("cache", _cmd_cache, "harvest activations into the on-disk cache (resumable)"),
         ("train", _cmd_train, "train one SAE per hook and save in SAELens format"),
@@ -96,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for one JSON file per SAE")
     p.set_defaults(func=_cmd_eval)
 
+
+def _feature_commands(sub: argparse._SubParsersAction) -> None:
+    """``analyse``, ``dashboard``."""
     p = sub.add_parser("analyse", help="feature analysis: AUROC against known attributes, types, labels")
     p.add_argument("--model", default="sve:shapes-vit", help="an embedded shapes model (default: %(default)s)")
     p.add_argument("--saes", default="sve", help="'sve' (shipped SAEs), a folder of SAE folders, or refs a,b,c")
@@ -118,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (shown on pages and tables)")
     p.set_defaults(func=_cmd_dashboard)
 
+
+def _circuit_commands(sub: argparse._SubParsersAction) -> None:
+    """``faithfulness``, ``trace``."""
     for name, func, text in (
         ("faithfulness", _cmd_faithfulness, "replacement model vs original model"),
         ("trace", _cmd_trace, "attribution graph of one image"),
@@ -152,17 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (node labels)")
             p.add_argument("--out", required=True)
         p.set_defaults(func=func)
-
-    p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
-    p.set_defaults(func=_cmd_saes)
-
-    p = sub.add_parser("demo", help="run the main job on the embedded shapes model (offline)")
-    p.add_argument("--model", default="sve:shapes-vit", help="embedded model to use (default: %(default)s)")
-    p.add_argument("--n-images", type=int, default=512, help="shapes images to run (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: %(default)s)")
-    p.add_argument("--out", default="sae-vision-demo", help="folder for the demo's outputs (default: %(default)s)")
-    p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,18 @@ BDecInit = Literal["zeros", "mean", "geometric_median"]
 PER_LAYER_KEYS = ("k", "d_sae", "expansion_factor", "l1_coefficient", "k_aux")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu)(:\d+)?)$")
 _TOPK_LIKE = ("topk", "batchtopk", "matryoshka_batchtopk")
+_POSITIVE = (
+    "k",
+    "train_batch_size",
+    "training_tokens",
+    "image_batch_size",
+    "n_images",
+    "b_dec_init_tokens",
+    "lr",
+    "expansion_factor",
+)
+_POSITIVE_OR_NONE = ("d_sae", "k_aux", "checkpoint_every_tokens", "checkpoint_every_seconds", "patches_per_image")
+"""The numeric fields checked at construction (after numeric strings are converted)."""
 
 
 def training_architectures() -> list[str]:
@@ -123,6 +135,14 @@ class VisionSAETrainingConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         coerce_numbers(self)
+        self._check_choices()
+        self._check_numbers()
+        if not _DEVICE.match(str(self.device)):
+            hint = " (did you mean 'cuda'?)" if str(self.device).lower() in ("gpu", "cuda0", "nvidia") else ""
+            raise ValueError(f"device={self.device!r} is not a torch device{hint}; use 'cpu', 'cuda' or 'cuda:<i>'.")
+        self._check_per_layer()
+
+    def _check_choices(self) -> None:
         archs = training_architectures()
         if self.architecture not in archs:
             raise ValueError(unknown_name_message("SAELens training architecture", self.architecture, archs))
@@ -134,34 +154,25 @@ class VisionSAETrainingConfig(ConfigMixin):
         ):
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}.")
-        for name in ("k", "train_batch_size", "training_tokens", "image_batch_size", "n_images", "b_dec_init_tokens"):
+
+    def _check_numbers(self) -> None:
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
-        if self.expansion_factor <= 0 or (self.d_sae is not None and self.d_sae <= 0):
-            raise ValueError(
-                f"SAE width must be positive (d_sae={self.d_sae}, expansion_factor={self.expansion_factor})."
-            )
-        if self.d_sae is not None and self.architecture in _TOPK_LIKE and self.k > self.d_sae:
-            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: a token cannot have more active features.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        for name in ("checkpoint_every_tokens", "checkpoint_every_seconds"):
+        for name in _POSITIVE_OR_NONE:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}.")
-        if self.aux_coefficient < 0 or (self.k_aux is not None and self.k_aux <= 0):
-            raise ValueError(
-                f"aux_coefficient must be >= 0 and k_aux positive (got {self.aux_coefficient}, {self.k_aux})."
-            )
+        if self.aux_coefficient < 0:
+            raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient!r}.")
+        if self.d_sae is not None and self.architecture in _TOPK_LIKE and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: a token cannot have more active features.")
         if self.shuffle_buffer_tokens < 2 * self.train_batch_size:
             raise ValueError(
                 f"shuffle_buffer_tokens={self.shuffle_buffer_tokens} must be at least twice "
                 f"train_batch_size={self.train_batch_size}."
             )
-        if self.patches_per_image is not None and self.patches_per_image <= 0:
-            raise ValueError(f"patches_per_image must be positive or None, got {self.patches_per_image!r}.")
-        if not _DEVICE.match(str(self.device)):
-            hint = " (did you mean 'cuda'?)" if str(self.device).lower() in ("gpu", "cuda0", "nvidia") else ""
-            raise ValueError(f"device={self.device!r} is not a torch device{hint}; use 'cpu', 'cuda' or 'cuda:<i>'.")
+
+    def _check_per_layer(self) -> None:
         for hook, over in self.per_layer.items():
             bad = set(over) - set(PER_LAYER_KEYS)
             if bad:

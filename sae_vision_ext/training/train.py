@@ -247,7 +247,6 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     ``resume=True`` continues from it (the config must be the same).
     """
     from sae_lens import SAE
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from safetensors.torch import save_file
 
     from ..activations.harvest import resolve_hook_names
@@ -269,22 +268,61 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
             "Distributed training without cache_dir: every rank runs the model over all images. "
             "Set cache_dir to harvest once, split across ranks."
         )
-    widths = model.hook_shapes(batch_size=1)
     stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
-    saes = {}
-    for h in hooks:  # seeded per hook: the same SAE whichever rank builds it
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.sae_init_seed * 1_000_003 + all_hooks.index(h))
-            saes[h] = build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image))
+    saes = _training_saes(cfg, model, all_hooks, hooks, per_image)
     if not saes:
         logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)
         barrier()
         return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}
+    flag = StopFlag()
+    provider = CountingStream(stream, flag, skip=state["batches_consumed"] if state else 0)
     if state is not None:
         for h, sae in saes.items():
             sae.load_weights_from_checkpoint(ckpt / h)
-    flag = StopFlag()
-    provider = CountingStream(stream, flag, skip=state["batches_consumed"] if state else 0)
+    trainer = _trainer(cfg, saes, provider, init_b_dec=state is None)  # a resumed run has its b_dec
+    if state is not None:
+        for h, t in trainer.trainers.items():
+            load_trainer_state(t, ckpt / h)
+        trainer.n_training_samples = state["n_training_samples"]
+        trainer.n_training_steps = state["n_training_steps"]
+        logger.info("resumed at %d tokens from %s", trainer.n_training_samples, ckpt)
+    trained = _fit(cfg, trainer, provider, run_ckpt, flag)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    for hook, sae in trained.items():  # each SAE written once, by the rank that trained it
+        sae.save_inference_model(out / hook)
+        save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
+        logger.info("saved %s to %s", hook, out / hook)
+    run_ckpt.clear(hooks)  # done: nothing of these hooks may be resumed later
+    barrier()
+    if rank == 0:
+        run_ckpt.remove_if_empty()
+    return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}
+
+
+def _training_saes(
+    cfg: VisionSAETrainingConfig, model: HookedViT, all_hooks: list[str], hooks: list[str], per_image: int
+) -> dict[str, TrainingSAE]:
+    """A fresh training SAE for each of this rank's ``hooks``, seeded per hook (``init_seed`` and the
+    hook's place in ``all_hooks``): the same SAE whichever rank builds it."""
+    widths = model.hook_shapes(batch_size=1)
+    saes = {}
+    for h in hooks:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.sae_init_seed * 1_000_003 + all_hooks.index(h))
+            saes[h] = build_training_sae(cfg, h, widths[h][-1], sae_metadata(cfg, model, h, per_image))
+    return saes
+
+
+def _trainer(
+    cfg: VisionSAETrainingConfig, saes: dict[str, TrainingSAE], provider: CountingStream, init_b_dec: bool
+) -> MultiSAETrainer:
+    """SAELens's trainer over ``saes`` fed by ``provider``, with this config's schedule and dead-feature
+    window; ``init_b_dec``: set ``b_dec`` from the first batches as ``cfg.b_dec_init`` says."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    out = Path(cfg.output_dir)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.training_tokens,
         train_batch_size_samples=cfg.train_batch_size,
@@ -299,17 +337,23 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
         n_batches_for_norm_estimate=min(100, max(1, cfg.training_tokens // cfg.train_batch_size // 10)),
         dead_feature_window=dead_window_steps(cfg),
     )
-    trainer = _trainer_class()(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in hooks}, data_provider=provider)
-    if state is None:  # a resumed run has its b_dec in the checkpoint
+    trainer = _trainer_class()(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in saes}, data_provider=provider)
+    if init_b_dec:
         trainer.b_dec_init = cfg.b_dec_init
         total_steps = max(1, cfg.training_tokens // cfg.train_batch_size)
         trainer.b_dec_init_batches = min(total_steps, -(-cfg.b_dec_init_tokens // cfg.train_batch_size))
-    if state is not None:
-        for h, t in trainer.trainers.items():
-            load_trainer_state(t, ckpt / h)
-        trainer.n_training_samples = state["n_training_samples"]
-        trainer.n_training_steps = state["n_training_steps"]
-        logger.info("resumed at %d tokens from %s", trainer.n_training_samples, ckpt)
+    return trainer
+
+
+def _fit(
+    cfg: VisionSAETrainingConfig,
+    trainer: MultiSAETrainer,
+    provider: CountingStream,
+    run_ckpt: RunCheckpoint,
+    flag: StopFlag,
+) -> dict[str, Any]:
+    """``trainer.fit()`` with a checkpoint every interval, and on SIGINT/SIGTERM or a corrupt shard a
+    checkpoint before the error (which says where it is and how to go on)."""
 
     def periodic() -> None:
         if trainer.n_training_steps and run_ckpt.due(
@@ -324,7 +368,7 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     provider.before_batch = periodic
     with stop_on_signals(flag):
         try:
-            trained = trainer.fit()
+            return trainer.fit()
         except TrainingInterrupted:
             saved = run_ckpt.save(trainer, provider, cfg.to_dict())
             raise TrainingInterrupted(
@@ -338,15 +382,3 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
                 "Rewrite the shard (`sae-vision cache --verify` lists and removes bad shards; rerun `sae-vision "
                 "cache` to rebuild them), then continue with --resume."
             ) from e
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    for hook, sae in trained.items():  # each SAE written once, by the rank that trained it
-        sae.save_inference_model(out / hook)
-        save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
-        logger.info("saved %s to %s", hook, out / hook)
-    run_ckpt.clear(hooks)  # done: nothing of these hooks may be resumed later
-    barrier()
-    if rank == 0:
-        run_ckpt.remove_if_empty()
-    return {h: SAE.load_from_disk(out / h, device=cfg.device) for h in all_hooks}

@@ -16,13 +16,14 @@ Numbers on feature pages come from the streaming statistics; each top-image row 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .html import template_env
+from .html import hist_svg, spatial_svg, template_env
 from .lens import top_bottom
 from .plots import (
     _overlay,
@@ -39,55 +40,6 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
     from ..models.hooked_vit import HookedViT
-
-
-def _hist_svg(counts: Tensor) -> str:
-    """Bars of the log10-activation histogram with its axes: bin edges below, the count scale left."""
-    import markupsafe
-
-    counts = counts.float()
-    top = float(counts.max()) or 1.0
-    w, h, left, bottom = 8, 80, 30, 18
-    bars = "".join(
-        f'<rect x="{left + i * w}" y="{h - (h - 2) * float(c) / top:.1f}" width="{w - 1}" '
-        f'height="{(h - 2) * float(c) / top:.1f}" fill="#4c7fc0"><title>{int(c)}</title></rect>'
-        for i, c in enumerate(counts)
-    )
-    ticks = "".join(
-        f'<text x="{left + i * w}" y="{h + 13}" font-size="9" text-anchor="middle">1e{float(e):.0f}</text>'
-        for i, e in enumerate(HIST_EDGES.tolist())
-        if i % 5 == 0
-    )
-    axis = (
-        f'<line x1="{left}" y1="{h}" x2="{left + w * len(counts)}" y2="{h}" stroke="#555"/>'
-        f'<line x1="{left}" y1="0" x2="{left}" y2="{h}" stroke="#555"/>'
-        f'<text x="{left - 3}" y="9" font-size="9" text-anchor="end">{int(top)}</text>'
-        f'<text x="{left - 3}" y="{h}" font-size="9" text-anchor="end">0</text>'
-    )
-    width = left + w * len(counts) + 10
-    return markupsafe.Markup(f'<svg width="{width}" height="{h + bottom}" role="img">{axis}{bars}{ticks}</svg>')
-
-
-def _spatial_svg(m: Tensor, cell: int = 18) -> str:
-    import markupsafe
-
-    top = float(m.max()) if float(m.max()) > 0 else 1.0
-    rects = []
-    for r in range(m.shape[0]):
-        for c in range(m.shape[1]):
-            v = max(0.0, float(m[r, c]) / top)
-            colour = f"rgb({int(255 - 200 * v)},{int(255 - 140 * v)},{int(255 - 40 * v)})"
-            rects.append(f'<rect x="{c * cell}" y="{r * cell}" width="{cell}" height="{cell}" fill="{colour}"/>')
-    w, h = m.shape[1] * cell, m.shape[0] * cell
-    legend = "".join(
-        f'<rect x="{w + 8}" y="{h - (i + 1) * h / 10:.1f}" width="10" height="{h / 10 + 0.5:.1f}" '
-        f'fill="rgb({int(255 - 20 * i)},{int(255 - 14 * i)},{int(255 - 4 * i)})"/>'
-        for i in range(10)
-    )
-    legend += (
-        f'<text x="{w + 21}" y="9" font-size="9">{top:.3g}</text><text x="{w + 21}" y="{h}" font-size="9">0</text>'
-    )
-    return markupsafe.Markup(f'<svg width="{w + 60}" height="{h}">{"".join(rects)}{legend}</svg>')
 
 
 def _feature_rows(s: FeatureStats, kinds: list[str], labels: Tensor | None, names: Sequence[str]) -> list[dict]:
@@ -157,7 +109,7 @@ def choose_feature_pages(
     return chosen
 
 
-def build_dashboard(
+def build_dashboard(  # noqa: PLR0913 (keyword-only page options, each documented)
     model: HookedViT,
     saes: Sequence[SAE],
     pixels: Tensor,
@@ -190,138 +142,184 @@ def build_dashboard(
     saes = list(saes)
     stats = stats or collect_feature_stats(model, saes, pixels, labels, top_k=top_k, progress=progress)
     n_classes = next(iter(stats.values())).n_classes
-    names = list(label_names) if label_names is not None else [str(i) for i in range(max(n_classes, 1))]
-    env = template_env()
-    model_name = model.cfg.model_name
-    crumbs_root = [(model_name, "../index.html")]
-    summary, kinds_by_hook, page_ids = [], {}, {}
     with torch.no_grad():
         logits = torch.cat([model(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
-    image_ids = list(range(min(n_image_pages, len(pixels))))
-    choices = {
-        sae.cfg.metadata.hook_name: choose_feature_pages(
-            stats[sae.cfg.metadata.hook_name],
-            n_feature_pages,
-            (extra_features or {}).get(sae.cfg.metadata.hook_name, ()),
+    site = _Site(
+        out=out,
+        env=template_env(),
+        model=model,
+        pixels=pixels,
+        labels=labels,
+        names=list(label_names) if label_names is not None else [str(i) for i in range(max(n_classes, 1))],
+        logits=logits,
+        image_ids=list(range(min(n_image_pages, len(pixels)))),
+    )
+    hooks = [sae.cfg.metadata.hook_name for sae in saes]
+    choices = {h: choose_feature_pages(stats[h], n_feature_pages, (extra_features or {}).get(h, ())) for h in hooks}
+    site.page_ids = {h: set(c) for h, c in choices.items()}
+    bar = tqdm(
+        total=sum(len(c) for c in choices.values()) + len(site.image_ids),
+        desc="dashboard",
+        unit="page",
+        disable=not progress,
+    )
+    kinds_by_hook = {h: feature_kinds(stats[h]) for h in hooks}
+    summary = [
+        _sae_pages(
+            site,
+            sae,
+            stats[h],
+            kinds_by_hook[h],
+            choices[h],
+            labels_of=(feature_labels or {}).get(h, {}),
+            lens=(logit_lens or {}).get(h),
+            bar=bar,
         )
-        for sae in saes
-    }
-    n_pages = sum(len(c) for c in choices.values()) + min(n_image_pages, len(pixels))
-    bar = tqdm(total=n_pages, desc="dashboard", unit="page", disable=not progress)
-    for sae in saes:
-        hook = sae.cfg.metadata.hook_name
-        s = stats[hook]
-        s.save(out / "stats")
-        d = out / hook
-        d.mkdir(exist_ok=True)
-        kinds = feature_kinds(s)
-        kinds_by_hook[hook] = kinds
-        rows = _feature_rows(s, kinds, labels, names)
-        reasons = choices[hook]
-        hook_labels = {int(k): v for k, v in (feature_labels or {}).get(hook, {}).items()}
-        for row in rows:
-            row["page"] = row["id"] in reasons
-            row["reasons"] = reasons.get(row["id"], [])
-            row["label"] = hook_labels.get(row["id"], "")
-        page_ids[hook] = set(reasons)
-        paged = sorted((r for r in rows if r["page"]), key=lambda r: list(reasons).index(r["id"]))
-        plot_spatial_maps(s, d / "spatial.png")
-        w_dec = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
-        image_labels = [names[int(c)] for c in labels] if labels is not None else None
-        for row in paged:
-            f = row["id"]
-            examples = [
-                {
-                    "value": v,
-                    "image": i,
-                    "token": t,
-                    "page": i in image_ids,
-                    "label": image_labels[i] if image_labels is not None else "",
-                }
-                for v, i, t in s.top_examples(f)
-            ]
-            plot_top_patches(s, f, pixels, d / f"f{f}.png", model, sae=sae, labels=image_labels)
-            lens = None
-            if logit_lens is not None and hook in logit_lens:
-                lens = top_bottom(logit_lens[hook], f, names)
-            cos = w_dec @ w_dec[f]
-            cos[f] = -2
-            neighbours = [
-                {"id": int(j), "cos": float(cos[j]), "page": int(j) in page_ids[hook]} for j in cos.topk(5).indices
-            ]
-            dist = s.label_distribution(f, labels) if labels is not None and n_classes else torch.zeros(0)
-            total = max(int(dist.sum()), 1)
-            label_bars = [(names[c], int(n), 100 * int(n) / total) for c, n in enumerate(dist.tolist()) if n]
-            html = env.get_template("feature.html.j2").render(
-                title=f"feature {f}",
-                crumbs=[*crumbs_root, (hook, "index.html")],
-                hook=hook,
-                f=row,
-                examples=examples,
-                hist_svg=_hist_svg(s.hist[f]),
-                spatial_svg=_spatial_svg(s.spatial_map(f)),
-                hist_range=f"10^{HIST_EDGES[0]:.0f} to 10^{HIST_EDGES[-1]:.0f}",
-                label_bars=label_bars,
-                neighbours=neighbours,
-                lens=lens,
-            )
-            (d / f"f{f}.html").write_text(html)
-            bar.update(1)
-        (d / "index.html").write_text(
-            env.get_template("sae.html.j2").render(
-                title=hook,
-                crumbs=[(model_name, "../index.html")],
-                hook=hook,
-                features=rows,
-                alive=len(rows),
-                d_sae=s.d_sae,
-                n_images=s.n_images,
-            )
-        )
-        summary.append(
-            {
-                "hook": hook,
-                "dir": hook,
-                "d_sae": s.d_sae,
-                "alive": len(rows),
-                "dead": s.d_sae - len(rows),
-                "pages": len(paged),
-            }
-        )
+        for h, sae in zip(hooks, saes, strict=True)
+    ]
     plot_density_histograms(stats, out / "density.png")
     plot_layer_evolution(kinds_by_hook, out / "layer_evolution.png")
     (out / "images").mkdir(exist_ok=True)
-    for i in image_ids:
-        _image_page(
-            env,
-            model,
-            saes,
-            pixels,
-            i,
-            out=out,
-            names=names,
-            labels=labels,
-            logits=logits,
-            page_ids=page_ids,
-            crumbs_root=crumbs_root,
-        )
+    for i in site.image_ids:
+        _image_page(site, saes, i)
         bar.update(1)
     bar.close()
     index = out / "index.html"
     index.write_text(
-        env.get_template("index.html.j2").render(
-            title="index", crumbs=[], model_name=model_name, n_images=len(pixels), saes=summary, image_pages=image_ids
+        site.env.get_template("index.html.j2").render(
+            title="index",
+            crumbs=[],
+            model_name=site.model_name,
+            n_images=len(pixels),
+            saes=summary,
+            image_pages=site.image_ids,
         )
     )
     return index
 
 
+@dataclass
+class _Site:
+    """What every page of one dashboard shares."""
+
+    out: Path
+    env: Any
+    model: HookedViT
+    pixels: Tensor
+    labels: Tensor | None
+    names: list[str]
+    logits: Tensor
+    image_ids: list[int]
+    page_ids: dict[str, set[int]] = field(default_factory=dict)
+    """Per hook, the features that get a page (links point only there)."""
+
+    @property
+    def model_name(self) -> str:
+        return self.model.cfg.model_name
+
+    @property
+    def image_labels(self) -> list[str] | None:
+        return [self.names[int(c)] for c in self.labels] if self.labels is not None else None
+
+
+def _sae_pages(
+    site: _Site,
+    sae: SAE,
+    s: FeatureStats,
+    kinds: list[str],
+    reasons: dict[int, list[str]],
+    *,
+    labels_of: dict[int, str],
+    lens: Tensor | None,
+    bar: Any,
+) -> dict[str, Any]:
+    """One SAE's folder: its stats, feature pages (those in ``reasons``) and table; its index row."""
+    hook = sae.cfg.metadata.hook_name
+    s.save(site.out / "stats")
+    d = site.out / hook
+    d.mkdir(exist_ok=True)
+    rows = _feature_rows(s, kinds, site.labels, site.names)
+    hook_labels = {int(k): v for k, v in labels_of.items()}
+    for row in rows:
+        row["page"] = row["id"] in reasons
+        row["reasons"] = reasons.get(row["id"], [])
+        row["label"] = hook_labels.get(row["id"], "")
+    paged = sorted((r for r in rows if r["page"]), key=lambda r: list(reasons).index(r["id"]))
+    plot_spatial_maps(s, d / "spatial.png")
+    w_dec = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
+    for row in paged:
+        _feature_page(site, sae, s, row, w_dec=w_dec, lens=lens)
+        bar.update(1)
+    (d / "index.html").write_text(
+        site.env.get_template("sae.html.j2").render(
+            title=hook,
+            crumbs=[(site.model_name, "../index.html")],
+            hook=hook,
+            features=rows,
+            alive=len(rows),
+            d_sae=s.d_sae,
+            n_images=s.n_images,
+        )
+    )
+    return {
+        "hook": hook,
+        "dir": hook,
+        "d_sae": s.d_sae,
+        "alive": len(rows),
+        "dead": s.d_sae - len(rows),
+        "pages": len(paged),
+    }
+
+
+def _feature_page(
+    site: _Site, sae: SAE, s: FeatureStats, row: dict[str, Any], *, w_dec: Tensor, lens: Tensor | None
+) -> None:
+    """``f{feature}.html`` and its top-patches figure: top examples, histogram, spatial map, label
+    distribution, nearest decoder directions and (``lens``) the logit lens."""
+    hook, f, d = sae.cfg.metadata.hook_name, row["id"], site.out / sae.cfg.metadata.hook_name
+    image_labels = site.image_labels
+    examples = [
+        {
+            "value": v,
+            "image": i,
+            "token": t,
+            "page": i in site.image_ids,
+            "label": image_labels[i] if image_labels is not None else "",
+        }
+        for v, i, t in s.top_examples(f)
+    ]
+    plot_top_patches(site.model, sae, s, f, site.pixels, path=d / f"f{f}.png", labels=image_labels)
+    cos = w_dec @ w_dec[f]
+    cos[f] = -2
+    neighbours = [
+        {"id": int(j), "cos": float(cos[j]), "page": int(j) in site.page_ids[hook]} for j in cos.topk(5).indices
+    ]
+    has_labels = site.labels is not None and s.n_classes
+    dist = s.label_distribution(f, site.labels) if has_labels else torch.zeros(0)
+    total = max(int(dist.sum()), 1)
+    html = site.env.get_template("feature.html.j2").render(
+        title=f"feature {f}",
+        crumbs=[(site.model_name, "../index.html"), (hook, "index.html")],
+        hook=hook,
+        f=row,
+        examples=examples,
+        hist_svg=hist_svg(s.hist[f]),
+        spatial_svg=spatial_svg(s.spatial_map(f)),
+        hist_range=f"10^{HIST_EDGES[0]:.0f} to 10^{HIST_EDGES[-1]:.0f}",
+        label_bars=[(site.names[c], int(n), 100 * int(n) / total) for c, n in enumerate(dist.tolist()) if n],
+        neighbours=neighbours,
+        lens=top_bottom(lens, f, site.names) if lens is not None else None,
+    )
+    (d / f"f{f}.html").write_text(html)
+
+
 @torch.no_grad()
-def _image_page(env, model, saes, pixels, i, *, out, names, labels, logits, page_ids, crumbs_root) -> None:
+def _image_page(site: _Site, saes: list[SAE], i: int) -> None:
+    """``images/img{i}.html``: the image with the top three features of every SAE and their heatmaps."""
     from .plots import pyplot
 
-    plt = pyplot()
-    x = pixels[i : i + 1]
+    plt, model = pyplot(), site.model
+    x = site.pixels[i : i + 1]
     img = display_images(model, x)[0]
     rows = []
     fig, axes = plt.subplots(len(saes), 4, figsize=(6.4, 1.6 * len(saes)), squeeze=False)
@@ -333,7 +331,7 @@ def _image_page(env, model, saes, pixels, i, *, out, names, labels, logits, page
         acts = token_acts.amax(0)  # [d_sae]: max over tokens
         top = acts.topk(3)
         feats = [
-            {"id": int(f), "value": float(v), "page": int(f) in page_ids[hook]}
+            {"id": int(f), "value": float(v), "page": int(f) in site.page_ids[hook]}
             for v, f in zip(top.values, top.indices, strict=True)
         ]
         rows.append({"hook": hook, "dir": hook, "features": feats})
@@ -346,15 +344,15 @@ def _image_page(env, model, saes, pixels, i, *, out, names, labels, logits, page
         for ax in axes[r]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "images" / f"img{i}.png", dpi=90)
+    fig.savefig(site.out / "images" / f"img{i}.png", dpi=90)
     plt.close(fig)
-    pred = int(logits[i].argmax()) if logits.ndim == 2 else None
-    html = env.get_template("image.html.j2").render(
+    pred = int(site.logits[i].argmax()) if site.logits.ndim == 2 else None
+    html = site.env.get_template("image.html.j2").render(
         title=f"image {i}",
-        crumbs=[(crumbs_root[0][0], "../index.html")],
+        crumbs=[(site.model_name, "../index.html")],
         image=i,
-        label=names[int(labels[i])] if labels is not None else "",
-        prediction=(names[pred] if pred is not None and pred < len(names) else pred),
+        label=site.names[int(site.labels[i])] if site.labels is not None else "",
+        prediction=(site.names[pred] if pred is not None and pred < len(site.names) else pred),
         rows=rows,
     )
-    (out / "images" / f"img{i}.html").write_text(html)
+    (site.out / "images" / f"img{i}.html").write_text(html)

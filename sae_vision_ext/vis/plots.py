@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._compat import renamed_kwargs
+from .._compat import renamed_kwargs, reordered_args
 from .._hooks import layer_of
 from .stats import FeatureStats
 
@@ -68,19 +68,23 @@ def _overlay(ax: Any, img: np.ndarray, heat: np.ndarray, vmax: float) -> None:
     ax.axis("off")
 
 
+@reordered_args(
+    ("stats", "feature", "pixels", "path", "model", "sae", "labels", "crop_patches"),
+    is_old=lambda args: isinstance(args[0], FeatureStats),
+)
 @renamed_kwargs(images="pixels")
 def plot_top_patches(
+    model: HookedViT,
+    sae: SAE,
     stats: FeatureStats,
     feature: int,
     pixels: Tensor,
-    path: str | Path,
-    model: HookedViT,
     *,
-    sae: SAE,
+    path: str | Path,
     labels: Sequence[str] | None = None,
     crop_patches: int = 3,
 ) -> Path:
-    """Top images of ``feature`` with its heatmap (top row, one colour scale for all, drawn beside
+    """Top images of ``feature`` of ``sae`` with its heatmap (top row, one colour scale for all, drawn beside
     them) and a crop around the hottest patch (bottom).
 
     ``pixels`` are the preprocessed images the stats were collected on (indexed by image index);

@@ -55,3 +55,18 @@ def test_attribute_targets_is_now_target(rrm):
         old = att.attribute(x, targets=2, max_feature_nodes=None)
     torch.testing.assert_close(old.adjacency.to_dense(), new.adjacency.to_dense())
     assert old.target_classes == new.target_classes == [2]
+
+
+def test_plot_top_patches_takes_model_first_and_the_old_order_still_works(rrm, tmp_path):
+    from sae_vision_ext.vis.plots import plot_top_patches
+
+    x = images(3).double()
+    sae = rrm.saes[0]
+    stats = collect_feature_stats(rrm.model, sae, x, top_k=2, progress=False)
+    f = int(stats.tensors["max_act"].argmax())
+    new = plot_top_patches(rrm.model, sae, stats, f, x, path=tmp_path / "new.png")
+    with pytest.warns(DeprecationWarning, match="old argument order"):
+        old = plot_top_patches(stats, f, x, tmp_path / "old.png", rrm.model, sae)
+    with pytest.warns(DeprecationWarning, match="old argument order"):
+        readme_old = plot_top_patches(stats, feature=f, images=x, path=tmp_path / "kw.png", model=rrm.model, sae=sae)
+    assert new.read_bytes() == old.read_bytes() == readme_old.read_bytes()
