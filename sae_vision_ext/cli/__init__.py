@@ -97,7 +97,9 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
             help="require torchrun's environment (under torchrun the group is joined anyway)",
         )
         for key, typ in _CONFIG_FLAGS.items():
-            p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None)
+            flag = "--model" if key == "model_name" else f"--{key.replace('_', '-')}"  # --model, as elsewhere
+            p.add_argument(flag, dest=key, type=typ, default=None)
+        p.add_argument("--model-name", dest="model_name_deprecated", default=None, help="deprecated: use --model")
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="evaluate SAEs spliced into a model (table per SAE, JSON beside)")

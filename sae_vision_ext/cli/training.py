@@ -32,6 +32,12 @@ def _training_config(args: argparse.Namespace):
     from ..training.config import VisionSAETrainingConfig
 
     base = VisionSAETrainingConfig.from_file(args.config).to_dict() if args.config else {}
+    if getattr(args, "model_name_deprecated", None):
+        warnings.warn(
+            "--model-name is deprecated; use --model (as every command does).", DeprecationWarning, stacklevel=1
+        )
+        if args.model_name is None:
+            args.model_name = args.model_name_deprecated
     for key in _CONFIG_FLAGS:
         value = getattr(args, key, None)
         if value is not None:

@@ -180,7 +180,7 @@ def _trainer_class():
 
     class VisionMultiSAETrainer(MultiSAETrainer):
         """SAELens's MultiSAETrainer with ``b_dec`` initialised from the data after SAELens's scaling
-        estimate, and loss, L0 and explained variance (means over hooks) in the bar."""
+        estimate (the progress bar is SAELens's own)."""
 
         b_dec_init: str = "zeros"
         b_dec_init_batches: int = 0
@@ -195,20 +195,6 @@ def _trainer_class():
                 sae.b_dec.data.copy_(
                     initial_b_dec(self.trainers[name], sae, [b[hook] for b in peeked], self.b_dec_init)
                 )
-
-        @torch.no_grad()
-        def _update_pbar(self, step_outputs: dict, pbar: Any, update_interval: int = 100) -> None:
-            if self.n_training_steps % update_interval != 0:
-                return
-            outs = list(step_outputs.values())
-            loss = sum(float(o.loss) for o in outs) / len(outs)
-            l0 = sum(float((o.feature_acts != 0).sum(-1).float().mean()) for o in outs) / len(outs)
-            ev = sum(
-                1 - float((o.sae_in - o.sae_out).pow(2).sum() / (o.sae_in - o.sae_in.mean(0)).pow(2).sum())
-                for o in outs
-            ) / len(outs)
-            pbar.set_description(f"{self.n_training_steps} steps | loss {loss:.4f} | L0 {l0:.1f} | EV {ev:.3f}")
-            pbar.update(update_interval * self.cfg.train_batch_size_samples)
 
     return VisionMultiSAETrainer
 

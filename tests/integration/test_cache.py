@@ -123,7 +123,7 @@ def test_incomplete_or_missing_cache_errors(tmp_path):
 
 
 def test_cli_cache_then_train_from_cache(tmp_path, capsys):
-    common = ["--model-name", "sve:shapes-vit", "--layers", "2", "--n-images", "64", "--cache-dir",
+    common = ["--model", "sve:shapes-vit", "--layers", "2", "--n-images", "64", "--cache-dir",
               str(tmp_path / "cache"), "--cache-dtype", "float16"]  # fmt: skip
     assert main(["cache", *common]) == 0
     assert "cache ready" in capsys.readouterr().out
@@ -148,7 +148,7 @@ def test_shards_get_the_same_mode_as_their_markers(model, tmp_path):
 
 
 def test_cli_verify_removes_bad_shards_and_rewrites_them_and_accepts_the_printed_key_folder(tmp_path, capsys):
-    common = ["--model-name", "sve:shapes-vit", "--layers", "2", "--n-images", "600", "--cache-dir",
+    common = ["--model", "sve:shapes-vit", "--layers", "2", "--n-images", "600", "--cache-dir",
               str(tmp_path / "cache")]  # fmt: skip
     assert main(["cache", *common]) == 0
     key_dir = capsys.readouterr().out.split("cache ready: ")[-1].strip()

@@ -70,3 +70,16 @@ def test_plot_top_patches_takes_model_first_and_the_old_order_still_works(rrm, t
     with pytest.warns(DeprecationWarning, match="old argument order"):
         readme_old = plot_top_patches(stats, feature=f, images=x, path=tmp_path / "kw.png", model=rrm.model, sae=sae)
     assert new.read_bytes() == old.read_bytes() == readme_old.read_bytes()
+
+
+@pytest.mark.parametrize("command", ["cache", "train"])
+def test_cache_and_train_take_model_like_every_command(command):
+    from sae_vision_ext.cli import build_parser
+    from sae_vision_ext.cli.training import _training_config
+
+    parser = build_parser()
+    new = _training_config(parser.parse_args([command, "--model", "sve:shapes-vit-biased"]))
+    assert new.model_name == "sve:shapes-vit-biased"
+    with pytest.warns(DeprecationWarning, match="use --model"):
+        old = _training_config(parser.parse_args([command, "--model-name", "sve:shapes-vit-biased"]))
+    assert old.to_dict() == new.to_dict()
