@@ -232,9 +232,9 @@ class CachedActivations:
     def n_tokens(self) -> int:
         return int(self.metadata["n_tokens"])
 
-    def load_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, Tensor]:
-        """Shard ``i`` as float32 tensors of ``hooks`` (default all); its checksum is verified on the first read
-        in this reader unless ``verify=False``."""
+    def load_shard(self, i: int, hooks: list[str] | None = None, as_float: bool = True) -> dict[str, Tensor]:
+        """Shard ``i`` as float32 tensors of ``hooks`` (default all; ``as_float=False``: in the cache
+        dtype); its checksum is verified on the first read in this reader unless ``verify=False``."""
         from safetensors import safe_open
 
         path, marker = shard_path(self.folder, i), marker_path(self.folder, i)
@@ -247,7 +247,7 @@ class CachedActivations:
             self._verified.add(i)
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {h: f.get_tensor(h).float() for h in (hooks or self.hook_names)}
+                return {h: f.get_tensor(h).float() if as_float else f.get_tensor(h) for h in (hooks or self.hook_names)}
         except Exception as e:
             raise CorruptShardError(f"Cache shard {path} cannot be read ({type(e).__name__}: {e}).") from e
 
@@ -273,15 +273,22 @@ class CachedActivations:
         buffer_tokens: int = 65_536,
         seed: int = 0,
         epochs: int | None = 1,
+        *,
         hooks: list[str] | None = None,
+        in_memory_bytes: int = 0,
     ) -> Iterator[dict[str, Tensor]]:
-        """Shuffled training batches: shards in a seeded random order per epoch, tokens mixed in a buffer.
-        ``hooks`` (default all) selects the tensors read; the token order does not depend on it."""
+        """Shuffled training batches (float32). A cache of at most ``in_memory_bytes`` on disk is read
+        into memory once, and each epoch is an exact shuffle of all its tokens (a batch is one gather);
+        a larger one streams: shards in a seeded random order per epoch, tokens mixed in a buffer of
+        ``buffer_tokens``. ``hooks`` (default all) selects the tensors read; the token order does not
+        depend on it. Either way the order is a function of ``seed`` alone (so a resumed run replays it)."""
         unknown = sorted(set(hooks or []) - set(self.hook_names))
         if unknown:
             raise ValueError(f"Hooks {unknown} are not in cache {self.folder}; it holds {self.hook_names}.")
         gen = torch.Generator().manual_seed(seed)
         n_shards = int(self.metadata["n_shards"])
+        if self.nbytes <= in_memory_bytes:
+            return self._in_memory_batches(batch_size, gen, epochs, hooks)
 
         def shards() -> Iterator[dict[str, Tensor]]:
             epoch = 0
@@ -291,6 +298,28 @@ class CachedActivations:
                 epoch += 1
 
         return ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, gen)(shards())
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the shards on disk (what reading the cache into memory takes, in its dtype)."""
+        return sum(shard_path(self.folder, i).stat().st_size for i in range(int(self.metadata["n_shards"])))
+
+    def _in_memory_batches(
+        self, batch_size: int, gen: torch.Generator, epochs: int | None, hooks: list[str] | None
+    ) -> Iterator[dict[str, Tensor]]:
+        loaded = [self.load_shard(i, hooks, as_float=False) for i in range(int(self.metadata["n_shards"]))]
+        tokens = {h: torch.cat([shard[h] for shard in loaded]) for h in loaded[0]}
+        del loaded
+        n = next(iter(tokens.values())).shape[0]
+        if n < batch_size:
+            raise ValueError(f"Cache {self.folder} holds {n} tokens, fewer than one batch of {batch_size}.")
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n - batch_size + 1, batch_size):  # the last partial batch of an epoch is dropped
+                idx = perm[i : i + batch_size]
+                yield {h: t[idx].float() for h, t in tokens.items()}
+            epoch += 1
 
 
 def cache_root(path: str | Path, settings: CacheSettings) -> Path:

@@ -103,6 +103,9 @@ class VisionSAETrainingConfig(ConfigMixin):
     """Images per model forward while harvesting."""
     shuffle_buffer_tokens: int = 65_536
     """Tokens mixed across images before batches are drawn (at least twice the batch size)."""
+    cache_in_memory_gb: float = 2.0
+    """A cache up to this size (on disk) is read into memory once and shuffled exactly each epoch;
+    larger caches stream from disk through the shuffle buffer. 0: always stream."""
     num_workers: int = 0
     """DataLoader workers for image loading."""
     device: str = "cpu"
@@ -162,6 +165,8 @@ class VisionSAETrainingConfig(ConfigMixin):
         for name in _POSITIVE_OR_NONE:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}.")
+        if self.cache_in_memory_gb < 0:
+            raise ValueError(f"cache_in_memory_gb must be >= 0, got {self.cache_in_memory_gb!r}.")
         if self.aux_coefficient < 0:
             raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient!r}.")
         if self.d_sae is not None and self.architecture in _TOPK_LIKE and self.k > self.d_sae:

@@ -160,7 +160,12 @@ def activation_stream(
             model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers, image_batch_size=cfg.image_batch_size
         )
         stream = cached.batches(
-            cfg.train_batch_size, cfg.shuffle_buffer_tokens, cfg.seed, epochs=None, hooks=read_hooks
+            cfg.train_batch_size,
+            cfg.shuffle_buffer_tokens,
+            cfg.seed,
+            epochs=None,
+            hooks=read_hooks,
+            in_memory_bytes=int(cfg.cache_in_memory_gb * 2**30),
         )
         return stream, per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)

@@ -111,6 +111,25 @@ def test_reader_yields_every_token_once_per_epoch_and_bf16_halves_bytes(model, t
                                atol=0.05, rtol=0.02)  # fmt: skip
 
 
+def test_in_memory_reader_shuffles_every_token_exactly_once_per_epoch(model, tmp_path):
+    folder = build_cache(model, RandomImages(12), settings(n_images=12), tmp_path, progress=False)
+    reader = CachedActivations(folder)
+    tokens = torch.cat([reader.load_shard(i)[HOOKS[0]] for i in range(2)])
+    n, bs = len(tokens), 16
+    assert reader.nbytes > 0
+    stream = reader.batches(batch_size=bs, seed=3, epochs=2, in_memory_bytes=reader.nbytes)
+    epochs = torch.cat([b[HOOKS[0]] for b in stream]).split(n // bs * bs)
+    assert len(epochs) == 2 and all(e.dtype == torch.float32 for e in epochs)
+    for e in epochs:  # each row is a distinct cached token (the partial last batch dropped)
+        match = (e[:, None, :] == tokens[None]).all(-1)
+        assert (match.sum(1) == 1).all() and match.any(0).sum() == len(e)
+    assert not torch.equal(epochs[0], epochs[1])  # a new permutation each epoch
+    again = torch.cat([b[HOOKS[0]] for b in reader.batches(batch_size=bs, seed=3, epochs=2, in_memory_bytes=10**12)])
+    torch.testing.assert_close(again, torch.cat(epochs), rtol=0, atol=0)  # a function of the seed alone
+    streamed = next(reader.batches(batch_size=bs, seed=3, in_memory_bytes=reader.nbytes - 1))
+    assert not torch.equal(streamed[HOOKS[0]], epochs[0][:bs])  # one byte too big: the streaming path
+
+
 def test_incomplete_or_missing_cache_errors(tmp_path):
     with pytest.raises(ValueError, match="not an activation cache"):
         CachedActivations(tmp_path)
@@ -172,7 +191,7 @@ def test_a_corrupt_shard_met_in_training_checkpoints_first_then_names_the_shard(
     cfg = VisionSAETrainingConfig(model_name="sve:shapes-vit", layers=[2], n_images=512, images_per_shard=32,
                                   training_tokens=512 * 100, train_batch_size=512, shuffle_buffer_tokens=1024, k=8,
                                   expansion_factor=2, cache_dir=str(tmp_path / "cache"),
-                                  output_dir=str(tmp_path / "run"))  # fmt: skip
+                                  output_dir=str(tmp_path / "run"), cache_in_memory_gb=0)  # fmt: skip
     train_saes(VisionSAETrainingConfig(**{**cfg.to_dict(), "training_tokens": 512, "output_dir": str(tmp_path / "w")}))
     # the reader visits shards in the order of its seeded permutation: damage the last one it reads
     last = torch.randperm(16, generator=torch.Generator().manual_seed(cfg.seed))[-1].item()
@@ -187,3 +206,7 @@ def test_a_corrupt_shard_met_in_training_checkpoints_first_then_names_the_shard(
     assert "sae-vision cache --verify" in str(err.value)
     state = json.loads((tmp_path / "run" / "checkpoints" / "latest" / "state.json").read_text())
     assert state["n_training_steps"] > 0  # the steps done before the bad shard are kept
+    # a cache small enough to be read into memory is read whole before the first step: same error
+    in_memory = {**cfg.to_dict(), "cache_in_memory_gb": 2.0, "output_dir": str(tmp_path / "mem")}
+    with pytest.raises(CorruptShardError, match=rf"shard_{last:05d}\.safetensors.*--resume"):
+        train_saes(VisionSAETrainingConfig(**in_memory))
