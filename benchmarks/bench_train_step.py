@@ -17,24 +17,10 @@ D_IN, D_SAE, K, BATCH = 192, 512, 16, 4096
 
 
 def reference_step(x: torch.Tensor):
-    g = torch.Generator().manual_seed(0)
-    w_dec = torch.nn.functional.normalize(torch.randn(D_SAE, D_IN, generator=g), dim=-1).requires_grad_()
-    w_enc = w_dec.detach().T.clone().requires_grad_()
-    b_enc, b_dec = torch.zeros(D_SAE, requires_grad=True), x.mean(0).clone().requires_grad_()
-    opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=4e-4)
+    from benchmarks.bench_training import reference_sae
 
-    def step() -> None:
-        pre = (x - b_dec) @ w_enc + b_enc
-        vals, idx = pre.topk(K, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        loss = (z @ w_dec + b_dec - x).pow(2).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
-
-    return step
+    _, step = reference_sae(x.mean(0), D_SAE, K, 4e-4, torch.Generator().manual_seed(0))
+    return lambda: step(x)
 
 
 def saelens_step(cls, cfg_cls, x: torch.Tensor, rescale: bool):

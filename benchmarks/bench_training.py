@@ -30,17 +30,17 @@ from benchmarks._timing import markdown_table
 HOOK = "blocks.3.hook_resid_post"
 
 
-def reference_topk(tokens: torch.Tensor, d_sae: int, k: int, steps: int, batch: int, lr: float, seed: int):
-    """The 30-line TopK SAE (returns W_enc, b_enc, W_dec, b_dec)."""
-    g = torch.Generator().manual_seed(seed)
-    d_in = tokens.shape[1]
-    W_dec = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=-1).requires_grad_()
+def reference_sae(mean: torch.Tensor, d_sae: int, k: int, lr: float, g: torch.Generator):
+    """The 30-line TopK SAE: its weights ``(W_enc, b_enc, W_dec, b_dec)`` (``b_dec`` at ``mean``, unit-norm
+    decoder rows, ``W_enc = W_dec^T``) and ``step(x)``: top-k then ReLU, MSE, Adam, decoder rows
+    renormalised."""
+    W_dec = torch.nn.functional.normalize(torch.randn(d_sae, mean.shape[0], generator=g), dim=-1).requires_grad_()
     W_enc = W_dec.detach().T.clone().requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = tokens[:16384].mean(0).clone().requires_grad_()
+    b_dec = mean.clone().requires_grad_()
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
-    for _ in range(steps):
-        x = tokens[torch.randint(len(tokens), (batch,), generator=g)]
+
+    def step(x: torch.Tensor) -> None:
         pre = (x - b_dec) @ W_enc + b_enc
         vals, idx = pre.topk(k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
@@ -49,8 +49,18 @@ def reference_topk(tokens: torch.Tensor, d_sae: int, k: int, steps: int, batch: 
         loss.backward()
         opt.step()
         with torch.no_grad():
-            W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return W_enc.detach(), b_enc.detach(), W_dec.detach(), b_dec.detach()
+            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+
+    return (W_enc, b_enc, W_dec, b_dec), step
+
+
+def reference_topk(tokens: torch.Tensor, d_sae: int, k: int, steps: int, batch: int, lr: float, seed: int):
+    """The 30-line TopK SAE trained on random batches of ``tokens`` (returns W_enc, b_enc, W_dec, b_dec)."""
+    g = torch.Generator().manual_seed(seed)
+    weights, step = reference_sae(tokens[:16384].mean(0), d_sae, k, lr, g)
+    for _ in range(steps):
+        step(tokens[torch.randint(len(tokens), (batch,), generator=g)])
+    return tuple(w.detach() for w in weights)
 
 
 def as_saelens(weights, k: int):

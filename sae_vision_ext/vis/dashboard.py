@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +218,7 @@ class _Site:
     def model_name(self) -> str:
         return self.model.cfg.model_name
 
-    @property
+    @cached_property
     def image_labels(self) -> list[str] | None:
         return [self.names[int(c)] for c in self.labels] if self.labels is not None else None
 
