@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -50,6 +50,9 @@ from .._hooks import sae_acts, sae_error
 from ..saes import affine
 from .replacement_base import ReplacementModelBase
 from .rows import Sources, Workspace, active_tokens, block_rows
+
+if TYPE_CHECKING:
+    from .attribution import _Leaves
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +221,7 @@ class _PairRows:
         norms: list[affine.FrozenNorm],
         *,
         pre: list[Tensor],
-        leaves: Any,
+        leaves: _Leaves,
         mids: dict[int, Tensor],
         engine: str,
         batch_size: int,
