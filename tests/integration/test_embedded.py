@@ -90,3 +90,5 @@ def test_embedded_saes_load_offline_and_reconstruct(clean_model):
         )
         assert m["l0"] <= sae.cfg.k + 1e-6
         assert m["accuracy"]["spliced"] > m["accuracy"]["clean"] - 0.1
+        # trained with the current recipe (b_dec at the data mean, unit-norm decoder, AuxK): few dead features
+        assert m["dead_fraction"] < 0.15 and summary[hook]["dead_fraction"] < 0.15, (hook, m["dead_fraction"])
