@@ -24,9 +24,13 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert namespace["sae"].cfg.metadata.model_name == "sve:shapes-vit"  # the shipped one, loaded last
 
     exec(compile(third, "README.md", "exec"), namespace)
-    assert (tmp_path / "f224.png").exists() and (tmp_path / "dash" / "index.html").exists()
+    assert (tmp_path / "f73.png").exists() and (tmp_path / "dash" / "index.html").exists()
     assert namespace["stats"].n_images == 16
-    assert "layer 3, AUROC" in namespace["analyses"]["blocks.3.hook_resid_post"].label(224)
+    assert namespace["analyses"]["blocks.3.hook_resid_post"].label(73).startswith("ring (shape), layer 3, AUROC")
+    # what the comment claims: the README's 16 images' rings are the feature's top images
+    labels, stats = namespace["labels"], namespace["stats"]
+    top = [int(labels[i]) for _, i, _ in stats.top_examples(feature=73)[:3]]
+    assert top == [sve_shapes().index("ring")] * 3 == [lab for lab in labels.tolist() if lab == top[0]], top
     assert namespace["lens"].shape == (512, 6)
     # the example features are live on the README's images (a dead one would show nothing)
     for f in {int(m) for m in re.findall(r"feature=(\d+)", third)}:
