@@ -57,7 +57,7 @@ def run_demo(
             for layer in range(cfg.n_layers):
                 norms[layer] += cache[resid_post(layer)].norm(dim=-1).mean() * len(x)
                 cls_attn_to_self[layer] += cache[f"blocks.{layer}.attn.hook_pattern"][:, :, 0, 0].mean() * len(x)
-    print(f"\nAccuracy on {n_images} fresh shapes images ({len(SHAPES)} classes): {correct / n_images:.3f}")
+    print(f"\nAccuracy on {n_images} fresh shapes images (seed 1, {len(SHAPES)} classes): {correct / n_images:.3f}")
     print(f"{len(model.hook_dict)} hook points; cached {len(names)} of them per batch.\n")
     print("layer  mean |resid_post|  CLS attention to itself")
     for layer in range(cfg.n_layers):
@@ -120,13 +120,16 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
     """Stage 4: faithfulness of the pure replacement model and one attribution graph."""
     from pathlib import Path
 
+    from .circuits.export import serve_command
     from .circuits.replacement import ResidualReplacementModel
     from .data.shapes import SHAPES
 
     rrm = ResidualReplacementModel(model, saes)
-    print("\nResidual replacement model (SAEs on layers 0..n-1 replace the residual stream, no error terms):")
-    print("layers spliced  top-1 agreement  KL      accuracy (clean)")
-    for row in rrm.faithfulness(pixels[:256], labels[:256]):
+    n = min(256, len(pixels))
+    print("\nResidual replacement model (SAEs on layers 0..n-1 replace the residual stream, no error terms),")
+    print(f"on the first {n} of the {len(pixels)} images above (accuracy in brackets: the original model on them):")
+    print("layers spliced  top-1 agreement  KL      accuracy (original)")
+    for row in rrm.faithfulness(pixels[:n], labels[:n]):
         print(
             f"{row['n_spliced']:>14}  {row['top1_agreement']:>15.3f}  {row['kl']:.4f}  "
             f"{row['accuracy']:.3f} ({row['accuracy_clean']:.3f})"
@@ -145,7 +148,8 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
         f"scores: replacement {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), "
         f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
     )
-    print(f"graph (circuit-tracer's files; serve the folder with its local_server): {path.parent.resolve()}")
+    print(f"circuit-tracer files: {path.parent.resolve()}")
+    print(f"  open them in its frontend: {serve_command(path.parent)}, then http://localhost:8032")
     return rrm, pruned
 
 

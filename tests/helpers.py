@@ -156,6 +156,15 @@ ARCHS = ["standard", "topk", "topk_rescale", "jumprelu", "gated", "signed_topk",
 NORMS = ["none", "layer_norm", "constant_norm_rescale", "expected_average_only_in"]
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in tests listen on loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_sae(arch: str, norm: str, apply_b_dec: bool, d_in: int = 32, d_sae: int = 40, seed: int = 0, hook: str = ""):
     """A random float64 SAELens SAE of ``arch`` with non-unit decoder rows, random biases and, for
     JumpReLU, random positive thresholds."""

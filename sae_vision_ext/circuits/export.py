@@ -291,3 +291,13 @@ def write_circuit_tracer(
     atomic_write_text(out / f"{slug}.json", json.dumps(exported))
     add_graph_metadata(out, exported["metadata"])
     return exported
+
+
+def serve_command(out_dir: str | Path, port: int = 8032) -> str:
+    """The shell command that serves circuit-tracer files in ``out_dir`` with circuit-tracer's own
+    ``local_server`` (its frontend then opens at ``http://localhost:<port>``)."""
+    code = (
+        "from circuit_tracer.frontend.local_server import serve; "
+        f"serve('{Path(out_dir).resolve()}', port={port}).server_thread.join()"
+    )
+    return f'python -c "{code}"'

@@ -13,11 +13,10 @@ Any other request leaving 127.0.0.1 fails the test.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-from helpers import _circuit_tracer, _Tokenizer, images, launch_chromium, rrm_for, to_circuit_tracer_graph
+from helpers import _circuit_tracer, _Tokenizer, free_port, images, launch_chromium, rrm_for, to_circuit_tracer_graph
 
 FRONTEND = Path(__file__).parents[1] / "frontend"
 MODULES = FRONTEND / "node_modules"
@@ -30,12 +29,6 @@ CDN = {
     "https://unpkg.com/dagre@0.8.5/dist/dagre.min.js": MODULES / "dagre" / "dist" / "dagre.min.js",
     "https://unpkg.com/pako@2.1.0/dist/pako.min.js": MODULES / "pako" / "dist" / "pako.min.js",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _route(page, outside: list[str]) -> None:
@@ -86,7 +79,7 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
     )
     assert len(out["nodes"]) == len(used_nodes)
 
-    port = _free_port()
+    port = free_port()
     server = serve(data_dir=str(tmp_path), port=port)
     try:
         with sync_playwright() as p:
