@@ -7,10 +7,14 @@ An :class:`Attribute` labels every image (``level="image"``: ``values [n]``) or 
 unknown, left out). A feature's score is its activation from the SAE's own ``encode``: the maximum
 over an image's tokens for image attributes, the activation at the patch for patch attributes.
 For each attribute value ``v`` (one against the rest) the AUROC says how well the score separates
-positives (value ``v``) from negatives; it is computed from histograms of the scores (bin 0: exactly
-zero; then ``N_BINS - 1`` log-spaced bins from 1e-3 to 1e2), ties within a bin counted one half,
-so memory does not grow with the number of images and the numbers can be recomputed from
-``sae.encode`` with :func:`score_bins` (``tests/integration/test_analysis.py``).
+positives (value ``v``) from negatives. It is exact (``vis/auroc.py``: the Mann-Whitney rank
+statistic, ties counted one half) while the scores kept for it fit ``max_exact_bytes`` (4 bytes per
+sample and feature summed over the SAEs: ``n`` samples for image attributes, ``n · n_patches`` for
+patch attributes; the image level is served first); a level that does not fit is streamed through
+histograms (bin 0: ``score <= 0``; then ``N_BINS - 1`` log-spaced bins from 1e-3 to 1e2, pairs in one
+bin counted one half) whose error bound ``FeatureAnalysis.auroc_bound`` is
+``Σ_b pos_b·neg_b / (2·n_pos·n_neg)`` (zero where exact; ``FeatureAnalysis.exact`` says which).
+Every value needs a positive and a negative (``Attribute`` refuses codes that leave one undefined).
 
 Per feature: the best ``(attribute, value)`` and its AUROC, the margin over the best value of any
 other attribute, and a type from the attribute's ``kind`` (``class``, ``colour``, ``texture``,
@@ -23,78 +27,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .._hooks import layer_of
+from .attributes import KINDS as KINDS
+from .attributes import Attribute as Attribute
+from .attributes import Kind as Kind
+from .attributes import shapes_attributes as shapes_attributes
+from .auroc import N_BINS as N_BINS
+from .auroc import AurocAccumulator
+from .auroc import auroc_from_histograms as auroc_from_histograms
+from .auroc import histogram_bound as histogram_bound
+from .auroc import score_bins as score_bins
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from sae_lens import SAE
 
-    from ..data.shapes import ShapesData
     from ..models.hooked_vit import HookedViT
 
-N_BINS = 64
-"""Score bins: bin 0 is an exact zero, then log-spaced bins over [1e-3, 1e2]."""
-_EDGES = torch.logspace(-3, 2, N_BINS - 2)
-
-Kind = Literal["class", "colour", "texture", "position", "other"]
-
-
-@dataclass
-class Attribute:
-    """One labelled attribute of the images."""
-
-    name: str
-    """Shown in labels and tables, e.g. ``shape``."""
-    values: Any
-    """Integer codes: ``[n]`` per image or ``[n, n_patches]`` per patch (``-1``: unknown)."""
-    names: Sequence[str]
-    """Name of each code."""
-    level: Literal["image", "patch"] = "image"
-    """Whether a feature is scored per image (its maximum over tokens) or per patch."""
-    kind: Kind = "other"
-    """Feature type a best match on this attribute gives."""
-    not_a_label: tuple[int, ...] = ()
-    """Codes scored but never a feature's best match (the absent value of a yes/no attribute, whose
-    one-against-the-rest AUROC only mirrors the present value's)."""
-
-    def __post_init__(self) -> None:
-        self.values = torch.as_tensor(np.array(self.values, dtype=np.int64))
-        if self.level not in ("image", "patch"):
-            raise ValueError(f"Attribute {self.name!r}: level must be 'image' or 'patch'; got {self.level!r}.")
-        want = 1 if self.level == "image" else 2
-        if self.values.ndim != want:
-            raise ValueError(
-                f"Attribute {self.name!r}: {self.level} values must have {want} dimension(s) "
-                f"([n]{'' if want == 1 else ', n_patches'}); got shape {tuple(self.values.shape)}."
-            )
-        if int(self.values.max()) >= len(self.names):
-            raise ValueError(
-                f"Attribute {self.name!r}: code {int(self.values.max())} has no name ({len(self.names)} names)."
-            )
-
-
-def score_bins(scores: Tensor) -> Tensor:
-    """The histogram bin of each score (see the module docstring)."""
-    b = torch.bucketize(scores.float().clamp_min(0), _EDGES) + 1
-    return torch.where(scores > 0, b, torch.zeros_like(b))
-
-
-def auroc_from_histograms(pos: Tensor, neg: Tensor) -> Tensor:
-    """AUROC per row of ``[..., N_BINS]`` positive/negative histograms (ties within a bin: one half);
-    NaN where a row has no positives or no negatives."""
-    pos, neg = pos.double(), neg.double()
-    below = neg.cumsum(-1) - neg
-    n_pos, n_neg = pos.sum(-1), neg.sum(-1)
-    area = (pos * (below + 0.5 * neg)).sum(-1)
-    out = area / (n_pos * n_neg)
-    return torch.where((n_pos > 0) & (n_neg > 0), out, torch.full_like(out, float("nan")))
+MAX_EXACT_BYTES = 512 << 20
+"""Default memory budget of the scores kept for exact AUROCs (module docstring)."""
 
 
 @dataclass
@@ -106,7 +63,7 @@ class FeatureAnalysis:
     value_names: list[list[str]]
     kinds: list[str]
     auroc: list[Tensor]
-    """Per attribute ``[d_sae, n_values]``."""
+    """Per attribute ``[d_sae, n_values]`` (float64; NaN for a value without a positive or a negative)."""
     fires: Tensor
     """``[d_sae]``: images on which the feature fires."""
     threshold: float = 0.9
@@ -116,6 +73,10 @@ class FeatureAnalysis:
     best_auroc: Tensor = field(default_factory=lambda: torch.zeros(0))
     margin: Tensor = field(default_factory=lambda: torch.zeros(0))
     types: list[str] = field(default_factory=list)
+    auroc_bound: list[Tensor] = field(default_factory=list)
+    """Per attribute ``[d_sae, n_values]``: bound on ``|auroc − exact AUROC|`` (zero where exact)."""
+    exact: list[bool] = field(default_factory=list)
+    """Per attribute: whether its AUROCs are the exact rank statistic."""
 
     def __post_init__(self) -> None:
         usable = []
@@ -177,36 +138,71 @@ class FeatureAnalysis:
         }
 
 
-def shapes_attributes(data: ShapesData, grid: tuple[int, int], image_size: int) -> list[Attribute]:
-    """The shapes set's ground truth as attributes: per image shape, colour, background, marker, size
-    (three bins), rotation (four), the object's cell on a 3x3 grid; per patch the patch position and
-    whether the patch holds the marker (top-left patch of marked images)."""
-    from ..data.shapes import BACKGROUNDS, COLOURS, SHAPES
+def _check_analysis_inputs(
+    model: HookedViT,
+    saes: Sequence[SAE],
+    pixels: Tensor,
+    attributes: Sequence[Attribute],
+    options: tuple[float, int, int],
+) -> None:
+    threshold, batch_size, max_exact_bytes = options
+    if not 0.5 < threshold <= 1.0:  # also refuses NaN
+        raise ValueError(
+            f"threshold must be in (0.5, 1] (an AUROC a feature's best value must reach; 0.5 is chance); "
+            f"got {threshold!r}."
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if max_exact_bytes < 0:
+        raise ValueError(f"max_exact_bytes must be >= 0 (0: always stream histograms); got {max_exact_bytes}.")
+    if not saes:
+        raise ValueError("analyse_features() needs at least one SAE; got none.")
+    if not attributes:
+        raise ValueError("analyse_features() needs at least one Attribute; got none.")
+    hooks = [sae.cfg.metadata.hook_name for sae in saes]
+    dup = next((h for h in hooks if hooks.count(h) > 1), None)
+    if dup is not None:
+        raise ValueError(f"Two SAEs read {dup!r}; the analyses are keyed by hook, give one SAE per hook.")
+    n = len(pixels)
+    for a in attributes:
+        a._validate()
+        if a.values.shape[0] != n:
+            raise ValueError(f"Attribute {a.name!r} labels {a.values.shape[0]} images; pixels has {n}.")
+        if a.level == "patch" and a.values.shape[1] != model.cfg.n_patches:
+            raise ValueError(
+                f"Attribute {a.name!r} labels {a.values.shape[1]} patches; the model has {model.cfg.n_patches}."
+            )
+    for h in hooks:
+        model.check_hook_name(h)
 
-    f = data.factors
-    n = len(data.labels)
-    gh, gw = grid
-    size = np.digitize(f["size"], np.quantile(f["size"], [1 / 3, 2 / 3]))
-    rotation = (np.asarray(f["rotation"]) // (np.pi / 2)).astype(int) % 4
-    cell = (
-        np.minimum(np.asarray(f["cy"]) * 3 // image_size, 2) * 3 + np.minimum(np.asarray(f["cx"]) * 3 // image_size, 2)
-    ).astype(int)
-    patch = np.broadcast_to(np.arange(gh * gw), (n, gh * gw))
-    marker_patch = np.zeros((n, gh * gw), dtype=int)
-    marker_patch[:, 0] = np.asarray(f["marker"]).astype(int)
-    return [
-        Attribute("shape", data.labels, list(SHAPES), kind="class"),
-        Attribute("colour", f["colour"].astype(int), list(COLOURS), kind="colour"),
-        Attribute("background", f["background"].astype(int), list(BACKGROUNDS), kind="texture"),
-        Attribute("marker", f["marker"].astype(int), ["no marker", "marker"], not_a_label=(0,)),
-        Attribute("size", size, ["small", "medium", "large"]),
-        Attribute("rotation", rotation, ["0-90°", "90-180°", "180-270°", "270-360°"]),
-        Attribute("object cell", cell, [f"cell ({r},{c})" for r in range(3) for c in range(3)], kind="position"),
-        Attribute(
-            "patch", patch, [f"p({r},{c})" for r in range(gh) for c in range(gw)], level="patch", kind="position"
-        ),
-        Attribute("marker patch", marker_patch, ["other patch", "marker patch"], level="patch", not_a_label=(0,)),
-    ]
+
+def _accumulators(
+    saes: Sequence[SAE], attributes: Sequence[Attribute], sizes: tuple[int, int], max_exact_bytes: int, device: Any
+) -> dict[str, dict[str, AurocAccumulator]]:
+    """Per SAE hook and level an accumulator; a level is exact when its scores (and the image level's,
+    when that is exact) fit ``max_exact_bytes``."""
+    n, n_patches = sizes
+    per_level = {"image": n, "patch": n * n_patches}
+    used, exact = 0, {}
+    for level in ("image", "patch"):
+        if any(a.level == level for a in attributes):
+            need = 4 * per_level[level] * sum(sae.cfg.d_sae for sae in saes)
+            exact[level] = used + need <= max_exact_bytes
+            used += need if exact[level] else 0
+    out: dict[str, dict[str, AurocAccumulator]] = {}
+    for sae in saes:
+        out[sae.cfg.metadata.hook_name] = {
+            level: AurocAccumulator(
+                sae.cfg.d_sae,
+                per_level[level],
+                [a.values for a in attributes if a.level == level],
+                [len(a.names) for a in attributes if a.level == level],
+                exact=exact[level],
+                device=device,
+            )
+            for level in exact
+        }
+    return out
 
 
 @torch.no_grad()
@@ -218,28 +214,24 @@ def analyse_features(
     threshold: float = 0.9,
     *,
     batch_size: int = 64,
+    max_exact_bytes: int = MAX_EXACT_BYTES,
     progress: bool = False,
 ) -> dict[str, FeatureAnalysis]:
     """Score every feature of every SAE against every attribute (module docstring) in one pass over
-    ``pixels`` (preprocessed, the images the attributes describe); ``{hook_name: FeatureAnalysis}``."""
+    ``pixels`` (preprocessed, the images the attributes describe); ``{hook_name: FeatureAnalysis}``.
+    ``threshold`` in ``(0.5, 1]``. AUROCs are exact while the kept scores (4 bytes per sample and
+    feature, over all SAEs) fit ``max_exact_bytes`` (default 512 MiB), else streamed from histograms
+    with the error bound in ``FeatureAnalysis.auroc_bound``."""
     from tqdm.auto import tqdm
 
-    n = len(pixels)
-    for a in attributes:
-        if a.values.shape[0] != n:
-            raise ValueError(f"Attribute {a.name!r} labels {a.values.shape[0]} images; pixels has {n}.")
-        if a.level == "patch" and a.values.shape[1] != model.cfg.n_patches:
-            raise ValueError(
-                f"Attribute {a.name!r} labels {a.values.shape[1]} patches; the model has {model.cfg.n_patches}."
-            )
+    _check_analysis_inputs(model, saes, pixels, attributes, (threshold, batch_size, max_exact_bytes))
+    n, n_patches = len(pixels), model.cfg.n_patches
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
-    for h in hooks:
-        model.check_hook_name(h)
-    pos = {
-        h: [torch.zeros(sae.cfg.d_sae * len(a.names) * N_BINS, dtype=torch.long) for a in attributes]
+    acc = _accumulators(saes, attributes, (n, n_patches), max_exact_bytes, pixels.device)
+    fires = {
+        h: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=pixels.device)
         for h, sae in zip(hooks, saes, strict=True)
     }
-    fires = {h: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for h, sae in zip(hooks, saes, strict=True)}
     np_ = model.cfg.n_prefix_tokens
     blocks = [layer_of(h) for h in hooks]
     stop = max(blocks) + 1 if all(b is not None for b in blocks) else None
@@ -248,35 +240,33 @@ def analyse_features(
         _, cache = model.run_with_cache(x, names_filter=hooks, return_cache_object=False, stop_at_layer=stop)
         for h, sae in zip(hooks, saes, strict=True):
             acts = sae.encode(cache[h]).float()  # [b, pos, d_sae]
-            d = acts.shape[-1]
-            feats = torch.arange(d)
-            img_bins = score_bins(acts.amax(1))  # [b, d]
-            patch_bins = score_bins(acts[:, np_:])  # [b, n_patches, d]
-            fires[h] += (acts.amax(1) > 0).sum(0)
-            for k, a in enumerate(attributes):
-                v = a.values[start : start + len(x)]
-                if a.level == "image":
-                    idx = ((v[:, None] * d + feats) * N_BINS + img_bins)[v >= 0]
-                else:
-                    idx = ((v[..., None] * d + feats) * N_BINS + patch_bins)[v >= 0]
-                pos[h][k] += torch.bincount(idx.flatten(), minlength=len(pos[h][k]))
+            image = acts.amax(1)
+            fires[h] += (image > 0).sum(0).to(fires[h].device)
+            if "image" in acc[h]:
+                acc[h]["image"].add(start, image)
+            if "patch" in acc[h]:
+                acc[h]["patch"].add(start * n_patches, acts[:, np_:].reshape(-1, acts.shape[-1]))
     out = {}
-    for h, sae in zip(hooks, saes, strict=True):
-        d = sae.cfg.d_sae
-        aurocs = []
-        for k, a in enumerate(attributes):
-            p = pos[h][k].view(len(a.names), d, N_BINS).transpose(0, 1)  # [d, n_values, bins]
-            known = p.sum(1, keepdim=True)  # every sample with a known value, per bin
-            aurocs.append(auroc_from_histograms(p, known - p).float())
+    for h in hooks:
+        results = {level: a.result() for level, a in acc[h].items()}
+        slot = {"image": 0, "patch": 0}
+        aurocs, bounds = [], []
+        for a in attributes:
+            values, bound = results[a.level]
+            aurocs.append(values[slot[a.level]].cpu())
+            bounds.append(bound[slot[a.level]].cpu())
+            slot[a.level] += 1
         out[h] = FeatureAnalysis(
             h,
             [a.name for a in attributes],
             [list(a.names) for a in attributes],
             [a.kind for a in attributes],
             aurocs,
-            fires[h],
+            fires[h].cpu(),
             threshold,
             [a.not_a_label for a in attributes],
+            auroc_bound=bounds,
+            exact=[acc[h][a.level].exact for a in attributes],
         )
     return out
 

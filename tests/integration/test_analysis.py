@@ -1,5 +1,6 @@
-"""Feature analysis: numbers recompute from ``sae.encode``, and the embedded models' known ground truth
-shows up (a marker feature in the biased model, shape features late and colour features early)."""
+"""Feature analysis: exact AUROCs recompute from ``sae.encode`` (streamed ones within their bound),
+and the embedded models' known ground truth shows up (a marker feature in the biased model, shape
+features late and colour features early)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import pytest
 import torch
 
 import sae_vision_ext as sve
-from sae_vision_ext.vis.analysis import (
+from sae_vision_ext.vis.analysis import Attribute, analyse_features, analysis_table, shapes_attributes
+from sae_vision_ext.vis.auroc import (
     N_BINS,
-    Attribute,
-    analyse_features,
-    analysis_table,
+    AurocAccumulator,
     auroc_from_histograms,
+    histogram_bound,
+    rank_auroc,
     score_bins,
-    shapes_attributes,
 )
 
 
@@ -39,28 +40,31 @@ def _exact_auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float(((p[:, None] > q[None]).double() + 0.5 * (p[:, None] == q[None]).double()).mean())
 
 
-def test_numbers_recompute_from_encode(shapes):
-    model, saes, _data, pixels, _labels, attrs, analyses = shapes
-    sae = saes[4]
+def _encode(model, sae, pixels):
     hook = sae.cfg.metadata.hook_name
-    a = analyses[hook]
     with torch.no_grad():
         _, cache = model.run_with_cache(pixels, names_filter=[hook], return_cache_object=False)
-        acts = sae.encode(cache[hook]).float()
+        return sae.encode(cache[hook]).float()  # [n, pos, d_sae]
+
+
+def test_aurocs_are_the_exact_rank_statistic_of_encode(shapes):
+    """Default budget: every AUROC is the Mann-Whitney statistic (ties one half) of the scores from
+    ``sae.encode``, to 1e-9, image and patch attributes alike."""
+    model, saes, _data, pixels, _labels, attrs, analyses = shapes
+    sae = saes[4]
+    a = analyses[sae.cfg.metadata.hook_name]
+    assert a.exact == [True] * len(attrs) and all((b == 0).all() for b in a.auroc_bound)
+    acts = _encode(model, sae, pixels)
     image_scores = acts.amax(1)  # [n, d_sae]
     shape = next(x for x in attrs if x.name == "shape")
     k = a.attributes.index("shape")
     checked = 0
-    for f in a.best_auroc.argsort(descending=True)[:20].tolist():
+    for f in [*a.best_auroc.argsort(descending=True)[:20].tolist(), int(a.fires.argmin())]:
         for v in range(len(shape.names)):
-            positive = shape.values == v
-            bins = score_bins(image_scores[:, f])
-            pos = torch.bincount(bins[positive], minlength=N_BINS)
-            neg = torch.bincount(bins[~positive], minlength=N_BINS)
-            assert float(auroc_from_histograms(pos, neg)) == pytest.approx(float(a.auroc[k][f, v]), abs=1e-6)
-            assert abs(_exact_auroc(image_scores[:, f], positive) - float(a.auroc[k][f, v])) < 0.02  # binning
+            exact = _exact_auroc(image_scores[:, f], shape.values == v)
+            assert float(a.auroc[k][f, v]) == pytest.approx(exact, abs=1e-9)
             checked += 1
-    assert checked == 120
+    assert checked == 126
     # per-patch attribute: the patch position, scored by the activation at each patch
     kp = a.attributes.index("patch")
     f = int(a.auroc[kp].nan_to_num(0).max(1).values.argmax())
@@ -68,7 +72,77 @@ def test_numbers_recompute_from_encode(shapes):
     patch_scores = acts[:, model.cfg.n_prefix_tokens :, f].flatten()
     positive = torch.zeros(acts.shape[0], model.cfg.n_patches, dtype=torch.bool)
     positive[:, v] = True
-    assert abs(_exact_auroc(patch_scores, positive.flatten()) - float(a.auroc[kp][f, v])) < 0.02
+    assert float(a.auroc[kp][f, v]) == pytest.approx(_exact_auroc(patch_scores, positive.flatten()), abs=1e-9)
+
+
+def test_rank_auroc_equals_pairwise_comparison_with_ties_unknowns_and_negative_scores():
+    g = torch.Generator().manual_seed(0)
+    m, n_feat = 57, 9
+    scores = torch.randint(0, 4, (m, n_feat), generator=g).float() * 0.5  # heavy ties, zeros included
+    scores[:, 3] = torch.randn(m, generator=g)  # negative scores
+    scores[:, 4] = 1.0  # one tie group: every AUROC one half
+    codes = [torch.randint(-1, 3, (m,), generator=g), torch.randint(0, 2, (m,), generator=g)]
+    out = rank_auroc(scores, codes, [3, 2], work_bytes=1)  # one feature per block
+    for c, o in zip(codes, out, strict=True):
+        for f in range(n_feat):
+            for v in range(o.shape[1]):
+                known = c >= 0
+                want = _exact_auroc(scores[known, f], c[known] == v)
+                assert float(o[f, v]) == pytest.approx(want, abs=1e-9), (f, v)
+    assert (out[0][4] == 0.5).all()
+
+
+def test_streamed_aurocs_stay_within_their_stated_bound(shapes):
+    """``max_exact_bytes=0``: histograms (recomputable from ``score_bins``), each AUROC within its
+    ``auroc_bound`` of the exact one; a budget fitting only the image scores keeps those exact."""
+    model, saes, _data, pixels, _labels, attrs, exact = shapes
+    sub = saes[3:5]
+    streamed = analyse_features(model, sub, pixels, attrs, max_exact_bytes=0)
+    for sae in sub:
+        h = sae.cfg.metadata.hook_name
+        s, e = streamed[h], exact[h]
+        assert s.exact == [False] * len(attrs)
+        bounds = torch.cat([b.flatten() for b in s.auroc_bound])
+        assert 0 < float(bounds.nan_to_num(0).max()) < 0.5
+        for k in range(len(attrs)):
+            gap = (s.auroc[k] - e.auroc[k]).abs()
+            assert (gap <= s.auroc_bound[k] + 1e-12).all(), (h, attrs[k].name, float((gap - s.auroc_bound[k]).max()))
+    # the histograms are the ones score_bins gives
+    sae = saes[4]
+    a = streamed[sae.cfg.metadata.hook_name]
+    image_scores = _encode(model, sae, pixels).amax(1)
+    shape = next(x for x in attrs if x.name == "shape")
+    k = a.attributes.index("shape")
+    for f in a.best_auroc.argsort(descending=True)[:5].tolist():
+        for v in range(len(shape.names)):
+            positive = shape.values == v
+            bins = score_bins(image_scores[:, f])
+            pos = torch.bincount(bins[positive], minlength=N_BINS)
+            neg = torch.bincount(bins[~positive], minlength=N_BINS)
+            assert float(auroc_from_histograms(pos, neg)) == pytest.approx(float(a.auroc[k][f, v]), abs=1e-12)
+            assert float(histogram_bound(pos, neg)) == pytest.approx(float(a.auroc_bound[k][f, v]), abs=1e-12)
+    image_only = 4 * len(pixels) * sum(s.cfg.d_sae for s in sub)
+    mixed = analyse_features(model, sub, pixels, attrs, max_exact_bytes=image_only)
+    a = mixed[sae.cfg.metadata.hook_name]
+    assert a.exact == [x.level == "image" for x in attrs]
+    for k, x in enumerate(attrs):
+        if x.level == "image":
+            torch.testing.assert_close(a.auroc[k], exact[sae.cfg.metadata.hook_name].auroc[k], rtol=0, atol=0)
+
+
+def test_histogram_bound_counts_the_zero_bin_when_scores_go_negative():
+    """A feature with negative scores: bin 0 holds distinct values, so its pairs count in the bound."""
+    g = torch.Generator().manual_seed(1)
+    m = 200
+    scores = torch.cat([-torch.rand(m // 2, 1, generator=g), torch.rand(m // 2, 1, generator=g) * 1e-4])
+    scores = torch.cat([scores, scores.abs() * 50], 1)  # feature 1: non-negative, same order
+    codes = torch.randint(0, 2, (m,), generator=g)
+    acc = AurocAccumulator(2, m, [codes], [2], exact=False, device=torch.device("cpu"))
+    acc.add(0, scores)
+    (streamed,), (bound,) = acc.result()
+    (exact,) = rank_auroc(scores, [codes], [2])
+    assert ((streamed - exact).abs() <= bound + 1e-12).all()
+    assert (bound[0] > 0.2).all()  # bin 0 (100 distinct negatives, 100 tiny positives in bin 1) counted
 
 
 def test_types_labels_and_trends_on_shapes_vit(shapes):
