@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from .._config import ConfigMixin, coerce_numbers
+from .._config import ConfigMixin, coerce_fields
 from .._hooks import resid_post
 from .._registry import unknown_name_message
 from ..activations.harvest import TOKEN_SELECTIONS, TokenSelection
@@ -137,7 +137,7 @@ class VisionSAETrainingConfig(ConfigMixin):
     """W&B project when ``log_to_wandb``."""
 
     def __post_init__(self) -> None:
-        coerce_numbers(self)
+        coerce_fields(self)
         self._check_choices()
         self._check_numbers()
         if not _DEVICE.match(str(self.device)):
