@@ -7,3 +7,8 @@ class TrainingInterrupted(RuntimeError):
 
 class CorruptShardError(ValueError):
     """An activation-cache shard is missing, truncated or fails its checksum (the message names it)."""
+
+
+class DiskFullError(ValueError):
+    """A write failed (or would fail) for lack of disk space, a quota or a file-size limit; the message
+    names the folder, what was written and needed, and what was kept to resume from."""

@@ -6,7 +6,7 @@ shard, seed), so identical settings reuse a cache and different settings never c
 
     metadata.json             settings, plus token counts and "complete": true when finished
     shard_00000.safetensors   one tensor per hook, [n_tokens, d], in the cache dtype
-    shard_00000.json          {"n_tokens", "n_images", "sha256"}: written last, marks the shard complete
+    shard_00000.json          {"n_tokens", "n_images", "sha256", "nbytes"}: written last, marks the shard complete
 
 Shard ``i`` holds images ``[i * images_per_shard, (i + 1) * images_per_shard)`` in dataset order,
 so a killed run resumes at the first shard without a ``.json`` and redoes nothing else. Under
@@ -15,6 +15,11 @@ rank 0 writes the final metadata once every marker exists, so the cache equals a
 is written to a temporary name and renamed; its checksum is verified when read. Readers open
 shards through safetensors (memory-mapped), visit them in a seeded random order and mix tokens
 in a :class:`~sae_vision_ext.activations.harvest.ShuffleBuffer`.
+
+Before writing, ``build_cache`` logs the estimated size and the free space and refuses an estimate
+larger than the free space; a full disk mid-run raises ``DiskFullError`` (the shards written are kept,
+a rerun resumes). A finished cache is only called ready once every shard's size matches its header
+and marker (a truncated shard is rewritten); the checksum is checked on read (or by ``--verify``).
 
 Compared with SAELens's ``CacheActivationsRunner``: that writes a Hugging Face ``datasets`` table
 of token activations for one hook per run from a text dataset; this writes every hook from one
@@ -37,7 +42,17 @@ from torch import Tensor
 
 from .._errors import CorruptShardError
 from .._io import atomic_write, atomic_write_text
+from .disk import is_disk_full
 from .harvest import ShuffleBuffer, TokenSelection, harvest
+from .shards import (
+    REBUILD_HINT,
+    disk_full_error,
+    marker_path,
+    plan_cache_space,
+    sha256_file,
+    shard_path,
+    shards_to_write,
+)
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -104,23 +119,6 @@ def dataset_fingerprint(source: str | Path | Dataset, n_images: int, seed: int) 
     return str(fp)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fd:
-        for chunk in iter(lambda: fd.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def shard_path(folder: Path, i: int) -> Path:
-    """Shard ``i``'s tensors; :func:`marker_path` is its completion marker."""
-    return folder / f"shard_{i:05d}.safetensors"
-
-
-def marker_path(folder: Path, i: int) -> Path:
-    return folder / f"shard_{i:05d}.json"
-
-
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -157,7 +155,8 @@ def build_cache(
     dtype = _DTYPES[settings.dtype]
     gen = torch.Generator().manual_seed(settings.seed)
     mine = owned(range(settings.n_shards), rank, world)
-    todo = [i for i in mine if not (marker_path(folder, i).exists() and shard_path(folder, i).exists())]
+    todo = shards_to_write(folder, mine)
+    total = plan_cache_space(model, settings, folder, todo)
     desc = f"cache {settings.key}" + (f" rank {rank}/{world}" if world > 1 else "")
     bar = tqdm(
         total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard", disable=not progress or rank != 0
@@ -184,9 +183,15 @@ def build_cache(
         tensors = {h: torch.cat(v).contiguous() for h, v in parts.items()}
         n_tokens = next(iter(tensors.values())).shape[0]
         final = shard_path(folder, shard)
-        atomic_write(final, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
-        record = {"n_tokens": n_tokens, "n_images": stop - start, "sha256": _sha256(final)}
-        _write_json(marker_path(folder, shard), record)
+        try:
+            atomic_write(final, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
+            record = {"n_tokens": n_tokens, "n_images": stop - start, "sha256": sha256_file(final)}
+            _write_json(marker_path(folder, shard), {**record, "nbytes": final.stat().st_size})
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            bar.close()
+            raise disk_full_error(e, folder, shard, settings, total) from e
         tokens += n_tokens
         bar.update(1)
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
@@ -215,15 +220,17 @@ def build_cache(
 class CachedActivations:
     """Reads a complete cache: ``batches(batch_size)`` yields shuffled ``{hook: [batch, d]}`` (float32)."""
 
-    def __init__(self, folder: str | Path, verify: bool = True) -> None:
+    def __init__(self, folder: str | Path, verify: bool = True, *, allow_incomplete: bool = False) -> None:
         self.folder = Path(folder)
         meta_path = self.folder / "metadata.json"
         if not meta_path.exists():
             raise ValueError(f"{self.folder} is not an activation cache (no metadata.json).")
         self.metadata = json.loads(meta_path.read_text())
-        if not self.metadata.get("complete"):
-            raise ValueError(f"Cache {self.folder} is incomplete; rerun build_cache (it resumes) to finish it.")
+        if not self.metadata.get("complete") and not allow_incomplete:
+            raise ValueError(f"Cache {self.folder} is incomplete (a run stopped early); to finish it, {REBUILD_HINT}.")
         self.settings = self.metadata["settings"]
+        if "n_shards" not in self.metadata:  # an incomplete cache: the shards its settings call for
+            self.metadata["n_shards"] = -(-self.settings["n_images"] // self.settings["images_per_shard"])
         self.hook_names: list[str] = list(self.settings["hook_names"])
         self.verify = verify
         self._verified: set[int] = set()  # each shard's checksum is checked on its first read in this process
@@ -239,11 +246,13 @@ class CachedActivations:
 
         path, marker = shard_path(self.folder, i), marker_path(self.folder, i)
         if not path.exists() or not marker.exists():
-            raise CorruptShardError(f"Cache shard {path} (or its marker) is missing.")
+            raise CorruptShardError(f"Cache shard {path} (or its marker) is missing; to rewrite it, {REBUILD_HINT}.")
         record = json.loads(marker.read_text())
         if self.verify and i not in self._verified:
-            if _sha256(path) != record["sha256"]:
-                raise CorruptShardError(f"Checksum mismatch in {path}: the shard is corrupt.")
+            if sha256_file(path) != record["sha256"]:
+                raise CorruptShardError(
+                    f"Checksum mismatch in {path}: the shard is corrupt; to rewrite it, {REBUILD_HINT}."
+                )
             self._verified.add(i)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -256,6 +265,8 @@ class CachedActivations:
         markers, and mark the cache incomplete, so ``build_cache`` rewrites exactly those)."""
         problems = []
         for i in range(int(self.metadata["n_shards"])):
+            if not self.metadata.get("complete") and not shard_path(self.folder, i).exists():
+                continue  # an incomplete cache: not written yet (build_cache writes it)
             try:
                 self.load_shard(i, hooks=self.hook_names[:1])
             except CorruptShardError as e:
@@ -302,7 +313,15 @@ class CachedActivations:
     @property
     def nbytes(self) -> int:
         """Size of the shards on disk (what reading the cache into memory takes, in its dtype)."""
-        return sum(shard_path(self.folder, i).stat().st_size for i in range(int(self.metadata["n_shards"])))
+        paths = [shard_path(self.folder, i) for i in range(int(self.metadata["n_shards"]))]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise CorruptShardError(
+                f"Cache shard {missing[0]} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f"; to rewrite it, {REBUILD_HINT}."
+            )
+        return sum(p.stat().st_size for p in paths)
 
     def _in_memory_batches(
         self, batch_size: int, gen: torch.Generator, epochs: int | None, hooks: list[str] | None

@@ -49,6 +49,7 @@ def _training_config(args: argparse.Namespace):
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from ..activations.cache import CachedActivations, build_cache, cache_root
+    from ..activations.disk import estimate_cache_bytes, free_bytes, human_bytes, tokens_per_image
     from ..activations.harvest import resolve_hook_names
     from ..data.sources import open_image_source
     from ..models import HookedViT
@@ -63,8 +64,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     settings = cache_settings(cfg, hooks, len(dataset))
     root = cache_root(cfg.cache_dir, settings)
+    folder = root / settings.key
+    needed, free = estimate_cache_bytes(model, settings), free_bytes(folder)
+    print(
+        f"cache {folder}: about {human_bytes(needed)} for {settings.n_images} images x "
+        f"{tokens_per_image(model, settings)} tokens x {len(hooks)} hook(s) in {settings.dtype}; "
+        f"{human_bytes(free)} free there"
+    )
     if args.verify and (root / settings.key / "metadata.json").exists():
-        problems = CachedActivations(root / settings.key, verify=True).verify_shards(remove=True)
+        problems = CachedActivations(folder, verify=True, allow_incomplete=True).verify_shards(remove=True)
         for problem in problems:
             print(f"removed: {problem}")
         print(

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._errors import CorruptShardError, TrainingInterrupted
-from .checkpoints import CountingStream, RunCheckpoint, StopFlag, load_trainer_state, stop_on_signals
+from .._errors import CorruptShardError, DiskFullError, TrainingInterrupted
+from .checkpoints import CountingStream, RunCheckpoint, RunLock, StopFlag, load_trainer_state, stop_on_signals
 from .config import VisionSAETrainingConfig
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
         from .auxk import AuxKTopKTrainingSAEConfig as config_cls
     else:
         cls, config_cls = get_sae_training_class(cfg.architecture)
-    d_sae = int(cfg.for_hook(hook, "d_sae") or round(cfg.for_hook(hook, "expansion_factor") * d_in))
+    d_sae = sae_width(cfg, hook, d_in)
     k = int(cfg.for_hook(hook, "k"))
     fields = {f.name for f in dataclasses.fields(config_cls)}
     if "k" in fields and k > d_sae:
@@ -99,6 +99,33 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
         "k_aux": cfg.for_hook(hook, "k_aux"),
     }
     return cls(config_cls(**{key: value for key, value in wanted.items() if key in fields}))
+
+
+def sae_width(cfg: VisionSAETrainingConfig, hook: str, d_in: int) -> int:
+    """``d_sae`` of ``hook``'s SAE: its (per-layer) ``d_sae``, else ``expansion_factor x d_in``."""
+    return int(cfg.for_hook(hook, "d_sae") or round(cfg.for_hook(hook, "expansion_factor") * d_in))
+
+
+def check_widths(cfg: VisionSAETrainingConfig, model: HookedViT, hooks: list[str]) -> None:
+    """For architectures with a ``k``: ``k <= d_sae`` for every hook, checked as soon as the model is known
+    (before any harvesting or cache build); ``ValueError`` naming the hook, k, d_sae and d_in."""
+    import dataclasses
+
+    from sae_lens.registry import get_sae_training_class
+
+    config_cls = get_sae_training_class(cfg.architecture)[1] if cfg.architecture != "topk" else None
+    if config_cls is not None and "k" not in {f.name for f in dataclasses.fields(config_cls)}:
+        return
+    widths = model.hook_shapes(batch_size=1)
+    for hook in hooks:
+        d_in, k = widths[hook][-1], int(cfg.for_hook(hook, "k"))
+        d_sae = sae_width(cfg, hook, d_in)
+        if k > d_sae:
+            raise ValueError(
+                f"{hook}: k={k} is larger than its d_sae={d_sae} (expansion_factor "
+                f"{cfg.for_hook(hook, 'expansion_factor')} x d_in {d_in}, or d_sae): a token cannot have more active "
+                f"features than the SAE has. Lower k to at most {d_sae}, or widen the SAE (d_sae / expansion_factor)."
+            )
 
 
 @torch.no_grad()
@@ -235,8 +262,29 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     """Train one SAE per hook of ``cfg`` and save each; returns ``{hook_name: sae_lens.SAE}`` (inference).
 
     Raises :class:`TrainingInterrupted` after saving a checkpoint if SIGINT/SIGTERM arrives;
-    ``resume=True`` continues from it (the config must be the same).
+    ``resume=True`` continues from it (the config must be the same, paths aside). The run holds
+    ``output_dir``'s lock (:class:`~.checkpoints.RunLock`) throughout: a second run into the same folder is
+    refused. A full disk raises :class:`DiskFullError` saying what was kept to resume from.
     """
+    from ..activations.disk import is_disk_full
+    from ..distributed import rank_and_world_size
+
+    rank, world = rank_and_world_size()
+    with RunLock(cfg.output_dir, rank, world):
+        try:
+            return _train_saes(cfg, model, resume)
+        except DiskFullError:
+            raise
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFullError(
+                f"The disk is full: writing to {cfg.output_dir} failed ({type(e).__name__}: {e}). What was written is "
+                f"kept; {RunCheckpoint(cfg.output_dir, rank, world).kept()}."
+            ) from e
+
+
+def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: bool) -> dict[str, Any]:
     from sae_lens import SAE
     from safetensors.torch import save_file
 
@@ -253,6 +301,7 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     model.eval()
     all_hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     check_hooks(cfg, model, all_hooks)
+    check_widths(cfg, model, all_hooks)
     hooks = owned(all_hooks, rank, world)
     if world > 1 and cfg.cache_dir is None:
         logger.warning(

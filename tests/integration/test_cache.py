@@ -134,7 +134,7 @@ def test_incomplete_or_missing_cache_errors(tmp_path):
     with pytest.raises(ValueError, match="not an activation cache"):
         CachedActivations(tmp_path)
     (tmp_path / "metadata.json").write_text(json.dumps({"complete": False, "settings": {}}))
-    with pytest.raises(ValueError, match="incomplete; rerun build_cache"):
+    with pytest.raises(ValueError, match=r"incomplete \(a run stopped early\); to finish it, rerun `sae-vision cache`"):
         CachedActivations(tmp_path)
     with pytest.raises(ValueError, match="Cannot fingerprint"):
         dataset_fingerprint(object(), 10, 0)
