@@ -120,7 +120,7 @@ def _orders(sites_all: Tensor, infl: Tensor, refs: list[Tensor], gen: torch.Gene
     }
 
 
-def evaluate_circuit(
+def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, each documented)
     rrm: ReplacementModelBase,
     pixels: Float[Tensor, "n chan h w"],
     labels: Int[Tensor, " n"] | None = None,
@@ -134,13 +134,15 @@ def evaluate_circuit(
     seed: int = 0,
     progress: bool = True,
     protocol: Literal["ours", "seed"] = "ours",
+    leaf_errors: bool | None = None,
 ) -> CircuitEvaluation:
     """Insertion/deletion curves, AUC, circuit faithfulness and influence-vs-ablation correlation,
     averaged over ``pixels`` (one attribution graph per image). ``reference_pixels`` (default:
     ``pixels``) give the reference values. ``protocol="seed"``: the seed paper's protocol on its
     token-aggregated graph instead (``circuits/seed_protocol.py``: rankings ``relevance``, ``edge``,
-    ``random``, ``neurons``; error terms held at the clean image's values); ``node_threshold``,
-    ``max_feature_nodes`` and ``n_ablations`` do not apply there."""
+    ``random``, ``neurons``; error terms held at the clean image's values; ``leaf_errors``, default
+    ``True`` as in the paper, makes the graph's error nodes leaves); ``node_threshold``,
+    ``max_feature_nodes`` and ``n_ablations`` do not apply there, ``leaf_errors`` only there."""
     from tqdm.auto import tqdm
 
     if protocol not in ("ours", "seed"):
@@ -149,7 +151,21 @@ def evaluate_circuit(
         from .seed_protocol import evaluate_seed_protocol
 
         return evaluate_seed_protocol(
-            rrm, pixels, labels, fractions, reference, reference_pixels=reference_pixels, seed=seed, progress=progress
+            rrm,
+            pixels,
+            labels,
+            fractions,
+            reference,
+            reference_pixels=reference_pixels,
+            leaf_errors=True if leaf_errors is None else leaf_errors,
+            seed=seed,
+            progress=progress,
+        )
+    if leaf_errors is not None:
+        raise ValueError(
+            f"leaf_errors={leaf_errors!r} applies to protocol='seed' (the paper's token-aggregated graph) only; "
+            "protocol='ours' (circuit-tracer's position-resolved graph) has no such option; drop it or pass "
+            "protocol='seed'."
         )
 
     if not all(0.0 <= q <= 1.0 for q in fractions) or list(fractions) != sorted(fractions):

@@ -5,16 +5,24 @@ Per image and per fraction ``q`` of the paper's list (``FRACTIONS``), nodes are 
 
 - ``relevance`` ("node" rule, ``topn``): the ``int(q · N)`` nodes with the largest normalised relevance
   ``max(R, 0) / Σ max(R, 0)`` (``N`` = the largest ``d_sae + 1`` over layers; the error node counts);
-- ``edge``: the last SAE layer as ``relevance``; each lower layer by the summed positive edges into the
-  nodes chosen one layer up;
+- ``edge``: the last SAE layer as ``relevance``; each lower layer by the *signed* sum of its edges into
+  the nodes chosen one layer up (the authors' ``get_simplified_graph_by_edge``: its clamp touches only a
+  positive scalar normaliser, which leaves the order unchanged), so a source with a large positive and a
+  large negative edge ranks by their sum;
 - ``random``: ``int(q · (d_sae + 1))`` nodes drawn uniformly (seeded);
 - ``neurons``: the raw-residual baseline, ``d_model`` nodes per layer (neuron ``d`` of the layer's
   ``hook_resid_post``), relevance ``Σ_p G[p, d]·(x[p, d] − m[p, d])`` with ``G`` the frozen gradient of
   the target, ``int(q · d_model)`` per layer.
 
+Ties (equal scores) keep index order: a stable descending sort, so the lower feature index wins and
+the error node (last) loses a tie.
+
 Deletion masks the chosen nodes, insertion every other node. A masked feature is set to its
 per-position reference (median by default) on every token; a masked error node to the reference
-error; the other features are recomputed by each SAE from its (edited) input, and **unmasked error
+error, computed as the authors' median script computes the error: ``x̃·σ + μ − x̂`` with
+``x̃ = (x − μ)/(σ + 1e-5)`` the SAE's normalised input and ``x̂`` its reconstruction
+(:func:`seed_errors`; equal to ``x − x̂`` for SAEs without ``layer_norm`` input normalisation, a
+few 1e-5 apart with it); the other features are recomputed by each SAE from its (edited) input, and **unmasked error
 terms are held at the clean image's values** (``errors="clean"`` in the result; the package's own
 protocol recomputes them from the edited residual). Masked neurons are set to their per-position
 reference in a model without SAEs. Metrics on the target class (the label if given, else the
@@ -42,7 +50,7 @@ SEED_RANKINGS = ("relevance", "edge", "random", "neurons")
 
 
 def _top(score: Tensor, n: int) -> Tensor:
-    """Indices of the ``n`` largest scores (stable order for ties)."""
+    """Indices of the ``n`` largest scores; ties keep index order (stable sort)."""
     return torch.argsort(score, descending=True, stable=True)[: max(0, min(n, len(score)))]
 
 
@@ -52,7 +60,8 @@ def _positive_share(r: Tensor) -> Tensor:
 
 
 def select_nodes(graph: AggregatedGraph, rule: str, q: float, generator: torch.Generator) -> list[Tensor]:
-    """Per SAE layer, the indices (into ``[d_sae + 1]``, error last) chosen by ``rule`` at fraction ``q``."""
+    """Per SAE layer, the indices (into ``[d_sae + 1]``, error last) chosen by ``rule`` at fraction ``q``
+    (module docstring; ties keep index order)."""
     sizes = [len(r) for r in graph.relevance]
     if q <= 0:
         return [torch.zeros(0, dtype=torch.long) for _ in sizes]
@@ -67,10 +76,29 @@ def select_nodes(graph: AggregatedGraph, rule: str, q: float, generator: torch.G
         chosen = [torch.zeros(0, dtype=torch.long)] * len(sizes)
         chosen[-1] = _top(_positive_share(graph.relevance[-1]), n_top)
         for i in range(len(sizes) - 2, -1, -1):
-            into = graph.edges[i][chosen[i + 1]].clamp_min(0).sum(0)  # [d_sae_i + 1]
+            into = graph.edges[i][chosen[i + 1]].sum(0)  # [d_sae_i + 1]: signed, as the authors sum them
             chosen[i] = _top(into, n_top)
         return chosen
     raise ValueError(f"Unknown seed-protocol rule {rule!r}; valid: relevance, edge, random.")
+
+
+@torch.no_grad()
+def seed_errors(rrm: ReplacementModelBase, pixels: Float[Tensor, "n chan h w"], batch_size: int = 64) -> list[Tensor]:
+    """Each SAE layer's error as the authors' median script computes it, ``x̃·σ + μ − x̂`` (the SAE's
+    own input normalisation undone on its normalised input, minus the reconstruction), on the clean
+    residual stream: ``[n, pos, d_model]`` per layer."""
+    names = [s.cfg.metadata.hook_name for s in rrm.saes]
+    out: list[list[Tensor]] = [[] for _ in rrm.saes]
+    for start in range(0, len(pixels), batch_size):
+        _, cache = rrm.model.run_with_cache(
+            pixels[start : start + batch_size], names_filter=names, return_cache_object=False
+        )
+        for i, (sae, name) in enumerate(zip(rrm.saes, names, strict=True)):
+            x = cache[name].to(sae.dtype)
+            recon = sae.decode(sae.encode(x))
+            x_tilde = sae.run_time_activation_norm_fn_in(x)  # (x − μ)/(σ + 1e-5) for layer_norm SAEs
+            out[i].append((sae.run_time_activation_norm_fn_out(x_tilde) - recon).to(cache[name].dtype))
+    return [torch.cat(chunks) for chunks in out]
 
 
 @torch.no_grad()
@@ -141,14 +169,15 @@ def evaluate_seed_protocol(
     progress: bool = True,
 ) -> CircuitEvaluation:
     """Insertion/deletion curves and AUC by the seed paper's protocol (module docstring), averaged over
-    ``pixels`` (one token-aggregated graph per image). Returns a ``CircuitEvaluation`` with
+    ``pixels`` (one token-aggregated graph per image, ``leaf_errors`` as in ``attribute_aggregated``: the
+    paper's default ``True`` makes error nodes leaves). Returns a ``CircuitEvaluation`` with
     ``protocol="seed"`` and ``errors="clean"``; its circuit-level fields are NaN (the protocol has none)."""
     from tqdm.auto import tqdm
 
     fractions = list(FRACTIONS if fractions is None else fractions)
     ref_px = pixels if reference_pixels is None else reference_pixels
     refs = rrm.reference_values(ref_px, reference)
-    err_refs = rrm.reference_values(ref_px, reference, of="errors")
+    err_refs = [reduce_reference(e, reference) for e in seed_errors(rrm, ref_px)]  # the authors' error
     with torch.no_grad():
         names = [resid_post(layer) for layer in rrm.layers]
         _, cache = rrm.model.run_with_cache(ref_px, names_filter=names, return_cache_object=False)
