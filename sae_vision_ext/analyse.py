@@ -42,9 +42,20 @@ def run_analysis(
             "For other models call sve.analyse_features(model, saes, pixels, attributes) with your own "
             "Attribute labels (docs/analysis.md)."
         )
+    if not 0.5 < threshold <= 1.0:  # also refuses NaN; before any work
+        raise ValueError(
+            f"threshold must be in (0.5, 1] (the AUROC a feature's best attribute value must reach; 0.5 is "
+            f"chance, 1 a perfect separation); got {threshold!r}."
+        )
+    data = make_shapes(n_images, seed=seed, balanced=True)
+    _check_classes_present(data.labels, n_images, seed, len(SHAPES))
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out={str(out)!r}: cannot create the report folder ({e}); pass a folder path.") from e
     model = HookedViT.from_pretrained(model_id)
     saes = sorted((load_sae(r) for r in sae_refs), key=lambda s: layer_of(s.cfg.metadata.hook_name))
-    data = make_shapes(n_images, seed=seed, balanced=True)
     raw, _ = data.tensors()
     pixels = model.preprocess(raw)
     start = time.perf_counter()
@@ -58,8 +69,6 @@ def run_analysis(
     )
     seconds = time.perf_counter() - start
     lens = logit_lens(model, saes, pixels[:16])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     table = analysis_table(analyses)
     lines = [
         f"# Feature analysis of {model_id}",
@@ -84,3 +93,25 @@ def run_analysis(
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
     plot_type_evolution(analyses, out / "type_evolution.png")
     return {"analyses": analyses, "lens": lens, "seconds": seconds, "table": table}
+
+
+def _check_classes_present(labels: Any, n_images: int, seed: int, n_classes: int) -> None:
+    """A class's AUROC needs images with it and without it: refuse ``n_images`` that miss a shape
+    class, naming the smallest count that holds every class for this seed (found by rendering on)."""
+    import numpy as np
+
+    from .data.shapes import SHAPES, render_image
+
+    missing = sorted(set(range(n_classes)) - {int(c) for c in np.asarray(labels)})
+    if not missing:
+        return
+    seen, n = {int(c) for c in np.asarray(labels)}, n_images
+    while len(seen) < n_classes and n < 100_000:
+        seen.add(render_image(seed, n, balanced=True)[1])
+        n += 1
+    raise ValueError(
+        f"--n-images {n_images}: the first {n_images} shapes images of seed {seed} miss the class(es) "
+        f"{', '.join(SHAPES[c] for c in missing)}, so their AUROCs are undefined (an AUROC needs images with "
+        f"and without the value). With seed {seed} the minimum is {n} images (at least {n_classes}, one per "
+        f"class, for any seed); use --n-images {max(n, 64)} or more for stable AUROCs."
+    )

@@ -52,7 +52,7 @@ from .._compat import renamed_kwargs
 from .._hooks import resid_post, sae_acts, sae_error
 from ..saes import affine
 from .graph import AttributionGraph
-from .graph_ops import cache_influence, resolve_targets, target_probs, target_weights
+from .graph_ops import cache_influence, check_target, resolve_targets, target_probs, target_weights
 from .linearise import frozen_hooks, pre_capture_hooks
 from .nodes import NodeTable
 from .replacement_base import ReplacementModelBase
@@ -193,7 +193,7 @@ class Attributor:
         Half-precision models (float16, bfloat16) are traced in float32 (model and SAEs cast for the
         call, then cast back, which is lossless): the linearisation's sum rules need float32 sums.
         """
-        targets = target
+        targets = check_target(target)  # before any work: a float 2.0 or -1 is refused here
         low = {torch.float16, torch.bfloat16}
         if next(self.model.parameters()).dtype not in low:
             return self._attribute(pixels, targets, target_names, max_feature_nodes, progress)

@@ -20,6 +20,7 @@ to the next.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -106,20 +107,79 @@ def target_weights(node_kind: list[str], target_classes: list[int], logits: Tens
     return w
 
 
+_TARGET_KINDS = (
+    "None (the predicted class), a class id (an int >= 0, e.g. target=2) or output direction(s) "
+    "(a float tensor [d_out] or [n_targets, d_out])"
+)
+
+
+def check_target(target: object) -> Tensor | int | None:
+    """``target`` of ``attribute`` checked before any work: ``None``, a class id (an int >= 0; a
+    one-element integer tensor counts as one) or a float tensor of output directions. Anything else
+    (a float such as ``2.0``, a bool, a string, a negative id, a non-finite tensor) raises
+    ``TypeError``/``ValueError`` saying what is accepted. The range of a class id is checked by
+    :func:`resolve_targets`, which knows the output width."""
+    if target is None:
+        return None
+    if isinstance(target, Tensor) and not target.is_floating_point() and target.numel() == 1:
+        target = int(target.item()) if target.dtype != torch.bool else bool(target.item())
+    if isinstance(target, bool) or not isinstance(target, (numbers.Integral, Tensor)):
+        hint = f" (for class {int(target)} pass target={int(target)})" if _whole_float(target) else ""
+        raise TypeError(f"target must be {_TARGET_KINDS}; got {target!r} ({type(target).__name__}){hint}.")
+    if isinstance(target, numbers.Integral):
+        if target < 0:
+            raise ValueError(
+                f"target={int(target)} is negative; class ids count from 0 (negative ids are not read from the "
+                "end). Pass the class id, or None for the predicted class."
+            )
+        return int(target)
+    if not target.is_floating_point():
+        raise TypeError(
+            f"target must be {_TARGET_KINDS}; got a {target.dtype} tensor of shape {list(target.shape)} "
+            "(for class ids trace one class per call)."
+        )
+    if target.numel() == 0 or not bool(torch.isfinite(target).all()):
+        raise ValueError(
+            f"target directions must be non-empty and finite; got shape {list(target.shape)} "
+            f"with {int((~torch.isfinite(target)).sum())} non-finite value(s)."
+        )
+    return target
+
+
+def _whole_float(value: object) -> bool:
+    return isinstance(value, float) and value.is_integer() and value >= 0
+
+
 def resolve_targets(
     class_names: Sequence[str], clean_out: Tensor, targets: Tensor | int | None, target_names: list[str] | None
 ) -> tuple[Tensor, list[str], list[int]]:
     """The targets of ``Attributor.attribute``: output directions ``[n_targets, d_out]``, their names
     and (for class targets) classes. ``None`` is the predicted class, an int that class, each as its
-    logit demeaned over classes."""
+    logit demeaned over classes. A class id outside the model's outputs, or directions whose last
+    dimension is not the output width, raise ``ValueError`` naming the valid range or shape."""
+    targets = check_target(targets)
+    d_out = clean_out.shape[-1]
     target_classes: list[int] = []
     if targets is None or isinstance(targets, int):
         c = int(clean_out[0].argmax()) if targets is None else int(targets)
-        targets = -torch.full((1, clean_out.shape[-1]), 1.0 / clean_out.shape[-1], device=clean_out.device)
+        if c >= d_out:
+            names = f" ({', '.join(class_names)})" if 0 < len(class_names) <= 20 else ""
+            raise ValueError(
+                f"target={c} is not a class of this model: it has {d_out} outputs, so class ids run "
+                f"0..{d_out - 1}{names}. Pass one of those, or None for the predicted class."
+            )
+        targets = -torch.full((1, d_out), 1.0 / d_out, device=clean_out.device)
         targets[0, c] += 1.0
         target_names = target_names or [class_names[c] if c < len(class_names) else f"class {c}"]
         target_classes = [c]
-    targets = targets.to(clean_out).reshape(-1, clean_out.shape[-1])
+    if targets.shape[-1] != d_out or targets.dim() > 2:
+        raise ValueError(
+            f"target directions have shape {list(targets.shape)}; the model has {d_out} outputs, so pass "
+            f"[{d_out}] or [n_targets, {d_out}]."
+        )
+    targets = targets.to(clean_out).reshape(-1, d_out)
+    if target_names is not None and len(target_names) != len(targets):
+        raise ValueError(f"target_names has {len(target_names)} name(s) for {len(targets)} target(s); give one each.")
     return targets, list(target_names or [f"target {i}" for i in range(len(targets))]), target_classes
 
 

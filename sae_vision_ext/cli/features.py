@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .._hooks import layer_of
-from ._shared import _load_images, _read_labels, _rrm, _sae_refs, _step
+from ._shared import _check_out_dir, _load_images, _read_labels, _rrm, _sae_refs, _step
 
 
 def _cmd_analyse(args: argparse.Namespace) -> int:
@@ -83,6 +83,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    _check_out_dir(Path(args.out) / "circuit-tracer", "--out")  # its subfolder too, before any work
     _step("loading the model and its SAEs")
     rrm = _rrm(args)
     model = rrm.model
@@ -91,9 +92,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
         with Image.open(args.image) as im:
             pixels = model.preprocess(im.convert("RGB"))[None]
-    else:
-        pixels, _, _ = _load_images(model, "sve:shapes", args.shapes_index + 1, args.seed)
-        pixels = pixels[args.shapes_index : args.shapes_index + 1]
+    else:  # render only image --shapes-index of the seed's set (images render on demand)
+        from ..data.sources import open_image_source
+
+        pixels = open_image_source("sve:shapes", model.preprocess, args.shapes_index + 1, args.seed)[args.shapes_index]
+        pixels = pixels[None]
     _step("attributing (one row per active feature)")
     graph = rrm.attribute(
         pixels, target=args.target, max_feature_nodes=args.max_feature_nodes, mlp_leaves=args.mlp_leaves, progress=True
@@ -101,7 +104,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     _step(f"pruning {graph.n_nodes} nodes, {graph.adjacency._nnz()} edges")
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # creatable: checked by _preflight before the model loaded
     from ..circuits.viewer import render_graph_html
 
     stats = ref = None
