@@ -1,12 +1,14 @@
 """Train and ship the embedded SAEs: one TopK SAE per residual layer of each embedded shapes ViT.
 
     python examples/build_embedded_saes.py            # both models, about 5 minutes each on 2 cores
+    python examples/build_embedded_saes.py --checksums-only   # (re)write checksums.json of the shipped SAEs
 
 Training goes through the package's own CLI (``sae-vision train``) on ``sve:shapes-marker`` (the
 corner marker on half of the images, independent of the class, so both models' SAEs can represent
 it). Each SAE is evaluated on 512 fresh images (``evaluate_sae``: explained variance, L0,
 accuracy with the SAE spliced in), converted to float16 and written to
-``sae_vision_ext/checkpoints/saes/<model>/<hook>/`` with ``summary.json`` beside the hooks.
+``sae_vision_ext/checkpoints/saes/<model>/<hook>/`` with ``summary.json`` beside the hooks and the
+weights' sha256 in each hook folder's ``checksums.json`` (``load_sae`` verifies it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sae_vision_ext.cli import main as cli
 from sae_vision_ext.data.shapes import make_shapes
 from sae_vision_ext.models.embedded import checkpoint_dir
 from sae_vision_ext.saes.evaluate import evaluate_sae
+from sae_vision_ext.saes.io import write_weights_checksum
 
 PER_LAYER_K = {0: 8, 1: 12, 2: 16, 3: 16, 4: 24, 5: 24}  # sparser early layers, as in the seed paper
 
@@ -55,6 +58,7 @@ def build(model_name: str, tokens: int, out_root: Path) -> dict:
             sae = sae.to(torch.float16)
             sae.cfg.dtype = "float16"
             sae.save_model(out_root / model_name / hook)
+            write_weights_checksum(out_root / model_name / hook)
         (out_root / model_name / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -64,7 +68,13 @@ def main() -> None:
     p.add_argument("--models", default="shapes-vit,shapes-vit-biased")
     p.add_argument("--tokens", type=int, default=600_000, help="training tokens per SAE")
     p.add_argument("--out", type=Path, default=checkpoint_dir() / "saes")
+    p.add_argument("--checksums-only", action="store_true", help="only write checksums.json of the SAEs in --out")
     args = p.parse_args()
+    if args.checksums_only:
+        for name in args.models.split(","):
+            for folder in sorted(p.parent for p in (args.out / name).glob("*/sae_weights.safetensors")):
+                print(write_weights_checksum(folder))
+        return
     for name in args.models.split(","):
         summary = build(name, args.tokens, args.out)
         print(f"\n{name}")

@@ -32,6 +32,7 @@ from .formats.base import ConverterOutput
 from .formats.dictionary_learning import dictionary_learning_disk_converter
 from .formats.overcomplete import overcomplete_disk_converter
 from .formats.prisma import prisma_disk_converter
+from .formats.saelens import saelens_disk_converter
 from .formats.saev import saev_disk_converter
 from .formats.sparsify import sparsify_disk_converter
 from .rrm_checkpoints import RRM_MODELS
@@ -169,11 +170,20 @@ saev_hf_converter = hub_converter("saev")
 """SAELens Hub converter for saev repos (``folder_name``: the folder holding ``sae.pt``, default root)."""
 
 
-def _disk_converter(format_name: str, allow_pickle: bool, overrides: dict[str, Any] | None) -> Any:
+def _disk_converter(
+    format_name: str, allow_pickle: bool, overrides: dict[str, Any] | None, epoch: int | None = None
+) -> Any:
     fmt = FORMATS.get(format_name)
+    extra: dict[str, Any] = {"allow_pickle": allow_pickle}
+    if epoch is not None:
+        if format_name != "rrm":
+            raise ValueError(
+                f"epoch={epoch} only applies to RRM checkpoints; this path is in the {format_name} format."
+            )
+        extra["epoch"] = epoch
 
     def convert(path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None) -> ConverterOutput:
-        return fmt.convert(path, device, {**(overrides or {}), **(cfg_overrides or {})}, allow_pickle=allow_pickle)
+        return fmt.convert(path, device, {**(overrides or {}), **(cfg_overrides or {})}, **extra)
 
     return convert
 
@@ -186,6 +196,7 @@ def load_sae(
     format: str | None = None,
     *,
     cfg_overrides: dict[str, Any] | None = None,
+    epoch: int | None = None,
 ) -> SAE | list[SAE]:
     """Load an SAE as a ``sae_lens.SAE`` from a path, a ``<prefix>:`` reference or a release name.
 
@@ -194,20 +205,30 @@ def load_sae(
     ``hook_name`` sets (or overrides) ``cfg.metadata.hook_name`` (saev files do not record it).
     ``allow_pickle`` opts in to full unpickling for files that need it. ``format`` skips detection
     (one of :data:`FORMATS`); ``cfg_overrides`` reach the converter (``overcomplete`` needs
-    ``{"architecture": "topk", "k": ...}``).
+    ``{"architecture": "topk", "k": ...}``). ``epoch`` picks an RRM checkpoint's ``epoch<N>.pth``: for
+    ``rrm:`` references and the ``rrm-*`` releases the default is the authors' 50, for an RRM folder
+    given as a plain path the largest present.
+
+    Every config is checked before SAELens builds the SAE (``saes/checks.py``; docs/saes.md, "What
+    load_sae checks"): a missing or invalid ``architecture``, ``d_in``, ``d_sae`` or ``k``, shapes that do
+    not match the weights, unreadable JSON, truncated weights or a failed checksum raise ``ValueError``.
     """
     from sae_lens import SAE
 
     ref_s = str(ref)
     prefix, sep, rest = ref_s.partition(":")
     if ref_s in RELEASES:
-        return _load_release(RELEASES.get(ref_s), device, hook_name, allow_pickle)
+        return _load_release(RELEASES.get(ref_s), device, hook_name, allow_pickle, epoch)
+    if epoch is not None and sep and prefix != "rrm" and not Path(ref_s).exists():
+        raise ValueError(
+            f"epoch={epoch} only applies to RRM checkpoints ('rrm:' references, RRM folders); got {ref_s!r}."
+        )
     if sep and prefix == "sve":
         sae = _load_embedded(ref_s, rest, device)
     elif sep and prefix == "rrm":
         from .rrm_checkpoints import load_rrm
 
-        return load_rrm(rest, device=device)
+        return load_rrm(rest, device=device, epoch=epoch)
     elif sep and prefix in FORMATS and not Path(ref_s).exists():
         repo, sub = _split_repo(rest)
         if prefix == "saelens":
@@ -222,22 +243,27 @@ def load_sae(
                 f"or a '<prefix>:' reference; prefixes: sve, rrm, {', '.join(FORMATS.names())}."
             )
         fmt = FORMATS.get(format).name if format else detect_format(path)
-        sae = SAE.load_from_disk(path, device=device, converter=_disk_converter(fmt, allow_pickle, cfg_overrides))
+        converter = _disk_converter(fmt, allow_pickle, cfg_overrides, epoch)
+        sae = SAE.load_from_disk(path, device=device, converter=converter)
     if hook_name is not None:
         sae.cfg.metadata.hook_name = hook_name
     return sae
 
 
-def _load_release(rel: SAERelease, device: str, hook_name: str | None, allow_pickle: bool) -> SAE | list[SAE]:
+def _load_release(
+    rel: SAERelease, device: str, hook_name: str | None, allow_pickle: bool, epoch: int | None
+) -> SAE | list[SAE]:
     from sae_lens import SAE
 
     if rel.format == "rrm":
         from .rrm_checkpoints import load_rrm
 
-        saes = load_rrm(_download(rel.repo_id, None), device=device)
+        saes = load_rrm(_download(rel.repo_id, None), device=device, epoch=epoch)
         for one in saes:
             one.cfg.metadata.model_name = one.cfg.metadata.model_name or rel.model
         return saes
+    if epoch is not None:
+        raise ValueError(f"epoch={epoch} only applies to RRM checkpoints; release {rel.repo_id!r} is {rel.format}.")
     sae = SAE.from_pretrained(rel.repo_id, "", device=device, converter=hub_converter(rel.format, allow_pickle))
     sae.cfg.metadata.hook_name = hook_name or rel.hook_name or sae.cfg.metadata.hook_name
     sae.cfg.metadata.model_name = sae.cfg.metadata.model_name or rel.model
@@ -253,7 +279,8 @@ def _load_embedded(ref: str, rest: str, device: str) -> SAE:
     folder = checkpoint_dir() / "saes" / model / hook
     if not (folder / "cfg.json").exists():
         raise ValueError(f"No embedded SAE {ref!r} (looked in {folder}). `sae-vision saes` lists them.")
-    return SAE.load_from_disk(folder, device=device, dtype="float32")  # shipped as float16
+    # shipped as float16; the SAELens converter checks the config and the weights' checksum
+    return SAE.load_from_disk(folder, device=device, dtype="float32", converter=saelens_disk_converter)
 
 
 def _split_repo(rest: str) -> tuple[str, str]:

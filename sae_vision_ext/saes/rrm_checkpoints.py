@@ -13,10 +13,19 @@ exactly SAELens's ``TopKSAE`` with ``normalize_activations="layer_norm"``,
 ``apply_b_dec_to_input=True`` and ``b_enc = 0`` (a non-zero stored ``b_enc`` is dropped with a warning).
 The SAE of layer ``L`` reads block ``L``'s output, ``blocks.{L}.hook_resid_post``. Files are read with
 ``torch.load(weights_only=True)``; nothing is unpickled.
+
+Which epoch: the authors' loader (``utils/functions/load_models.py``) reads ``epoch50.pth`` whatever
+``num_epochs`` training ran (their default is 400), so ``rrm:`` references and the ``rrm-*`` releases
+load epoch :data:`PAPER_EPOCH` unless ``epoch=`` says otherwise (a missing one is an error listing the
+epochs present); the converter alone, given a folder, takes the largest. The epoch loaded is logged
+(``logging.info``) and kept in ``cfg.metadata.rrm_epoch``. A model or ``K<k>_R<R>`` folder whose layers
+have a gap (``L0, L2, L3``) is refused, naming the missing layers.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -29,6 +38,11 @@ from .io import sae_lens_version, torch_load
 
 if TYPE_CHECKING:
     from sae_lens import SAE
+
+logger = logging.getLogger(__name__)
+
+PAPER_EPOCH = 50
+"""The epoch the authors' code loads (``load_default_sae_args``: ``"epoch": 50``)."""
 
 RRM_MODELS: dict[str, str] = {
     "vit": "timm:vit_base_patch16_224",
@@ -53,11 +67,27 @@ _LAYER = re.compile(r"^L(\d+)$")
 _EPOCH = re.compile(r"^epoch(\d+)\.pth$")
 
 
-def _latest_epoch(layer_dir: Path) -> Path:
-    epochs = [(int(m.group(1)), p) for p in layer_dir.iterdir() if (m := _EPOCH.match(p.name))]
+def _epoch_file(layer_dir: Path, epoch: int | None) -> Path:
+    """``epoch<epoch>.pth`` in ``layer_dir`` (the largest N, numerically, for ``None``)."""
+    epochs = dict(sorted((int(m.group(1)), p) for p in layer_dir.iterdir() if (m := _EPOCH.match(p.name))))
     if not epochs:
         raise ValueError(f"No epoch<N>.pth checkpoint in {layer_dir} (RRM layout: K<k>_R<R>/L<layer>/epoch<N>.pth).")
-    return max(epochs)[1]  # the largest N numerically, not by name
+    if epoch is None:
+        chosen = max(epochs)
+        if PAPER_EPOCH in epochs and chosen != PAPER_EPOCH:
+            warnings.warn(
+                f"{layer_dir}: loading epoch{chosen}.pth, the largest; the seed paper's SAEs are "
+                f"epoch{PAPER_EPOCH}.pth (what the authors' code loads). Pass epoch={PAPER_EPOCH} (or use an 'rrm:' "
+                "reference) for those.",
+                stacklevel=3,
+            )
+        return epochs[chosen]
+    if epoch not in epochs:
+        raise ValueError(
+            f"No epoch{epoch}.pth in {layer_dir}; epochs present: {', '.join(map(str, epochs))}. "
+            f"Pass epoch=<one of them> to load_sae{' (the seed paper used 50)' if epoch == PAPER_EPOCH else ''}."
+        )
+    return epochs[epoch]
 
 
 def _parse_path(file: Path) -> tuple[str | None, int, float, int]:
@@ -73,14 +103,17 @@ def _parse_path(file: Path) -> tuple[str | None, int, float, int]:
 
 
 def rrm_disk_converter(
-    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, epoch: int | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """SAELens disk converter for one RRM checkpoint (an ``epoch<N>.pth`` file or its ``L<layer>`` folder,
-    whose largest epoch is taken)."""
+    """SAELens disk converter for one RRM checkpoint: an ``epoch<N>.pth`` file, or its ``L<layer>`` folder
+    (``epoch<epoch>.pth`` in it; the largest epoch for ``None``)."""
     file = Path(path)
     if file.is_dir():
-        file = _latest_epoch(file)
+        file = _epoch_file(file, epoch)
+    elif epoch is not None and (m := _EPOCH.match(file.name)) and int(m.group(1)) != epoch:
+        raise ValueError(f"{file} is epoch {m.group(1)} but epoch={epoch} was asked for; pass the folder or that file.")
     model, k, ratio, layer = _parse_path(file)
+    name_m = _EPOCH.match(file.name)
     ckpt = torch_load(file, device, False, f"RRM checkpoint {file}")
     state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not {"W_enc", "W_dec", "b_dec"} <= set(state):
@@ -116,11 +149,13 @@ def rrm_disk_converter(
             "source_format": "rrm",
             "rrm_model_type": model,
             "rrm_R": ratio,
-            "rrm_epoch": ckpt.get("epoch"),
+            "rrm_epoch": int(name_m.group(1)) if name_m else ckpt.get("epoch"),
+            "rrm_checkpoint": f"{file.parent.parent.name}/{file.parent.name}/{file.name}",
             "sae_lens_version": sae_lens_version(),
         },
     }
     cfg.update(cfg_overrides or {})
+    logger.info("RRM layer %d: loaded %s (epoch %s)", layer, file, cfg["metadata"]["rrm_epoch"])
     weights = {"W_enc": state["W_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"], "b_enc": 0 * b_enc}
     return cfg, {name: t.to(device=device, dtype=torch.float32).contiguous() for name, t in weights.items()}
 
@@ -163,17 +198,31 @@ def rrm_layer_dirs(root: str | Path) -> dict[int, Path]:
     return chosen
 
 
-def load_rrm(ref: str | Path, device: str = "cpu") -> SAE | list[SAE]:
+def load_rrm(ref: str | Path, device: str = "cpu", epoch: int | None = None) -> SAE | list[SAE]:
     """One SAE for an ``epoch<N>.pth`` file or ``L<layer>`` folder; the list of SAEs (sorted by layer,
-    ready for ``ResidualReplacementModel``) for a model or ``K<k>_R<R>`` folder."""
+    ready for ``ResidualReplacementModel``) for a model or ``K<k>_R<R>`` folder, whose layers must run
+    from 0 without a gap. ``epoch``: which ``epoch<N>.pth`` of each layer folder (default
+    :data:`PAPER_EPOCH`, the authors' 50); a file is loaded as named."""
     from sae_lens import SAE
 
     path = Path(ref)
     if not path.exists():
         raise ValueError(f"No RRM checkpoint or folder at {path}.")
-    if path.is_file() or _LAYER.match(path.name):
-        return SAE.load_from_disk(path, device=device, converter=rrm_disk_converter)
-    return [
-        SAE.load_from_disk(d, device=device, converter=rrm_disk_converter)
-        for _, d in sorted(rrm_layer_dirs(path).items())
-    ]
+    if path.is_file():
+        return SAE.load_from_disk(path, device=device, converter=functools.partial(rrm_disk_converter, epoch=epoch))
+    epoch = PAPER_EPOCH if epoch is None else epoch
+    converter = functools.partial(rrm_disk_converter, epoch=epoch)
+    if _LAYER.match(path.name):
+        return SAE.load_from_disk(path, device=device, converter=converter)
+    dirs = rrm_layer_dirs(path)
+    missing = sorted(set(range(max(dirs) + 1)) - set(dirs))
+    if missing:
+        raise ValueError(
+            f"{path} has SAEs for layers {sorted(dirs)} but not for layer(s) {missing} "
+            f"(missing {', '.join(f'L{layer}' for layer in missing)}): the per-layer list would silently skip them. "
+            "Copy the missing folders, or load the layers you want one by one (load_sae('rrm:<.../L<n>>')) and pass "
+            "that list to ResidualReplacementModel."
+        )
+    files = {layer: _epoch_file(d, epoch) for layer, d in sorted(dirs.items())}  # every layer's file, before loading
+    logger.info("RRM %s: layers %s, epoch %d", path, sorted(dirs), epoch)
+    return [SAE.load_from_disk(file, device=device, converter=converter) for file in files.values()]

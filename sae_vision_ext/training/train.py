@@ -246,6 +246,7 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
     from ..activations.harvest import resolve_hook_names
     from ..distributed import barrier, owned, rank_and_world_size
     from ..models import HookedViT
+    from ..saes.io import write_weights_checksum
 
     rank, world = rank_and_world_size()
     out = Path(cfg.output_dir)
@@ -287,6 +288,7 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
         (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     for hook, sae in trained.items():  # each SAE written once, by the rank that trained it
         sae.save_inference_model(out / hook)
+        write_weights_checksum(out / hook)  # checksums.json: load_sae verifies the weights against it
         save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
         logger.info("saved %s to %s", hook, out / hook)
     run_ckpt.clear(hooks)  # done: nothing of these hooks may be resumed later

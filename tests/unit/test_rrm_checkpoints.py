@@ -29,10 +29,10 @@ def rrm_forward(state, k, x):
 
 def test_encode_and_decode_equal_the_authors_formulas(tmp_path):
     state = write_rrm(tmp_path, k=4, ratio=0.5, layer=3)
-    sae = load_sae(f"rrm:{tmp_path / 'vit' / 'K4_R0.5' / 'L3'}")
+    sae = load_sae(f"rrm:{tmp_path / 'vit' / 'K4_R0.5' / 'L3'}", epoch=100)  # default: the authors' epoch 50
     assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     assert sae.cfg.metadata.model_name == "timm:vit_base_patch16_224"
-    assert sae.cfg.metadata.rrm_epoch == 100  # the largest epoch numerically (by name 'epoch50' sorts last)
+    assert sae.cfg.metadata.rrm_epoch == 100
     assert (sae.cfg.d_sae, sae.cfg.k) == (16, 4)
     x = torch.randn(3, 9, D_IN, generator=torch.Generator().manual_seed(7)) * 2 + 0.5
     z, recon = rrm_forward(state, 4, x)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from ..._registry import Registry
+from ..checks import check_converted
 from ..io import sae_lens_version
 
 ConverterOutput = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -54,12 +55,27 @@ class SAEFormat:
 FORMATS: Registry[SAEFormat] = Registry("SAE format")
 
 
-def register_format(name: str, *, detect: Callable[[Path], bool], description: str) -> Callable[[Any], Any]:
-    """Decorator registering a disk converter as format ``name``."""
+def register_format(
+    name: str, *, detect: Callable[[Path], bool], description: str, config_file: str | None = None
+) -> Callable[[Any], Any]:
+    """Decorator registering a disk converter as format ``name``.
+
+    The registered (and returned) converter runs :func:`~..checks.check_converted` on what it returns,
+    so plain ``SAE.load_from_disk(path, converter=...)`` gets the same refusals as ``load_sae``;
+    ``config_file`` (``cfg.json``, ``config.json``) is the file those messages name (default: the path)."""
 
     def deco(convert: Any) -> Any:
-        FORMATS.register(name)(SAEFormat(name, convert, detect, description))
-        return convert
+        @functools.wraps(convert)
+        def checked(
+            path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, **kwargs: Any
+        ) -> ConverterOutput:
+            cfg, state = convert(path, device, cfg_overrides, **kwargs)
+            source = folder_of(Path(path)) / config_file if config_file else Path(path)
+            check_converted(cfg, state, str(source))
+            return cfg, state
+
+        FORMATS.register(name)(SAEFormat(name, checked, detect, description))
+        return checked
 
     return deco
 

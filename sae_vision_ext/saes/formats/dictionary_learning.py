@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..._hooks import resid_post
+from ..checks import read_json_object
 from ..io import torch_load
 from .base import ConverterOutput, base_cfg, finish, folder_of, register_format
 
@@ -46,14 +47,19 @@ def _threshold(raw: dict[str, torch.Tensor], d_sae: int) -> torch.Tensor:
 
 
 @register_format(
-    "dictionary_learning", detect=_is_dictionary_learning, description="dictionary_learning config.json + ae.pt"
+    "dictionary_learning",
+    detect=_is_dictionary_learning,
+    description="dictionary_learning config.json + ae.pt",
+    config_file="config.json",
 )
 def dictionary_learning_disk_converter(
     path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, allow_pickle: bool = False
 ) -> ConverterOutput:
     """SAELens disk converter for a dictionary_learning trainer folder (``trainer_<i>``)."""
     folder = folder_of(Path(path))
-    trainer = json.loads((folder / "config.json").read_text())["trainer"]
+    trainer = read_json_object(folder / "config.json", "dictionary_learning config").get("trainer")
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{folder / 'config.json'} has no 'trainer' object: not a dictionary_learning config.")
     raw = torch_load(folder / "ae.pt", device, allow_pickle, f"dictionary_learning weights {folder / 'ae.pt'}")
     if isinstance(raw, dict) and isinstance(raw.get("ae"), dict):
         raw = raw["ae"]  # a backup checkpoint
@@ -77,7 +83,13 @@ def dictionary_learning_disk_converter(
         cfg = base_cfg("standard", d_in, d_sae, device, "dictionary_learning", **meta)
     elif dict_class == "AutoEncoderTopK":
         cfg = base_cfg("topk", d_in, d_sae, device, "dictionary_learning", **meta)
-        cfg.update(k=int(raw["k"]) if "k" in raw else int(trainer["k"]), rescale_acts_by_decoder_norm=False)
+        k = int(raw["k"]) if "k" in raw else trainer.get("k", (cfg_overrides or {}).get("k"))
+        if k is None:
+            raise ValueError(
+                f"{folder}: AutoEncoderTopK with no k in ae.pt or config.json's trainer. Pass "
+                "load_sae(..., cfg_overrides={'k': <k>})."
+            )
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
     elif dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
         cfg = base_cfg("jumprelu", d_in, d_sae, device, "dictionary_learning", **meta)
         state["threshold"] = _threshold(raw, d_sae)

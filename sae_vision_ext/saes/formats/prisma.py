@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..checks import read_json_object
 from ..io import torch_load
 from .base import ConverterOutput, base_cfg, finish, fold_input_bias, folder_of, register_format
 from .weights import find_weights
@@ -134,14 +135,17 @@ def _hook_name(pc: dict[str, Any], layer_key: str, subtype_key: str, default: st
 
 
 @register_format(
-    "prisma", detect=_is_prisma, description="ViT-Prisma config.json + weights.pt or n_images_<N>.pt training folder"
+    "prisma",
+    detect=_is_prisma,
+    description="ViT-Prisma config.json + weights.pt or n_images_<N>.pt training folder",
+    config_file="config.json",
 )
 def prisma_disk_converter(
     path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, allow_pickle: bool = False
 ) -> ConverterOutput:
     """SAELens disk converter for a ViT-Prisma checkpoint folder (or one of its ``.pt`` files)."""
     cfg_path, weights_path = _files(Path(path))
-    pc = json.loads(cfg_path.read_text())
+    pc = read_json_object(cfg_path, "ViT-Prisma config")
     raw = load_prisma_file(weights_path, device, allow_pickle)
     extra = ("b_gate", "r_mag", "b_mag", "b_dec_out", "W_skip")
     state = find_weights(raw, f"ViT-Prisma weights {weights_path}", extra)

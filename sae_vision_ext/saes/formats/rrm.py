@@ -24,7 +24,12 @@ def _is_rrm(path: Path) -> bool:
 
 @register_format("rrm", detect=_is_rrm, description="RRM K<k>_R<R>/L<layer>/epoch<N>.pth (the seed paper's TopK SAEs)")
 def rrm_format_converter(
-    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, allow_pickle: bool = False
+    path: str | Path,
+    device: str = "cpu",
+    cfg_overrides: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    epoch: int | None = None,
 ) -> ConverterOutput:
-    """The RRM converter (its files are plain tensors: ``allow_pickle`` is never needed)."""
-    return rrm_disk_converter(path, device, cfg_overrides)
+    """The RRM converter (its files are plain tensors: ``allow_pickle`` is never needed). ``epoch`` picks
+    ``epoch<N>.pth`` of an ``L<layer>`` folder (default the largest; ``load_sae("rrm:...")`` defaults to 50)."""
+    return rrm_disk_converter(path, device, cfg_overrides, epoch=epoch)

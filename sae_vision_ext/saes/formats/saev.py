@@ -73,7 +73,7 @@ def subtracts_b_dec(header: dict[str, Any]) -> bool:
 def _activation(header: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     cfg = header.get("cfg", header) if "schema" in header else header
     if header.get("schema") == 1 and header.get("cls") in ("Relu", "TopK", "BatchTopK"):
-        return header["cls"], {"top_k": cfg.get("top_k", 32)}
+        return header["cls"], {"top_k": cfg.get("top_k")}
     activation = cfg.get("activation")
     if activation is None:
         return "Relu", {}
@@ -106,7 +106,13 @@ def saev_disk_converter(
 
         ensure_registered()
         cfg = base_cfg("signed_topk", d_in, d_sae, device, "saev", **meta)
-        cfg.update(k=int(params.get("top_k", 32)), rescale_acts_by_decoder_norm=False)
+        k = (cfg_overrides or {}).get("k", params.get("top_k"))
+        if k is None:  # saev's dump always writes top_k; its default (32) may not be what was trained
+            raise ValueError(
+                f"{file}: the saev header's TopK activation has no top_k (the number of active latents). Add it to "
+                "the header's activation params or pass load_sae(..., cfg_overrides={'k': <k>})."
+            )
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
     elif cls == "BatchTopK" and isinstance(raw, dict) and "activation.threshold" in raw:
         cfg = base_cfg("jumprelu", d_in, d_sae, device, "saev", **meta)
         threshold = raw["activation.threshold"].float().clamp(min=0.0)  # saev: ReLU while the threshold is <= 0

@@ -12,12 +12,12 @@ groupmax`` are refused. The layer folder name (``layers.5``) gives
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from ..._hooks import resid_post
+from ..checks import K_FIX, read_json_object
 from .base import ConverterOutput, base_cfg, finish, register_format
 
 
@@ -25,7 +25,12 @@ def _is_sparsify(path: Path) -> bool:
     return path.is_dir() and (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file()
 
 
-@register_format("sparsify", detect=_is_sparsify, description="EleutherAI sparsify cfg.json + sae.safetensors")
+@register_format(
+    "sparsify",
+    detect=_is_sparsify,
+    description="EleutherAI sparsify cfg.json + sae.safetensors",
+    config_file="cfg.json",
+)
 def sparsify_disk_converter(
     path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None, allow_pickle: bool = False
 ) -> ConverterOutput:
@@ -33,7 +38,7 @@ def sparsify_disk_converter(
     from safetensors.torch import load_file
 
     folder = Path(path)
-    sc = json.loads((folder / "cfg.json").read_text())
+    sc = read_json_object(folder / "cfg.json", "sparsify config")
     try:
         raw = load_file(str(folder / "sae.safetensors"), device="cpu")
     except Exception as e:
@@ -58,5 +63,8 @@ def sparsify_disk_converter(
         "b_dec": raw["b_dec"],
     }
     cfg = base_cfg("topk", d_in, d_sae, device, "sparsify", **meta)
-    cfg.update(k=int(sc.get("k", 32)), apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False)
+    k = (cfg_overrides or {}).get("k", sc.get("k"))
+    if k is None:  # sparsify's save_to_disk always writes k; its default (32) may not be what was trained
+        raise ValueError(f"{folder / 'cfg.json'} has no 'k' (the number of active latents). " + K_FIX.format(file="it"))
+    cfg.update(k=k, apply_b_dec_to_input=True, rescale_acts_by_decoder_norm=False)
     return finish(cfg, state, device, cfg_overrides)
