@@ -134,8 +134,15 @@ def attribute_aggregated(
     (``circuits/rows.py``) where a block reads the previous SAE layer directly, else plain batched
     VJPs; ``autograd`` uses plain VJPs everywhere (the reference the staged rows are tested against)."""
     from .attribution import Attributor, _Leaves
+    from .graph_ops import check_target
     from .linearise import resid_post_gradients
 
+    target = check_target(target)  # TypeError/ValueError for 2.0, "3", True, -1 before any work
+    if isinstance(target, Tensor):
+        raise TypeError(
+            "attribute_aggregated traces one class (its demeaned logit): pass target=<class id> or None; "
+            f"got a direction tensor of shape {list(target.shape)} (directions: rrm.attribute)."
+        )
     if pixels.shape[0] != 1:
         raise ValueError(f"attribute_aggregated() traces one image; got a batch of {pixels.shape[0]}.")
     if batch_size < 1:
@@ -150,7 +157,11 @@ def attribute_aggregated(
     error_reference = _references(error_reference, errors, "error_reference")
     d_acts = [a - r.to(a.dtype) for a, r in zip(acts, reference, strict=True)]
     d_errs = [e - r.to(e.dtype) for e, r in zip(errors, error_reference, strict=True)]
-    c = int(clean[0].argmax()) if target is None else int(target)
+    c = int(clean[0].argmax()) if target is None else target
+    if c >= clean.shape[-1]:
+        raise ValueError(
+            f"target={c} is out of range: the model has {clean.shape[-1]} classes (0..{clean.shape[-1] - 1})."
+        )
     direction = -torch.full((clean.shape[-1],), 1.0 / clean.shape[-1], dtype=clean.dtype)
     direction[c] += 1.0
 

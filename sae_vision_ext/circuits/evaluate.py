@@ -120,6 +120,17 @@ def _orders(sites_all: Tensor, infl: Tensor, refs: list[Tensor], gen: torch.Gene
     }
 
 
+def _check_images(pixels: Tensor, labels: Tensor | None, reference_pixels: Tensor | None) -> Tensor | None:
+    """``labels`` checked against ``pixels`` (one class id per image); ``ValueError`` for empty inputs."""
+    from ..data.checks import check_labels
+
+    if len(pixels) == 0:
+        raise ValueError("evaluate_circuit got 0 images; pass at least one preprocessed image [n, chan, h, w].")
+    if reference_pixels is not None and len(reference_pixels) == 0:
+        raise ValueError("reference_pixels has 0 images; pass at least one, or None to use pixels.")
+    return None if labels is None else check_labels(labels, len(pixels))
+
+
 def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, each documented)
     rrm: ReplacementModelBase,
     pixels: Float[Tensor, "n chan h w"],
@@ -147,6 +158,7 @@ def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, e
 
     if protocol not in ("ours", "seed"):
         raise ValueError(f"protocol must be 'ours' or 'seed'; got {protocol!r}.")
+    labels = _check_images(pixels, labels, reference_pixels)
     if protocol == "seed":
         from .seed_protocol import evaluate_seed_protocol
 

@@ -249,6 +249,8 @@ class ReplacementModelBase:
         reduce_reference(torch.zeros(1), kind)  # ValueError naming the valid kinds
         if of not in ("features", "errors"):
             raise ValueError(f"Unknown reference target {of!r}; valid: features, errors.")
+        if len(pixels) == 0:
+            raise ValueError(f"reference_values needs images to take the {kind} over; got 0. Pass reference images.")
         chunks = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
         acts = [self.feature_acts(x) if of == "features" else self.errors(x) for x in chunks]
         per_layer = [torch.cat([a[layer] for a in acts]) for layer in range(self.n_layers)]

@@ -130,6 +130,21 @@ def _budget(text: str) -> int | None:
 
 
 _N_IMAGES = _count(1, "images to run")
+
+
+def _layer_list(text: str) -> list[int]:
+    """``--layers 0,3,5``: distinct block indices >= 0, in the order given."""
+    try:
+        layers = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of layer indices (write e.g. 0,3,5)"
+        ) from None
+    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: layers must be distinct indices >= 0 (e.g. 0,3,5)")
+    return layers
+
+
 _SEED_HELP = "seed of the shapes images"
 
 
@@ -177,7 +192,9 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML or JSON VisionSAETrainingConfig; flags below override it")
-        p.add_argument("--layers", help="comma-separated layers for an all_* hook group, e.g. 0,3,5 (none: all)")
+        p.add_argument(
+            "--layers", type=_layer_list, help="comma-separated layers for an all_* hook group, e.g. 0,3,5 (none: all)"
+        )
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
             p.add_argument("--yes", action="store_true", help="run the default config (shown when none is given)")

@@ -43,7 +43,7 @@ def _training_config(args: argparse.Namespace):
         if value is not None:
             base[key] = value
     if args.layers:
-        base["layers"] = [int(v) for v in args.layers.split(",")]
+        base["layers"] = args.layers  # parsed and checked by argparse (_layer_list)
     return VisionSAETrainingConfig.from_dict(base)
 
 

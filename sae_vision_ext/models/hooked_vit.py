@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from . import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
 from . import embedded as _embedded  # noqa: F401  (registers the "sve:" loader)
+from .activation_cache import VisionActivationCache
 from .adapters.base import LOADERS, ViTAdapter, adapter_for
 from .components import HookedBlock, HookedNorm
 from .config import HookedViTConfig
@@ -155,7 +156,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         if not pixels.is_floating_point():
             raise ValueError(
                 f"Images are {pixels.dtype}: raw pixel values, not the model's normalised input. Use model.preprocess "
-                "on PIL images, or model.preprocess(x.float() / 255) style conversion for uint8 tensors."
+                "on PIL images or uint8 tensors (it scales them by 1/255 and normalises)."
             )
         h, w = pixels.shape[-2:]
         if cfg.dynamic_img_size:
@@ -190,6 +191,11 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         """
         pixels = self.check_input(pixels, check_finite)
         n_layers = len(self.blocks)
+        if stop_at_layer is not None and (isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int)):
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer!r} ({type(stop_at_layer).__name__}) must be an int in "
+                f"{-n_layers}..{n_layers} (the residual stream before that block) or None."
+            )
         if stop_at_layer is not None and not -n_layers <= stop_at_layer <= n_layers:
             raise ValueError(
                 f"stop_at_layer={stop_at_layer} is out of range for a {n_layers}-layer model "
@@ -227,11 +233,21 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
             )
 
     def _check_names_filter(self, names_filter: NamesFilter) -> None:
+        """Every named hook exists; a list or callable that selects no hook at all is refused (the cache
+        would be empty)."""
         if isinstance(names_filter, str):
             self.check_hook_name(names_filter)
         elif isinstance(names_filter, Sequence):
+            if len(names_filter) == 0:
+                raise ValueError("names_filter is empty: nothing would be cached. Pass None to cache every hook.")
             for name in names_filter:
                 self.check_hook_name(name)
+        elif callable(names_filter) and not any(names_filter(name) for name in self.hook_dict):
+            example = next(iter(self.hook_dict))
+            raise ValueError(
+                f"names_filter matches none of this model's {len(self.hook_dict)} hook points (e.g. {example!r}): "
+                "the cache would be empty. Check the filter against model.hook_dict."
+            )
 
     def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):
@@ -251,10 +267,11 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         pos_slice: PosSlice = None,
         remove_batch_dim: bool = False,
         **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
+    ) -> tuple[Tensor, VisionActivationCache | dict[str, Tensor]]:
         """Forward and cache activations, as TransformerLens's ``run_with_cache``.
 
-        Returns ``(output, ActivationCache)`` (a plain dict with ``return_cache_object=False``).
+        Returns ``(output, VisionActivationCache)`` (TransformerLens's ``ActivationCache``; a missing key's
+        ``KeyError`` names the close keys) (a plain dict with ``return_cache_object=False``).
         ``pos_slice`` (int, slice or index list) keeps those token positions in every cached
         activation that has a position dimension (not ``hook_pooled``/``hook_out``).
         ``stop_at_layer`` and ``incl_bwd`` pass through.
@@ -268,7 +285,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         if pos_slice is not None:
             cache = {k: self._slice_positions(k, v, pos_slice) for k, v in cache.items()}
         if return_cache_object:
-            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            return out, VisionActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     def _slice_positions(self, name: str, t: Tensor, pos_slice: PosSlice) -> Tensor:
@@ -277,12 +294,19 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
             return t
         # [.., pos, head, d_head] for q/k/v/z; the query position for patterns, as TransformerLens
         dim = -3 if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z")) else -2
-        if isinstance(pos_slice, int):
-            pos_slice = [pos_slice]
+        n_pos = t.shape[dim]
         if isinstance(pos_slice, slice):
-            index = torch.arange(t.shape[dim], device=t.device)[pos_slice]
+            index = torch.arange(n_pos, device=t.device)[pos_slice]
         else:
-            index = torch.as_tensor(pos_slice, device=t.device)
+            index = torch.as_tensor([pos_slice] if isinstance(pos_slice, int) else pos_slice, device=t.device)
+            if index.is_floating_point() or index.dtype == torch.bool or index.ndim != 1:
+                raise ValueError(f"pos_slice must be an int, a slice or a list of int positions; got {pos_slice!r}.")
+            if len(index) and not (-n_pos <= int(index.min()) and int(index.max()) < n_pos):
+                raise ValueError(
+                    f"pos_slice={pos_slice!r} is out of range for {n_pos} token positions of {name!r} "
+                    f"(valid -{n_pos}..{n_pos - 1}; {self.cfg.n_prefix_tokens} prefix tokens, then patches row-major)."
+                )
+            index = index % n_pos
         return t.index_select(t.ndim + dim, index)
 
     def hook_shapes(self, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
@@ -297,12 +321,19 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
     # ------------------------------------------------------------------ preprocessing
     @property
     def data_config(self) -> dict[str, Any]:
-        """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` from the family's own config."""
-        return self.adapter.data_config()
+        """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` from the family's own config;
+        ``input_size`` is the size this model was built for (``cfg.image_size``: a timm model created with
+        ``img_size=96`` takes 96 px, whatever its pretrained config says)."""
+        cfg = dict(self.adapter.data_config())
+        if not self.cfg.dynamic_img_size:
+            cfg["input_size"] = (self.cfg.in_chans, *self.cfg.image_size)
+        return cfg
 
     @property
     def preprocess(self) -> Callable[[Any], Tensor]:
-        """A torchvision transform: PIL image -> normalised ``[chan, h, w]`` tensor for this model."""
+        """This model's preprocessing (:class:`~..data.transforms.Preprocess`): a PIL image, numpy array or
+        ``[0, 1]``/uint8 tensor -> normalised ``[chan, h, w]``; a list of images or a batch -> ``[n, chan, h, w]``
+        (checks and conversions in docs/hooked_vit.md, "Input checks")."""
         from ..data.transforms import transform_from_data_config
 
         return transform_from_data_config(self.data_config)

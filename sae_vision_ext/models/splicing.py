@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from .ids import same_model
+
 if TYPE_CHECKING:
     from sae_lens import SAE
 
@@ -125,19 +127,17 @@ class SAESplicingMixin:
             for sae, err in saved:
                 self.add_sae(sae, use_error_term=err, check_model_name=False)
 
-    def add_sae(self, sae: nn.Module, use_error_term: bool | None = None, check_model_name: bool = True) -> None:
-        """Attach ``sae`` at ``sae.cfg.metadata.hook_name`` (replacing any SAE already there).
-
-        Raises ``ValueError`` if the hook is not in the model or the SAE's ``d_in`` differs from the
-        hook's width; warns if the SAE's metadata names another model (``check_model_name=False``
-        silences it).
-        """
+    def check_sae(self, sae: nn.Module) -> str:
+        """``sae``'s hook name after checking it fits this model: ``ValueError`` when it has no
+        ``cfg.metadata.hook_name``, the hook is not a hook point here (close names listed) or its ``d_in``
+        differs from the hook's width. Everything that reads an SAE at its hook calls this first."""
         meta = getattr(getattr(sae, "cfg", None), "metadata", None)
         hook_in = getattr(meta, "hook_name", None)
-        if hook_in is None:
+        if not hook_in:
             raise ValueError(
-                "The SAE has no cfg.metadata.hook_name, so there is nowhere to attach it. "
-                "Set sae.cfg.metadata.hook_name = 'blocks.L.hook_resid_post' (for example)."
+                f"The SAE has no cfg.metadata.hook_name ({hook_in!r}), so it is not known which activation it reads. "
+                "Set sae.cfg.metadata.hook_name = 'blocks.L.hook_resid_post' (for example), or load it with "
+                "load_sae(..., hook_name=...)."
             )
         hook_out = getattr(meta, "hook_name_out", None) or hook_in
         for name in {hook_in, hook_out}:
@@ -151,8 +151,20 @@ class SAESplicingMixin:
                 f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hook_in!r} in "
                 f"{self.cfg.model_name}. Was it trained on another model or hook?"
             )
+        return hook_in
+
+    def add_sae(self, sae: nn.Module, use_error_term: bool | None = None, check_model_name: bool = True) -> None:
+        """Attach ``sae`` at ``sae.cfg.metadata.hook_name`` (replacing any SAE already there).
+
+        Raises ``ValueError`` if the hook is not in the model or the SAE's ``d_in`` differs from the
+        hook's width; warns if the SAE's metadata names another model (``check_model_name=False``
+        silences it).
+        """
+        hook_in = self.check_sae(sae)
+        meta = sae.cfg.metadata
+        hook_out = getattr(meta, "hook_name_out", None) or hook_in
         sae_model = getattr(meta, "model_name", None)
-        if check_model_name and sae_model and sae_model != self.cfg.model_name:
+        if check_model_name and not same_model(sae_model, self.cfg.model_name):
             warnings.warn(
                 f"SAE metadata names model {sae_model!r} but this model is {self.cfg.model_name!r}. "
                 "Pass check_model_name=False if that is intended.",
@@ -261,7 +273,7 @@ def warn_if_trained_on_another_model(sae: SAE, model: HookedViT) -> None:
 
     theirs = getattr(sae.cfg.metadata, "model_name", None)
     ours = getattr(model.cfg, "model_name", None)
-    if theirs and ours and ours != "unknown" and theirs != ours:
+    if not same_model(theirs, ours):
         warnings.warn(
             f"The SAE on {sae.cfg.metadata.hook_name} was trained on {theirs!r}, but this model is {ours!r}. "
             "Load the model it was trained on (HookedViT.from_pretrained(sae.cfg.metadata.model_name)).",

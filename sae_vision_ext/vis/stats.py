@@ -239,12 +239,18 @@ def collect_feature_stats(
 
     single = not isinstance(saes, (list, tuple, dict))
     sae_list = [saes] if single else list(saes.values() if isinstance(saes, dict) else saes)
-    hooks = [s.cfg.metadata.hook_name for s in sae_list]
+    from ..data.checks import check_labels
     from ..models.splicing import warn_if_trained_on_another_model
 
-    for h, sae in zip(hooks, sae_list, strict=True):
-        model.check_hook_name(h)
+    if not sae_list:
+        raise ValueError("collect_feature_stats got no SAE; pass one SAE, a list or a {hook_name: SAE} dict.")
+    hooks = [model.check_sae(sae) for sae in sae_list]  # hook set, a hook of this model, d_in = its width
+    for sae in sae_list:
         warn_if_trained_on_another_model(sae, model)
+    if isinstance(pixels, Tensor) and len(pixels) == 0:
+        raise ValueError("collect_feature_stats got 0 images; pass at least one preprocessed image.")
+    if labels is not None:
+        labels = check_labels(labels, len(pixels) if isinstance(pixels, Tensor) else None, n_classes)
     deepest = deepest_block(hooks)
     stop = None if deepest is None else deepest + 1
     n_classes = n_classes if n_classes is not None else (int(labels.max()) + 1 if labels is not None else 0)
@@ -271,4 +277,8 @@ def collect_feature_stats(
         offset += len(batch)
         bar.update(len(batch))
     bar.close()
+    if offset == 0:
+        raise ValueError("collect_feature_stats got no images: the iterable of batches was empty.")
+    if labels is not None and offset != len(labels):
+        raise ValueError(f"labels has {len(labels)} entries but {offset} images were read; pass one label per image.")
     return next(iter(stats.values())) if single else stats

@@ -118,12 +118,17 @@ def test_a_half_precision_sae_splices_into_a_float32_model(hooked):
     sae = sve.load_sae("sve:shapes-vit/blocks.1.hook_resid_post")
     model = HookedViT.from_pretrained("sve:shapes-vit")
     x = model.preprocess(sve.make_shapes(4, seed=3).tensors()[0])
-    half = sae.to(torch.float16)
     with torch.no_grad():
+        full = model.run_with_saes(x, saes=[sae])
+        half = sae.to(torch.float16)
         out = model.run_with_saes(x, saes=[half])
         cached, _ = model.run_with_cache_with_saes(x, saes=[half])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    torch.testing.assert_close(out, cached)
+    # the SAE rounds to float16 (eps 2**-10): tolerances follow that dtype, not float32's (whose 1e-5 made the
+    # comparison depend on the CPU's float16 kernels)
+    tol = torch.finfo(torch.float16).eps * float(full.abs().max())
+    torch.testing.assert_close(out, cached, atol=tol, rtol=0)
+    torch.testing.assert_close(out, full, atol=4 * tol, rtol=0)  # float16 rounding, not a different SAE
 
 
 def test_sae_of_another_model_and_inactive_or_out_of_range_interventions_are_named():

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ...models.ids import canonical_model_id
 from ..checks import read_json_object
 from ..io import torch_load
 from .base import ConverterOutput, base_cfg, finish, fold_input_bias, folder_of, register_format
@@ -106,8 +107,7 @@ def prisma_model_id(name: str | None) -> str | None:
     if not name:
         return None
     if name.startswith("open-clip:"):
-        rest = name.removeprefix("open-clip:")
-        return f"open_clip:hf-hub:{rest}" if "/" in rest else f"open_clip:{rest}"
+        return canonical_model_id(name)
     if "/" in name:
         return f"hf:{name}"
     if name.startswith("vit_"):
