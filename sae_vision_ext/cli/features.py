@@ -149,9 +149,16 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges"
     )
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
+    if "mlp_share" in summary["scores"]:
+        print(
+            f"  (--mlp-leaves: the MLP outputs are leaf nodes and take {summary['scores']['mlp_share']:.1%} of the "
+            "influence; replacement counts only what reaches the input embeddings against the error nodes, so it "
+            "is near 0 by construction here: read mlp_share and completeness instead)"
+        )
+    from ..circuits.export import serve_command
+
     ct_dir = (out / "circuit-tracer").resolve()
-    serve = f"from circuit_tracer.frontend.local_server import serve; serve('{ct_dir}', port=8032).server_thread.join()"
     print(f"circuit-tracer files: {ct_dir}")
-    print(f'  open them in its frontend: python -c "{serve}", then http://localhost:8032')
+    print(f"  open them in its frontend: {serve_command(ct_dir)}, then http://localhost:8032")
     print(f"viewer (open from disk): {(out / 'graph.html').resolve()}")
     return 0

@@ -138,11 +138,14 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     assert data["tops"] and set(data["tops"]) == features and set(data["maps"]) == features
 
 
-def test_trace_with_budget_and_mlp_leaves(tmp_path):
+def test_trace_with_budget_and_mlp_leaves(tmp_path, capsys):
     import json
 
     args = ["trace", "--model", "sve:shapes-vit", "--saes", "sve", "--out", str(tmp_path)]
     assert main([*args, "--max-feature-nodes", "128", "--mlp-leaves"]) == 0
+    printed = capsys.readouterr().out
+    assert "near 0 by construction here: read mlp_share" in printed  # why replacement reads 0.000
+    assert "circuit_tracer.frontend.local_server import serve" in printed
     graph = json.loads((tmp_path / "circuit-tracer" / "shapes-0.json").read_text())
     kinds = {n["feature_type"] for n in graph["nodes"]}
     assert "mlp output" in kinds and "cross layer transcoder" in kinds
