@@ -293,7 +293,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         if base in self._no_pos_hooks:
             return t
         # [.., pos, head, d_head] for q/k/v/z; the query position for patterns, as TransformerLens
-        dim = -3 if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z")) else -2
+        dim = -3 if base.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k")) else -2
         n_pos = t.shape[dim]
         if isinstance(pos_slice, slice):
             index = torch.arange(n_pos, device=t.device)[pos_slice]
