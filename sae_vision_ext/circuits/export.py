@@ -11,9 +11,16 @@
 - ``graph-metadata.json``: the list of graphs in the folder (the entry for ``slug`` replaced).
 - ``features/<code>.json`` (``features=True``): one file per exported feature in circuit-tracer's
   feature format (``frontend/feature_models.Model``), with ``metadata.scan = "./data/features"``
-  so its feature panel reads them from the served folder instead of the Hub. Examples are token
-  rows (position labels with the feature's activation at each): the traced image always, and the
-  top images of ``stats`` when ``stats``, ``stats_pixels`` and ``rrm`` are given.
+  so its feature panel reads them from the served folder instead of the Hub (``feature_files.py``:
+  examples of the traced image and of the top images of ``stats``; density, percentiles and
+  histogram from ``stats``), and ``features/<code>.png``, the feature's thumbnail (the traced
+  image ``pixels`` under its activation map and its top images), which the node's ``vis_link``
+  points at: the feature's title in circuit-tracer's panel opens it.
+
+``prompt_tokens`` (the labels under circuit-tracer's graph) are thinned so that they do not overlap:
+prefix tokens and the first patch of each row keep their label (``CLS``, ``p(3,0)``), the other
+patches show ``·``; node clerps keep the full position (``L3 #73 p(3,5)``), shown on hover, and the
+feature examples keep every label.
 
 Serve the folder with ``circuit_tracer.frontend.local_server.serve(data_dir=out_dir)``.
 """
@@ -30,10 +37,10 @@ from torch import Tensor
 
 from .._compat import renamed_kwargs
 from .._hooks import resid_post
-from .._io import atomic_write_text
+from .._io import atomic_write, atomic_write_text
+from .feature_files import feature_files, thumbnail, traced_maps
 from .graph_ops import node_influence
 from .nodes import (
-    cantor_pair,
     cantor_unpair,
     clerps,
     feature_codes,
@@ -76,6 +83,25 @@ def exported_masks(graph: AttributionGraph) -> tuple[Tensor, Tensor]:
     return graph.node_mask & (touched | always), edges
 
 
+def cumulative_share(graph: AttributionGraph) -> Tensor:
+    """circuit-tracer's ``influence`` of every node: the cumulative share of the total influence of
+    the nodes at least as influential (the pruning's, when the graph was pruned)."""
+    if graph.cumulative_influence is not None:
+        return graph.cumulative_influence
+    raw = node_influence(graph)
+    ordered, order = raw.sort(descending=True)
+    cumulative = torch.zeros_like(raw)
+    cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
+    return cumulative
+
+
+def thinned_labels(graph: AttributionGraph) -> list[str]:
+    """``prompt_tokens`` as exported: prefix tokens and each row's first patch labelled, ``·`` elsewhere."""
+    labels = position_labels(graph)
+    gw = graph.grid[1]
+    return [t if p < graph.n_prefix or (p - graph.n_prefix) % gw == 0 else "·" for p, t in enumerate(labels)]
+
+
 def graph_json(
     graph: AttributionGraph,
     slug: str,
@@ -89,13 +115,7 @@ def graph_json(
     """The graph file's content (see the module docstring); ``supernodes`` (``[[name, node_id, ...]]``,
     as our viewer's "download groups" writes them) go to ``qParams.supernodes``."""
     nodes_keep, edges_keep = exported_masks(graph)
-    raw = node_influence(graph)
-    if graph.cumulative_influence is not None:
-        cumulative = graph.cumulative_influence
-    else:
-        ordered, order = raw.sort(descending=True)
-        cumulative = torch.zeros_like(raw)
-        cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
+    raw, cumulative = node_influence(graph), cumulative_share(graph)
     keep = nodes_keep.nonzero().squeeze(1).tolist()  # only what is exported is labelled
     ids, js_ids, codes = node_ids(graph, keep), js_node_ids(graph, keep), feature_codes(graph, keep)
     labels = clerps(graph, feature_labels, index=keep)
@@ -128,12 +148,14 @@ def graph_json(
                 "influence_raw": infl[j],
             }
         )
+        if kind == "feature":
+            nodes[-1]["vis_link"] = f"{LOCAL_SCAN}/{codes[j]}.png"  # the thumbnail beside the feature's JSON
     a = graph.adjacency.coalesce()
     pairs = a.indices()[:, edges_keep].T.tolist()
     weights = a.values()[edges_keep].tolist()
     id_of = dict(zip(keep, ids, strict=True))
     links = [{"source": id_of[s], "target": id_of[d], "weight": w} for (d, s), w in zip(pairs, weights, strict=True)]
-    tokens = position_labels(graph)
+    tokens = thinned_labels(graph)
     node_threshold = graph.pruning[0] if graph.pruning is not None else None
     metadata = {
         "slug": slug,
@@ -163,97 +185,7 @@ def add_graph_metadata(out_dir: Path, metadata: dict[str, Any]) -> None:
 
 
 @renamed_kwargs(images="stats_pixels")
-def feature_files(
-    graph: AttributionGraph,
-    exported: dict[str, Any],
-    rrm: ReplacementModelBase | None = None,
-    stats: Mapping[str, FeatureStats] | None = None,
-    stats_pixels: Tensor | None = None,
-    *,
-    n_examples: int = 8,
-    logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
-) -> dict[int, dict[str, Any]]:
-    """circuit-tracer feature records for the exported feature nodes, keyed by feature code."""
-    tokens = exported["metadata"]["prompt_tokens"]
-    n_pos = len(tokens)
-    by_feature: dict[tuple[int, int], list[float]] = {}
-    kinds, layers = graph.node_kind, graph.node_layer.tolist()
-    poss, feats, acts = graph.node_pos.tolist(), graph.node_feature.tolist(), graph.activation.tolist()
-    for i, kind in enumerate(kinds):  # the traced image's activation map, from the graph's nodes
-        if kind == "feature":
-            by_feature.setdefault((layers[i], feats[i]), [0.0] * n_pos)[poss[i]] = acts[i]
-    wanted = {cantor_unpair(n["feature"]) for n in exported["nodes"] if n["feature_type"] == FEATURE_TYPES["feature"]}
-    top_rows = _top_rows(rrm, stats, stats_pixels, n_examples, wanted) if stats else {}
-    out: dict[int, dict[str, Any]] = {}
-    for layer, feat in sorted(wanted):
-        code = cantor_pair(layer, feat)
-        traced = by_feature.get((layer, feat), [0.0] * n_pos)
-        quantiles = [{"quantile_name": "Traced image", "examples": [_example(traced, tokens)]}]
-        rows = top_rows.get((layer, feat), [])
-        if rows:
-            quantiles.append(
-                {"quantile_name": "Top images", "examples": [_example(r, tokens, j) for j, r in enumerate(rows)]}
-            )
-        every = [a for r in [traced, *rows] for a in r]
-        hook = resid_post(layer)
-        frequency = 0.0
-        if stats and hook in stats and stats[hook].n_tokens:
-            frequency = float(stats[hook].fire_tokens[feat]) / stats[hook].n_tokens
-        top, bottom = (logit_effects or {}).get((layer, feat), ([], []))
-        out[code] = {
-            "transcoder_id": hook,
-            "index": code,
-            "examples_quantiles": quantiles,
-            "top_logits": list(top),
-            "bottom_logits": list(bottom),
-            "act_min": 0.0,
-            "act_max": max(every) if every else 1.0,
-            "quantile_values": [],
-            "histogram": [],
-            "activation_frequency": frequency,
-        }
-    return out
-
-
-def _example(acts: list[float], tokens: list[str], index: int = 0) -> dict[str, Any]:
-    return {
-        "tokens_acts_list": [float(a) for a in acts],
-        "train_token_ind": int(max(range(len(acts)), key=lambda p: acts[p])) if acts else 0,
-        "is_repeated_datapoint": False,
-        "tokens": list(tokens),
-    }
-
-
-@torch.no_grad()
-def _top_rows(
-    rrm: ReplacementModelBase,
-    stats: Mapping[str, FeatureStats],
-    stats_pixels: Tensor | None,
-    n: int,
-    wanted: set[tuple[int, int]],
-) -> dict[tuple[int, int], list[list[float]]]:
-    """Per-position activations of each wanted feature on its top images (re-encoded with ``rrm``)."""
-    if rrm is None or stats_pixels is None:
-        return {}
-    needed: dict[tuple[int, int], list[int]] = {}
-    for layer, feat in wanted:
-        hook = resid_post(layer)
-        if hook in stats:
-            needed[(layer, feat)] = [int(i) for _, i, _ in stats[hook].top_examples(feat)[:n]]
-    index = sorted({i for ids in needed.values() for i in ids})
-    if not index:
-        return {}
-    acts = rrm.feature_acts(stats_pixels[torch.tensor(index)])
-    row_of = {img: r for r, img in enumerate(index)}
-    out: dict[tuple[int, int], list[list[float]]] = {}
-    for (layer, feat), ids in needed.items():
-        slot = rrm.layers.index(layer)
-        out[(layer, feat)] = [acts[slot][row_of[i], :, feat].double().tolist() for i in ids]
-    return out
-
-
-@renamed_kwargs(images="stats_pixels")
-def write_circuit_tracer(
+def write_circuit_tracer(  # noqa: PLR0913 (keyword-only export options, each documented)
     graph: AttributionGraph,
     out_dir: str | Path,
     slug: str = "vit-graph",
@@ -267,11 +199,13 @@ def write_circuit_tracer(
     logit_effects: Mapping[tuple[int, int], tuple[list[str], list[str]]] | None = None,
     prompt: str | None = None,
     supernodes: Sequence[Sequence[str]] | None = None,
+    pixels: Tensor | None = None,
 ) -> dict[str, Any]:
     """Write ``<slug>.json``, ``graph-metadata.json`` and (``features``) ``features/<code>.json`` into
     ``out_dir`` (see the module docstring); returns the graph JSON. ``feature_labels`` add a label to
     feature clerps; ``logit_effects`` fill the feature files' ``top_logits``/``bottom_logits``;
-    ``supernodes`` (``[[name, node_id, ...]]``, e.g. our viewer's downloaded groups) go to ``qParams``."""
+    ``supernodes`` (``[[name, node_id, ...]]``, e.g. our viewer's downloaded groups) go to ``qParams``;
+    ``pixels`` (the traced image ``[1, chan, h, w]``, with ``rrm``) goes under the thumbnails' maps."""
     if not slug or "/" in slug or slug.startswith("."):
         raise ValueError(f"slug must be a plain file stem; got {slug!r}.")
     out = Path(out_dir)
@@ -283,14 +217,48 @@ def write_circuit_tracer(
     if features:
         folder = out / "features"
         folder.mkdir(exist_ok=True)
-        records = feature_files(
-            graph, exported, rrm, stats, stats_pixels, n_examples=n_examples, logit_effects=logit_effects
+        records, top_rows = feature_files(
+            graph,
+            exported,
+            rrm,
+            stats,
+            stats_pixels,
+            n_examples=n_examples,
+            logit_effects=logit_effects,
+            tokens=position_labels(graph),
         )
+        _write_thumbnails(graph, folder, records, top_rows, rrm=rrm, pixels=pixels, stats_pixels=stats_pixels)
         for code, record in records.items():
             atomic_write_text(folder / f"{code}.json", json.dumps(record))
     atomic_write_text(out / f"{slug}.json", json.dumps(exported))
     add_graph_metadata(out, exported["metadata"])
     return exported
+
+
+def _write_thumbnails(
+    graph: AttributionGraph,
+    folder: Path,
+    records: Mapping[int, Any],
+    top_rows: Mapping[tuple[int, int], list[tuple[int, list[float]]]],
+    *,
+    rrm: ReplacementModelBase | None,
+    pixels: Tensor | None,
+    stats_pixels: Tensor | None,
+) -> None:
+    """``features/<code>.png`` for every record (``feature_files.thumbnail``)."""
+    from ..vis.plots import display_images
+
+    traced_rgb = display_images(rrm.model, pixels[:1])[0] if rrm is not None and pixels is not None else None
+    used = sorted({i for rows in top_rows.values() for i, _ in rows})
+    top_rgb = {}
+    if used and rrm is not None and stats_pixels is not None:
+        top_rgb = dict(zip(used, display_images(rrm.model, stats_pixels[torch.tensor(used)]), strict=True))
+    maps = traced_maps(graph)
+    n_pos = sum(k == "input" for k in graph.node_kind)
+    for code in records:
+        key = cantor_unpair(code)
+        png = thumbnail(graph, maps.get(key, [0.0] * n_pos), traced_rgb, top_rows.get(key, []), top_rgb)
+        atomic_write(folder / f"{code}.png", lambda tmp, png=png: tmp.write_bytes(png))
 
 
 def serve_command(out_dir: str | Path, port: int = 8032) -> str:

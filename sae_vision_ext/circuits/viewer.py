@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._compat import renamed_kwargs
 from .._hooks import resid_post
-from .export import exported_masks
+from .export import cumulative_share, exported_masks
 from .graph_ops import edges, node_influence
 from .nodes import clerps, node_ids, position_labels
 
@@ -115,6 +115,7 @@ def viewer_data(
         "tokens": position_labels(graph),
         "layers": sorted({layers[i] for i in range(len(kinds)) if kinds[i] in ("feature", "error", "mlp")}),
         "targets": graph.target_names,
+        "target_probs": _target_probs(graph),
         "node_threshold": graph.pruning[0] if graph.pruning else 1.0,
         "nodes": nodes,
         "links": [[index[s], index[d], round(w, 6)] for s, d, w in triples],
@@ -139,7 +140,7 @@ def _nodes(
     """The shown nodes (``index``: graph node -> page node), in node order, as the page reads them."""
     ids, labels = node_ids(graph), clerps(graph, feature_labels)
     raw = (node_influence(graph) + graph.weights).tolist()
-    cum = graph.cumulative_influence.tolist() if graph.cumulative_influence is not None else None
+    cum = cumulative_share(graph).tolist()  # circuit-tracer's influence: the one figure the page shows
     kinds, layers = graph.node_kind, graph.node_layer.tolist()
     poss, feats, acts = graph.node_pos.tolist(), graph.node_feature.tolist(), graph.activation.tolist()
     first_target = kinds.index("target") if "target" in kinds else len(kinds)
@@ -154,13 +155,20 @@ def _nodes(
             "c": labels[i],
             "a": acts[i],
             "i": raw[i],
-            "q": cum[i] if cum is not None else None,
+            "q": cum[i],
         }
         if kinds[i] == "target":
             node["c"] = graph.target_names[i - first_target]
             node["p"] = -1
         nodes.append(node)
     return nodes
+
+
+def _target_probs(graph: AttributionGraph) -> list[float | None]:
+    """Each target's probability (``None`` when the graph has none, e.g. a non-class target)."""
+    probs = graph.target_probs.tolist() if graph.target_probs is not None else []
+    n = len(graph.target_names)
+    return [float(probs[t]) if t < len(probs) and probs[t] == probs[t] else None for t in range(n)]
 
 
 def _activation_maps(graph: AttributionGraph) -> dict[str, list[float]]:
@@ -203,7 +211,8 @@ def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any
     """The paper's token-aggregated circuit: per SAE layer the ``per_layer`` features of largest
     |relevance| (plus the error node), and the edges among them."""
     cards, keep = [], []
-    for i, rel in enumerate(agg.relevance):
+    relevance = [r.detach() for r in agg.relevance]
+    for i, rel in enumerate(relevance):
         feats = rel[:-1].abs().argsort(descending=True)[:per_layer].tolist()
         chosen = [f for f in feats if float(rel[f]) != 0] + [len(rel) - 1]
         keep.append(chosen)
@@ -221,12 +230,12 @@ def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any
     for i, e in enumerate(agg.edges[:-1]):
         for t in keep[i + 1]:
             for s in keep[i]:
-                w = float(e[t, s])
+                w = float(e[t, s].detach())
                 if w != 0:
-                    tid = f"{agg.layers[i + 1]}_{'err' if t == len(agg.relevance[i + 1]) - 1 else t}"
-                    sid = f"{agg.layers[i]}_{'err' if s == len(agg.relevance[i]) - 1 else s}"
+                    tid = f"{agg.layers[i + 1]}_{'err' if t == len(relevance[i + 1]) - 1 else t}"
+                    sid = f"{agg.layers[i]}_{'err' if s == len(relevance[i]) - 1 else s}"
                     links.append([sid, tid, w])
-    return {"cards": cards, "links": links, "target": agg.target_value}
+    return {"cards": cards, "links": links, "target": float(agg.target_value)}
 
 
 @renamed_kwargs(images="stats_pixels")
@@ -271,7 +280,10 @@ def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each docu
     )
     n_feat = sum(n["k"] == "feature" for n in data["nodes"])
     subtitle = f"{len(data['nodes'])} nodes ({n_feat} features), {len(data['links'])} edges"
-    subtitle += f"; target: {', '.join(graph.target_names)}"
+    probs = data["target_probs"]
+    subtitle += "; target: " + ", ".join(
+        name + (f" (p={p:.3f})" if p is not None else "") for name, p in zip(graph.target_names, probs, strict=True)
+    )
     html = (
         template_env()
         .get_template("graph.html.j2")

@@ -117,9 +117,24 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     _step("writing circuit-tracer's files and the viewer")
     labels = {(layer_of(h), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()}
     exported = pruned.to_json(
-        out / "circuit-tracer" / f"{slug}.json", rrm=rrm, stats=stats, stats_pixels=ref, feature_labels=labels
+        out / "circuit-tracer" / f"{slug}.json",
+        rrm=rrm,
+        stats=stats,
+        stats_pixels=ref,
+        feature_labels=labels,
+        pixels=pixels,
     )
-    render_graph_html(pruned, out / "graph.html", rrm, pixels, stats=stats, stats_pixels=ref, feature_labels=labels)
+    aggregated = None if args.mlp_leaves else rrm.attribute_aggregated(pixels, target=graph.target_classes[0])
+    render_graph_html(
+        pruned,
+        out / "graph.html",
+        rrm,
+        pixels,
+        stats=stats,
+        stats_pixels=ref,
+        feature_labels=labels,
+        aggregated=aggregated,
+    )
     from ..circuits.graph_ops import node_influence
 
     infl = node_influence(graph)
@@ -149,6 +164,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges"
     )
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
+    from ..circuits.export import cumulative_share
+    from ..circuits.nodes import clerps
+
+    names, share = clerps(graph, labels, index=top[:5]), cumulative_share(graph)
+    print("top 5 features: influence (cumulative share, as circuit-tracer), raw influence, activation")
+    for i, name, row in zip(top, names, summary["top_features"], strict=False):
+        print(f"  {name:<44} {float(share[i]):.3f}  raw {row['influence']:.3g}  act {row['activation']:.3g}")
     if "mlp_share" in summary["scores"]:
         print(
             f"  (--mlp-leaves: the MLP outputs are leaf nodes and take {summary['scores']['mlp_share']:.1%} of the "
