@@ -138,6 +138,7 @@ cases = {
     "pos_slice=[0, 1.5]": lambda: model.run_with_cache(images(), names_filter=HOOK, pos_slice=[0, 1.5]),
     "target=2.0": lambda: rrm.attribute_aggregated(images(1).double(), target=2.0),
     "target='3'": lambda: rrm.attribute_aggregated(images(1).double(), target="3"),
+    "faithfulness labels [2] for 4 images": lambda: rrm.faithfulness(images(4).double(), torch.tensor([0, 1])),
 }
 out = {}
 for name, run in cases.items():
@@ -176,6 +177,7 @@ def wrong_types():
         ("pos_slice=[0, 1.5]", r"ValueError: pos_slice must be an int, a slice or a list of int positions"),
         ("target=2.0", r"TypeError: target must be .*\(for class 2 pass target=2\)"),
         ("target='3'", r"TypeError: target must be .*got '3' \(str\)"),
+        ("faithfulness labels [2] for 4 images", r"ValueError: labels has 2 entries for 4 images"),
     ],
 )
 def test_arguments_of_the_wrong_type_are_named(wrong_types, case, match):
@@ -257,6 +259,8 @@ def test_empty_image_sets_are_refused_by_eval_stats_and_circuits(hooked):
     rrm = sve.ResidualReplacementModel(hooked.double(), [make_sae("topk", "none", True, hook=HOOK)])
     with pytest.raises(ValueError, match="evaluate_circuit got 0 images"):
         sve.evaluate_circuit(rrm, none.double())
+    with pytest.raises(ValueError, match="faithfulness got 0 images"):
+        rrm.faithfulness(none.double())
     with pytest.raises(ValueError, match="reference_values needs images to take the median over; got 0"):
         rrm.reference_values(none.double())
     hooked.float()
