@@ -137,7 +137,11 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
     graph = rrm.attribute(pixels[:1], batch_size=64)
     pruned = graph.prune()
     path = Path(out_dir) / "circuit-tracer" / "shapes-demo.json"
-    pruned.to_json(path, rrm=rrm)
+    from .vis.stats import collect_feature_stats
+
+    ref = pixels[1:257]  # reference images: density, percentiles, histogram and top examples of each feature
+    stats = collect_feature_stats(model, saes, ref, top_k=4, progress=False)
+    pruned.to_json(path, rrm=rrm, stats=stats, stats_pixels=ref, pixels=pixels[:1])
     s = pruned.scores()
     label = SHAPES[int(labels[0])]
     print(
@@ -161,7 +165,10 @@ def viewer_stage(
 
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES
+    from .vis.stats import collect_feature_stats
 
+    ref = pixels[1:257]
+    stats = collect_feature_stats(rrm.model, rrm.saes, ref, top_k=4, progress=False)
     viewer = render_graph_html(
         pruned,
         Path(out_dir) / "graph.html",
@@ -169,6 +176,9 @@ def viewer_stage(
         pixels[:1],
         dashboard_dir="dashboard",
         title=f"image 0 ({SHAPES[int(labels[0])]})",
+        stats=stats,
+        stats_pixels=ref,
+        aggregated=rrm.attribute_aggregated(pixels[:1], target=pruned.target_classes[0]),
     )
     print(f"graph viewer (open from disk): {viewer.resolve()}")
 

@@ -74,10 +74,15 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
         node_mask, edge_mask, cumulative = prune_graph(ct, 0.8, 0.98)
     finally:
         torch.set_default_dtype(torch.float32)
-    used_nodes, _ = cgf.create_used_nodes_and_edges(
+    used_nodes, used_edges = cgf.create_used_nodes_and_edges(
         ct, cgf.create_nodes(ct, node_mask, _Tokenizer(), cumulative), edge_mask
     )
     assert len(out["nodes"]) == len(used_nodes)
+    # circuit-tracer's OWN export of the same graph, served beside ours: the frontend must show as many
+    # nodes for ours as for its own (it hides, for both, a node whose share is just past the threshold)
+    own = cgf.build_model(ct, used_nodes, used_edges, "ct-own", "sae_vision_ext", 0.8, _Tokenizer())
+    (tmp_path / "ct-own.json").write_text(own.model_dump_json())
+    cgf.add_graph_metadata(own.metadata.model_dump(), str(tmp_path))
 
     port = free_port()
     server = serve(data_dir=str(tmp_path), port=port)
@@ -90,10 +95,14 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             _route(page, outside)
+            count = "document.querySelectorAll('.link-graph text.node').length"
+            page.goto(f"http://127.0.0.1:{port}/index.html?slug=ct-own")
+            page.wait_for_function(f"{count} > 0", timeout=30000)
+            shown_own = page.evaluate(count)
             page.goto(f"http://127.0.0.1:{port}/index.html?slug=vit")
-            page.wait_for_function("document.querySelectorAll('.link-graph text.node').length > 0", timeout=30000)
-            shown = page.evaluate("document.querySelectorAll('.link-graph text.node').length")
-            assert shown == len(used_nodes)
+            page.wait_for_function(f"{count} > 0", timeout=30000)
+            shown = page.evaluate(count)
+            assert shown == shown_own and shown >= len(used_nodes) - 1
             # click a feature: its panel reads features/<code>.json from the served folder, not the Hub
             feature = next(n for n in out["nodes"] if n["feature_type"] == "cross layer transcoder")
             box = page.evaluate(
