@@ -1,4 +1,5 @@
-"""Image sources for harvesting: the embedded shapes set, image folders, any torch ``Dataset``.
+"""Image sources for harvesting: the embedded shapes set, image folders, any torch ``Dataset``, and
+prefixed sources (``hf-dataset:<name or path>[:split]``, ``wds:<shard pattern>``; ``@register_source_prefix``).
 
 Every source yields preprocessed tensors ``[chan, h, w]`` for one model (``model.preprocess``).
 """
@@ -72,6 +73,70 @@ def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
     return SOURCES.register(name)
 
 
+PrefixFactory = Callable[[str, Callable[[Any], Tensor], int, int], Dataset]
+SOURCE_PREFIXES: Registry[PrefixFactory] = Registry("image source prefix")
+"""Prefixed image sources (``hf-dataset``, ``wds``): ``factory(spec, transform, n_images, seed) -> Dataset``
+where ``spec`` is the text after ``<prefix>:``."""
+
+
+def register_source_prefix(prefix: str) -> Callable[[PrefixFactory], PrefixFactory]:
+    """Decorator registering a family of sources named ``<prefix>:<spec>`` (e.g. ``wds:/data/{0..9}.tar``)."""
+    return SOURCE_PREFIXES.register(prefix)
+
+
+def split_prefix(source: str) -> tuple[str, str] | None:
+    """``(prefix, spec)`` when ``source`` names a registered prefix, else ``None``."""
+    prefix, sep, spec = str(source).partition(":")
+    return (prefix, spec) if sep and prefix in SOURCE_PREFIXES else None
+
+
+@register_source_prefix("hf-dataset")
+def _hf_dataset(spec: str, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
+    from ..distributed import rank_and_world_size
+    from .hf_source import open_hf_dataset
+
+    return open_hf_dataset(spec, transform, *rank_and_world_size())
+
+
+@register_source_prefix("wds")
+def _wds(spec: str, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
+    from urllib.parse import parse_qs
+
+    from .wds_source import WebDatasetImages
+
+    pattern, _, query = spec.partition("?")
+    options = {k: v[-1] for k, v in parse_qs(query).items()}
+    if set(options) - {"on_error", "image"}:
+        raise ValueError(
+            f"wds options {sorted(set(options) - {'on_error', 'image'})} are unknown; valid: on_error, image."
+        )
+    return WebDatasetImages(pattern, transform, options.get("on_error", "raise"), options.get("image"))  # type: ignore[arg-type]
+
+
+def source_fingerprint(source: str) -> str | None:
+    """A cheap stable id of a prefixed source (names, sizes and mtimes of its files); ``None`` otherwise."""
+    import hashlib
+
+    found = split_prefix(source)
+    if found is None:
+        return None
+    prefix, spec = found
+    if prefix == "wds":
+        from .wds_source import expand_urls
+
+        files = [Path(u.removeprefix("file:")) for u in expand_urls(spec.partition("?")[0])]
+    else:
+        from .hf_source import parse_spec
+
+        root = Path(parse_spec(spec)[0])
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    h = hashlib.sha256(source.encode())
+    for p in files:
+        st = p.stat() if p.exists() else None
+        h.update(f"{p}:{st.st_size if st else -1}:{int(st.st_mtime) if st else -1}".encode())
+    return f"{prefix}:{h.hexdigest()[:16]}"
+
+
 @register_source("sve:shapes")
 def _shapes(transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
     return ShapesImages(n_images, transform, seed=seed)
@@ -84,18 +149,22 @@ def _shapes_marker(transform: Callable[[Any], Tensor], n_images: int, seed: int)
 
 def open_image_source(source: str | Dataset, transform: Callable[[Any], Tensor], n_images: int, seed: int) -> Dataset:
     """An image ``Dataset``: a registered name (:data:`SOURCES`: ``"sve:shapes"``, ``"sve:shapes-marker"``,
-    the corner marker on half of the images), a folder path, a ``datasets.save_to_disk`` folder
+    the corner marker on half of the images), a prefixed source (:data:`SOURCE_PREFIXES`:
+    ``hf-dataset:<name or path>[:split]``, ``wds:<pattern>``), a folder path, a ``datasets.save_to_disk`` folder
     (column ``image``), or a torch ``Dataset`` of images (returned as is)."""
     if isinstance(source, Dataset):
         return source
     if source in SOURCES:
         return SOURCES.get(source)(transform, n_images, seed)
+    if (found := split_prefix(source)) is not None:
+        return SOURCE_PREFIXES.get(found[0])(found[1], transform, n_images, seed)
     path = Path(source)
     if not path.exists():
         if ":" in str(source):
             SOURCES.get(str(source))  # raises, naming close registered sources
         raise ValueError(
-            f"Unknown image source {source!r}: not a registered source ({', '.join(SOURCES.names())}) and no such "
+            f"Unknown image source {source!r}: not a registered source ({', '.join(SOURCES.names())}) or prefix "
+            f"({', '.join(p + ':' for p in SOURCE_PREFIXES.names())}) and no such "
             "folder. Pass one of those, an image folder, a datasets.save_to_disk folder or a torch Dataset."
         )
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():

@@ -50,7 +50,8 @@ class VisionSAETrainingConfig(ConfigMixin):
     layers: list[int] | None = None
     """With an ``all_*`` group: only these layers (``None``: every layer)."""
     dataset: str = "sve:shapes"
-    """``sve:shapes``, an image folder, or a ``datasets.save_to_disk`` folder with an ``image`` column."""
+    """``sve:shapes``, an image folder, a ``datasets.save_to_disk`` folder with an ``image`` column,
+    ``hf-dataset:<name or path>[:split][?image=col&label=col]`` or ``wds:<brace-expanded shard pattern>``."""
     n_images: int = 20_000
     """Images to draw from ``sve:shapes`` (folders use all their images); cycled when training needs more."""
     token_selection: TokenSelection = "all"

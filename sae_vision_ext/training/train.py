@@ -121,11 +121,12 @@ def initial_b_dec(trainer: MultiSAETrainer, sae: TrainingSAE, batches: list[torc
 def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> CacheSettings:
     """The ``CacheSettings`` a training config implies (the same for ``sae-vision cache`` and training)."""
     from ..activations.cache import CacheSettings, dataset_fingerprint
+    from ..data.sources import source_fingerprint
 
     return CacheSettings(
         model_name=cfg.model_name,
         hook_names=tuple(hooks),
-        dataset_fingerprint=dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
+        dataset_fingerprint=source_fingerprint(cfg.dataset) or dataset_fingerprint(cfg.dataset, cfg.n_images, cfg.seed),
         n_images=min(cfg.n_images, dataset_len),
         token_selection=cfg.token_selection,
         patches_per_image=cfg.patches_per_image,
