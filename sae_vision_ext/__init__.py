@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "TrainingInterrupted": "sae_vision_ext._errors",
     "load_sae": "sae_vision_ext.saes.loading",
     "evaluate_sae": "sae_vision_ext.saes.evaluate",
+    "benchmark_sae": "sae_vision_ext.saes.benchmark",
     "collect_feature_stats": "sae_vision_ext.vis.stats",
     "FeatureStats": "sae_vision_ext.vis.stats",
     "plot_top_patches": "sae_vision_ext.vis.plots",
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
         register_loader,
     )
     from .saes.affine import FrozenNorm
+    from .saes.benchmark import benchmark_sae
     from .saes.evaluate import evaluate_sae
     from .saes.loading import load_sae
     from .training.config import VisionSAETrainingConfig
@@ -118,6 +120,7 @@ __all__ = [
     "__version__",
     "analyse_features",
     "attribute_aggregated",
+    "benchmark_sae",
     "build_dashboard",
     "collect_feature_stats",
     "debias",
