@@ -181,3 +181,86 @@ def test_viewer_stays_usable_on_the_unpruned_shapes_graph(tmp_path):
         browser.close()
     assert errors == []
     assert torch.tensor([n["i"] for n in data["nodes"]]).isfinite().all()
+
+
+@pytest.mark.browser
+def test_viewer_fills_zooms_pans_and_navigates_by_keyboard(tmp_path):
+    import warnings
+
+    from playwright.sync_api import sync_playwright
+
+    rrm = rrm_for("timm_cls")
+    x = images(1).double()
+    graph = rrm.attribute(x).prune(node_threshold=0.8, edge_threshold=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rendering (aggregated cards included) warns about nothing
+        path = render_graph_html(graph, tmp_path / "graph.html", rrm, x, aggregated=rrm.attribute_aggregated(x))
+    data = page_data(path)
+    assert all(n["q"] is not None for n in data["nodes"])  # one influence figure: the cumulative share
+    p = data["target_probs"][0]
+    assert p == pytest.approx(float(graph.target_probs[0])) and f"(p={p:.3f})" in path.read_text()
+    with sync_playwright() as pw:
+        browser, page, errors = _open(pw, path)
+        x0, y0, x1, y1, w, h = page.evaluate("sveViewer.extent()")
+        assert max((x1 - x0) / w, (y1 - y0) / h) > 0.9  # square cells: the graph fills the plot's limiting side
+        # the smallest node is still drawn at >= 3 px and picked from 7 px away
+        assert min(page.evaluate("sveViewer.nodes.map(n => Math.max(n.r, 3))")) >= 3
+        # wheel zooms about the cursor: the node under it stays put; fit resets
+        feats = sorted((n for n in data["nodes"] if n["k"] == "feature"), key=lambda n: -n["i"])
+        fid = feats[0]["id"]
+        sx, sy = page.evaluate(f"sveViewer.screenPos('{fid}')")
+        page.mouse.move(sx, sy)
+        page.mouse.wheel(0, -400)
+        assert page.evaluate("sveViewer.view().k") > 1.5
+        zx, zy = page.evaluate(f"sveViewer.screenPos('{fid}')")
+        assert abs(zx - sx) < 2 and abs(zy - sy) < 2
+        # drag pans (and is not a click)
+        page.mouse.move(sx + 40, sy + 40)
+        page.mouse.down()
+        page.mouse.move(sx + 140, sy + 90, steps=5)
+        page.mouse.up()
+        v = page.evaluate("sveViewer.view()")
+        assert page.evaluate("sveViewer.selectedId()") is None and v["x"] != 0
+        page.click("#fit")
+        assert page.evaluate("sveViewer.view()")["k"] == 1
+        # hover over a cell lists its nodes; the tooltip gives the cumulative share, not the raw value
+        _click(page, fid)
+        page.mouse.move(*page.evaluate(f"sveViewer.screenPos('{fid}')"))
+        tip = page.evaluate("document.getElementById('tip').textContent")
+        assert "cumulative share" in tip and "raw" not in tip
+        panel = page.evaluate("document.getElementById('info').textContent")
+        assert f"influence {feats[0]['q']:.3f} (cumulative share)" in panel and "raw influence" in panel
+        assert "from its min" in page.evaluate("document.getElementById('range').textContent")
+        _keyboard_and_cards(page, data, fid)
+        browser.close()
+    assert errors == []
+
+
+def _keyboard_and_cards(page, data, fid):
+    """Left = strongest input, down = the next one, right = strongest output; a card leads to its nodes."""
+    ins = sorted((e for e in data["links"] if data["nodes"][e[1]]["id"] == fid), key=lambda e: -abs(e[2]))
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("sveViewer.selectedId()") == data["nodes"][ins[0][0]]["id"]
+    if len(ins) > 1:
+        page.keyboard.press("ArrowDown")
+        assert page.evaluate("sveViewer.selectedId()") == data["nodes"][ins[1][0]]["id"]
+    _click(page, fid)
+    outs = sorted((e for e in data["links"] if data["nodes"][e[0]]["id"] == fid), key=lambda e: -abs(e[2]))
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("sveViewer.selectedId()") == data["nodes"][outs[0][1]]["id"]
+    page.keyboard.press("Escape")
+    assert page.evaluate("sveViewer.selectedId()") is None
+    # an aggregated card leads to its feature's nodes
+    card = next(
+        c
+        for c in data["aggregated"]["cards"]
+        if any(n["k"] == "feature" and n["l"] == c["layer"] and n["f"] == c["feature"] for n in data["nodes"])
+    )
+    page.click("#tab-agg")
+    page.click(f"#agg g.card[data-layer='{card['layer']}'][data-feature='{card['feature']}']")
+    mine = {
+        n["id"] for n in data["nodes"] if n["k"] == "feature" and (n["l"], n["f"]) == (card["layer"], card["feature"])
+    }
+    assert set(page.evaluate("sveViewer.highlighted()")) == mine
+    assert page.evaluate("sveViewer.selectedId()") in mine
+    assert page.evaluate("document.getElementById('plot').style.display") == "block"
