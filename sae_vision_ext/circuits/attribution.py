@@ -123,12 +123,6 @@ class Attributor:
                 "(attention-pool heads and tanh poolers are not linearised yet). Trace a model whose "
                 "head reads the CLS token or the mean of patches, or targets on the last residual."
             )
-        for part, flag in (("mlp_norm", "scale_mlp_norm"), ("attn_out_norm", "scale_attn_norm")):
-            if any(getattr(block.parts, part) is not None for block in self.model.blocks):
-                raise ValueError(
-                    f"A norm inside the block ({part}: timm {flag}) is not frozen by this linearisation, so edges "
-                    "would not be exact; attribution does not support it yet."
-                )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
         for sae in rrm.saes:

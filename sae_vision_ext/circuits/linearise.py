@@ -3,8 +3,12 @@
 On a traced image the clean forward (all SAE error terms kept) is recorded; ``frozen_hooks`` then
 returns, in any later forward, the *recorded* attention patterns, LayerNorm scales (ln_pre, ln1,
 ln2, ln_final) and MLP gates (``act(u) = u · g(u)`` with ``g`` held at its recorded value: GELU
-``Φ(u)``, GELU-tanh, QuickGELU ``σ(1.702u)``, ReLU ``1[u > 0]``, SiLU ``σ(u)``). With those held
-fixed every block is affine in its input, so:
+``Φ(u)``, GELU-tanh, QuickGELU ``σ(1.702u)``, ReLU ``1[u > 0]``, SiLU ``σ(u)``). A gated MLP (SwiGLU,
+``act(u_gate) · u_lin``) has its whole gate ``act(u_gate)`` held, so it scales the linear branch; a
+norm inside a block (EVA-02's sub-LN on the MLP's hidden activation, EVA-CLIP's norm on the
+attention output) has its scale held like any other. Rotary embeddings act on queries and keys
+only, which enter through the held pattern. With those held fixed every block is affine in its
+input, so:
 
 - on the traced image the frozen forward equals the clean forward;
 - the residual after each layer's splice, ``x_l = Σ_f a_{l,p,f} W_dec^l[f] + b_dec^l + e_l[p]``, is
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .._hooks import resid_post
+from .._hooks import block_hook, resid_post
 
 if TYPE_CHECKING:
     from ..models.hooked_vit import HookedViT
@@ -40,6 +44,11 @@ def gate(act_fn: str, pre: Tensor) -> Tensor:
     if act_fn == "silu":
         return torch.sigmoid(pre)
     raise ValueError(f"Cannot linearise activation {act_fn!r}; supported: gelu, gelu_tanh, quick_gelu, relu, silu.")
+
+
+def _gated(model: HookedViT, layer: int) -> bool:
+    """Whether block ``layer``'s MLP is gated (it has ``mlp.hook_pre_linear``)."""
+    return block_hook(layer, "mlp.hook_pre_linear") in model.hook_dict
 
 
 def frozen_names(model: HookedViT) -> list[str]:
@@ -61,7 +70,12 @@ def record(model: HookedViT, pixels: Tensor) -> dict[str, Tensor]:
 def frozen_from_cache(model: HookedViT, cache: dict[str, Tensor]) -> dict[str, Tensor]:
     """The values to freeze from a cache holding (at least) ``frozen_names(model)`` of a clean forward."""
     names = frozen_names(model)
-    gates = {n.replace("hook_pre", "gate"): gate(model.cfg.act_fn, cache[n]) for n in names if n.endswith("hook_pre")}
+    gates = {}
+    for layer in range(model.cfg.n_layers):
+        pre = cache[block_hook(layer, "mlp.hook_pre")]
+        # gated: the whole act(u_gate) scales u_lin; else act(u) = u · g(u) with g held
+        value = model.blocks[layer].parts.act(pre) if _gated(model, layer) else gate(model.cfg.act_fn, pre)
+        gates[block_hook(layer, "mlp.gate")] = value
     return {n: cache[n] for n in names if not n.endswith("hook_pre")} | gates
 
 
@@ -79,7 +93,8 @@ def frozen_hooks(model: HookedViT, frozen: dict[str, Tensor]) -> list[tuple[str,
 
 def _make_gate_hook(g: Tensor) -> Callable:
     def hook(post: Tensor, hook: Any) -> Tensor:
-        # post = act(pre); recover pre from the MLP's own hook_pre value stored in this forward
+        # post = act(pre) (or act(pre) · pre_linear); the MLP's own hook_pre (hook_pre_linear) value of
+        # this forward was stored on this point
         pre = hook.ctx.pop("pre")  # popped: no graph-holding tensor outlives the forward
         return pre * g.expand_as(pre)
 
@@ -87,16 +102,18 @@ def _make_gate_hook(g: Tensor) -> Callable:
 
 
 def pre_capture_hooks(model: HookedViT) -> list[tuple[str, Callable]]:
-    """Store each MLP's pre-activation on its ``hook_post`` point so the gate hook can read it."""
+    """Store each MLP's pre-activation (a gated MLP's linear branch) on its ``hook_post`` point so the
+    gate hook can read it."""
     hooks = []
     for layer in range(model.cfg.n_layers):
-        post_point = model.hook_dict[f"blocks.{layer}.mlp.hook_post"]
+        post_point = model.hook_dict[block_hook(layer, "mlp.hook_post")]
 
         def capture(pre: Tensor, hook: Any, point: Any = post_point) -> Tensor:
             point.ctx["pre"] = pre
             return pre
 
-        hooks.append((f"blocks.{layer}.mlp.hook_pre", capture))
+        source = "mlp.hook_pre_linear" if _gated(model, layer) else "mlp.hook_pre"
+        hooks.append((block_hook(layer, source), capture))
     return hooks
 
 

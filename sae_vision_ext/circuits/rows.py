@@ -28,10 +28,10 @@ Arithmetic per single-token row on ViT-B (T 197, d 768, d_mlp 3072, k 32): MLP `
 Large temporaries live in a reused :class:`Workspace` (a fresh 40 MB tensor per batch costs more in
 page faults than the matmul that fills it).
 
-Needs the standard pre-norm block (``HookedBlock`` with a LayerScale-like ``ls1``, no norm inside
-attention: ``Attributor`` refuses the others); tests compare the rows with plain batched VJPs through
-the whole frozen block on every adapter family, float64 (``tests/unit/test_rows.py``,
-``tests/unit/test_aggregated.py``).
+Needs the pre-norm block (``HookedBlock`` with a LayerScale-like ``ls1``; norms inside the block,
+``attn.ln`` and ``mlp.ln``, and gated MLPs enter through their frozen scales and gates); tests compare
+the rows with plain batched VJPs through the whole frozen block on every adapter family, float64
+(``tests/unit/test_rows.py``, ``tests/unit/test_aggregated.py``).
 """
 
 from __future__ import annotations
@@ -124,13 +124,17 @@ def _mlp_half_vjp(
     on those tokens under autograd."""
     block = model.blocks[layer]
     parts, prefix = block.parts, f"blocks.{layer}."
-    if isinstance(parts.fc1, nn.Linear) and isinstance(parts.fc2, nn.Linear) and parts.mlp_norm is None:
+    w_in = parts.mlp_in_weight()
+    if w_in is not None and isinstance(parts.fc2, nn.Linear):
         ls2 = _diag(parts.ls2, cot.shape[-1], cot)
         c = cot if ls2 is None else cot * ls2
-        d_post = (c @ parts.fc2.weight.detach()) * frozen[prefix + "mlp.gate"][0, pos].to(c.dtype)
-        d_ln = d_post @ parts.fc1.weight.detach()
+        d_post = c @ parts.fc2.weight.detach()
+        if block.mlp.ln is not None:  # a norm on the hidden activation (sub-LN), its scale frozen
+            d_post = _norm_backward(block.mlp.ln, d_post, frozen[prefix + "mlp.ln.hook_scale"][0, pos].to(c.dtype))
+        d_post = d_post * frozen[prefix + "mlp.gate"][0, pos].to(c.dtype)
+        d_ln = d_post @ w_in.detach()
         return _norm_backward(block.ln2, d_ln, frozen[prefix + "ln2.hook_scale"][0, pos].to(c.dtype))
-    gathered = {k: v[:, pos] for k, v in frozen.items() if k.startswith(prefix + "ln2.") or k == prefix + "mlp.gate"}
+    gathered = {k: v[:, pos] for k, v in frozen.items() if k.startswith((prefix + "ln2.", prefix + "mlp."))}
     hooks = [h for h in pre_capture_hooks(model) if h[0].startswith(prefix)] + frozen_hooks(model, gathered)
     y = resid_mid[0, pos].detach()[None].requires_grad_()
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
@@ -198,6 +202,9 @@ def block_rows(
     # 3. attention half (value path): cotangent at z, then the gradient G at ln1's output
     ls1 = _diag(parts.ls1, d, v)
     dz = (v if ls1 is None else v * ls1) @ parts.out_proj.weight.detach()  # [R, A, H·dh]
+    attn_ln = model.blocks[layer].attn.ln
+    if attn_ln is not None:  # a norm on the heads' output (EVA-CLIP), its scale frozen
+        dz = _norm_backward(attn_ln, dz, frozen[prefix + "attn.ln.hook_scale"][0, pos].to(v.dtype))
     w_v = parts.qkv.value_weight().detach().reshape(heads, d_head, d)
     pattern = frozen[prefix + "attn.hook_pattern"][0].to(v.dtype)  # [H, q, k]
     g = ws.get("G", (n_rows, n_pos, d), v)

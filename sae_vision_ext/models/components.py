@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 QKV = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+Rotary = Callable[[Tensor], Tensor]
+"""Rotary position embedding of queries or keys ``[batch, pos, head, d_head]`` (prefix tokens left alone)."""
 
 
 def is_active(point: nn.Module) -> bool:
@@ -88,6 +90,61 @@ class BlockParts:
     ls2: nn.Module | None = None
     block: nn.Module | None = None
     """The wrapped block itself (tests hook its output to check residual-stream parity)."""
+    fc1_linear: nn.Module | None = None
+    """Gated MLPs (SwiGLU, GeGLU): the linear branch. ``fc1`` is then the gate branch and the hidden
+    activation is ``act(fc1(x)) * fc1_linear(x)`` (TransformerLens's ``hook_pre`` / ``hook_pre_linear``)."""
+    rotary: Rotary | None = None
+    """Rotary position embedding applied to q and k after any q/k norm (``attn.hook_rot_q``/``hook_rot_k``)."""
+
+    def mlp_in_weight(self) -> Tensor | None:
+        """``W_in`` of the branch the frozen MLP gate multiplies (``fc1_linear`` for gated MLPs, else
+        ``fc1``), ``[d_mlp, d_model]``; ``None`` when that projection has no plain weight."""
+        proj = self.fc1_linear if self.fc1_linear is not None else self.fc1
+        weight = getattr(proj, "weight", None)
+        return weight if isinstance(weight, Tensor) and weight.ndim == 2 else None
+
+
+class LinearSlice(nn.Module):
+    """Output rows ``start:stop`` of a wrapped ``nn.Linear`` (one branch of a packed GLU projection),
+    reading the wrapped weights on every call."""
+
+    def __init__(self, linear: nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        _keep_unregistered(self, "linear", linear)
+        self.start, self.stop = start, stop
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias = self.linear.bias
+        return None if bias is None else bias[self.start : self.stop]
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ParamScale(nn.Module):
+    """LayerScale held as a bare parameter ``owner.<attr>`` (timm Eva's ``gamma_1``/``gamma_2``): ``x * gamma``."""
+
+    def __init__(self, owner: nn.Module, attr: str) -> None:
+        super().__init__()
+        _keep_unregistered(self, "owner", owner)
+        self.attr = attr
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        return getattr(self.owner, self.attr) * x
+
+
+def norm_kind(norm: nn.Module) -> str:
+    """``"RMS"`` for RMS norms (by class name), else ``"LN"``."""
+    return "RMS" if "rms" in type(norm).__name__.lower() else "LN"
 
 
 def _keep_unregistered(module: nn.Module, name: str, value: object) -> None:
@@ -129,15 +186,22 @@ class HookedNorm(nn.Module):
 class HookedAttention(nn.Module):
     """Multi-head self-attention over all tokens (no mask), with TransformerLens hooks.
 
-    ``hook_q``/``hook_k`` are after any per-head q/k norm (the vectors whose dot product is scored).
+    ``hook_q``/``hook_k`` are after any per-head q/k norm; with rotary embeddings ``hook_rot_q``/
+    ``hook_rot_k`` hold the rotated vectors whose dot product is scored (TransformerLens's names). A norm
+    on the heads' concatenated output (timm ``scale_attn_inner``, EVA-CLIP) is ``attn.ln``.
     When neither ``hook_attn_scores`` nor ``hook_pattern`` is active the pattern is never
     materialised: attention runs through ``F.scaled_dot_product_attention``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parts: BlockParts | None = None) -> None:
         super().__init__()
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
+        if parts is not None and parts.rotary is not None:
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
+        out_norm = parts.attn_out_norm if parts is not None else None
+        self.ln = HookedNorm(out_norm, norm_kind(out_norm)) if out_norm is not None else None
         self.hook_v = HookPoint()
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
@@ -149,6 +213,8 @@ class HookedAttention(nn.Module):
         if parts.q_norm is not None:
             q, k = parts.q_norm(q), parts.k_norm(k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if parts.rotary is not None:
+            q, k = self.hook_rot_q(parts.rotary(q)), self.hook_rot_k(parts.rotary(k))
         if is_active(self.hook_attn_scores) or is_active(self.hook_pattern):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * parts.attn_scale
             pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
@@ -158,23 +224,35 @@ class HookedAttention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=parts.attn_scale
             ).transpose(1, 2)
         z = self.hook_z(z).reshape(b, n, parts.n_heads * parts.d_head)
-        if parts.attn_out_norm is not None:
-            z = parts.attn_out_norm(z)
+        if self.ln is not None:
+            z = self.ln(z)
         return parts.out_proj(z)
 
 
 class HookedMLP(nn.Module):
-    """``fc2(act(fc1(x)))`` with ``hook_pre`` (before the activation) and ``hook_post`` (after)."""
+    """``fc2(act(fc1(x)))`` with ``hook_pre`` (before the activation) and ``hook_post`` (after).
 
-    def __init__(self) -> None:
+    Gated MLPs (``parts.fc1_linear``): ``fc2(act(fc1(x)) * fc1_linear(x))`` with TransformerLens's
+    ``hook_pre`` (gate branch), ``hook_pre_linear`` (linear branch) and ``hook_post`` (their product).
+    A norm on the hidden activation (the sub-LN of EVA-02 / timm ``scale_mlp``) is ``mlp.ln``.
+    """
+
+    def __init__(self, parts: BlockParts | None = None) -> None:
         super().__init__()
         self.hook_pre = HookPoint()
+        if parts is not None and parts.fc1_linear is not None:
+            self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
+        hidden_norm = parts.mlp_norm if parts is not None else None
+        self.ln = HookedNorm(hidden_norm, norm_kind(hidden_norm)) if hidden_norm is not None else None
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], parts: BlockParts) -> Float[Tensor, "batch pos d_model"]:
-        post = self.hook_post(parts.act(self.hook_pre(parts.fc1(x))))
-        if parts.mlp_norm is not None:
-            post = parts.mlp_norm(post)
+        act = parts.act(self.hook_pre(parts.fc1(x)))
+        if parts.fc1_linear is not None:
+            act = act * self.hook_pre_linear(parts.fc1_linear(x))
+        post = self.hook_post(act)
+        if self.ln is not None:
+            post = self.ln(post)
         return parts.fc2(post)
 
 
@@ -190,9 +268,9 @@ class HookedBlock(nn.Module):
         super().__init__()
         _keep_unregistered(self, "parts", parts)
         self.ln1 = HookedNorm(parts.ln1, normalization)
-        self.attn = HookedAttention()
+        self.attn = HookedAttention(parts)
         self.ln2 = HookedNorm(parts.ln2, normalization)
-        self.mlp = HookedMLP()
+        self.mlp = HookedMLP(parts)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
