@@ -36,6 +36,15 @@ def _timm_distilled() -> nn.Module:
                                       num_classes=5)  # fmt: skip
 
 
+def _timm_eva(name: str, **kw) -> nn.Module:
+    """A tiny random timm ``Eva`` built by timm's own constructor for ``name`` (its architecture flags kept)."""
+    import timm
+
+    base = dict(pretrained=False, img_size=IMG, patch_size=PATCH, embed_dim=D, depth=LAYERS, num_heads=HEADS,
+                num_classes=5)  # fmt: skip
+    return timm.create_model(name, **(base | kw))
+
+
 def _open_clip(**kw) -> nn.Module:
     from open_clip.model import QuickGELU
     from open_clip.transformer import VisionTransformer
@@ -255,7 +264,7 @@ def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int =
     return checked
 
 
-FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2"]
+FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2", "timm_eva02_clip_subln"]
 """One variant per adapter family with an affine readout (``test_every_adapter_family_has_a_traceable_variant``)."""
 
 
@@ -390,6 +399,14 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "timm_qk_norm": ("timm", lambda: _timm(qk_norm=True)),
     "timm_distilled": ("timm", _timm_distilled),
     "timm_dynamic_size": ("timm", lambda: _timm(dynamic_img_size=True)),
+    # EVA-CLIP: SwiGLU with sub-LN, norm on the attention output, separate q/k/v, RoPE, CLS pooling
+    "timm_eva02_clip_subln": ("timm_eva", lambda: _timm_eva("eva02_base_patch16_clip_224")),
+    # EVA-02: packed SwiGLU, RoPE, fused qkv with q/v biases, avg pool + fc_norm
+    "timm_eva02_swiglu": ("timm_eva", lambda: _timm_eva("eva02_tiny_patch14_224")),
+    # DINOv3: RoPE (dinov3), registers, LayerScale, no absolute position embedding, dynamic size
+    "timm_dinov3": ("timm_eva", lambda: _timm_eva("vit_small_patch16_dinov3", num_reg_tokens=2)),
+    # Perception Encoder core: AttentionRope, norm_pre, attention-pool head
+    "timm_pe_core": ("timm_eva", lambda: _timm_eva("vit_pe_core_tiny_patch16_384")),
     "open_clip_tok": ("open_clip", lambda: _open_clip()),
     "open_clip_avg_ln_after_pool_ls": (
         "open_clip",
