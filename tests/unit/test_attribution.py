@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_native, images, rrm_for
+from helpers import build_native, check_exact, images, make_sae, rrm_for
 
 from sae_vision_ext import HookedViT
 from sae_vision_ext.circuits.attribution import Attributor, _Leaves
@@ -99,18 +99,26 @@ def test_errors_for_batches_and_attention_pool_heads():
     saes = [s.float() for s in rrm.saes]
     with pytest.raises(ValueError, match="attention-pool head"):
         Attributor(ResidualReplacementModel(model, saes))
+
+
+@pytest.mark.parametrize("flag", ["scale_mlp_norm", "scale_attn_norm"])
+def test_norms_inside_the_block_are_frozen_scales_and_edges_stay_exact(flag):
+    """timm's norm on the MLP hidden activation / the attention output: its scale is held like ln1/ln2
+    (``mlp.ln``/``attn.ln`` hooks), so the sum rule and frozen interventions hold."""
     import timm
 
+    torch.manual_seed(0)
     native = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, scale_mlp_norm=True
-    )
-    with pytest.raises(ValueError, match="scale_mlp_norm"):
-        Attributor(ResidualReplacementModel(HookedViT.from_model(native.eval()), saes[:2]))
-    native = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, scale_attn_norm=True
-    )
-    with pytest.raises(ValueError, match="scale_attn_norm"):
-        Attributor(ResidualReplacementModel(HookedViT.from_model(native.eval()), saes[:2]))
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **{flag: True}
+    ).eval()
+    with torch.no_grad():
+        for p in native.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model = HookedViT.from_model(native).double()
+    part = "mlp.ln" if flag == "scale_mlp_norm" else "attn.ln"
+    assert f"blocks.0.{part}.hook_scale" in model.hook_dict
+    saes = [make_sae("topk", "none", True, seed=i, hook=f"blocks.{i}.hook_resid_post") for i in range(2)]
+    assert check_exact(ResidualReplacementModel(model, saes), images(1).double(), n_sources=2) > 5
 
 
 def test_public_intervene_follows_edges_when_frozen_and_is_real_when_free(traced):
