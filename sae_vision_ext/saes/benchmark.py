@@ -257,7 +257,8 @@ def _compute(
     return metric.compute(adapter, acts, **common)
 
 
-def _metric_list(metrics: str | Sequence[str]) -> list[str]:
+def metric_keys(metrics: str | Sequence[str]) -> list[str]:
+    """Registry keys of ``metrics`` (``"all"``, one key or keys); unknown keys raise ``ValueError`` with close names."""
     keys = list(METRICS) if metrics == "all" else [metrics] if isinstance(metrics, str) else list(metrics)
     for key in keys:
         if key not in METRICS:
@@ -320,7 +321,7 @@ def benchmark_sae(
     from ..models.ids import same_model
 
     hook = model.check_sae(sae)
-    keys = _metric_list(metrics)
+    keys = metric_keys(metrics)
     if len(pixels) == 0:
         raise ValueError("benchmark_sae got 0 images; pass preprocessed images [n, chan, h, w].")
     label_arr = _as_labels(labels, len(pixels), "labels")
