@@ -8,6 +8,7 @@ sae-vision eval                     SAEs spliced into a model: reconstruction an
 sae-vision analyse                  feature analysis against known attributes: AUROC, types, labels
 sae-vision dashboard                offline HTML pages of SAE features
 sae-vision faithfulness | trace     replacement model vs model | attribution graph of one image
+sae-vision bench                    ViSAEBench's metrics of SAEs: table, JSON, radar plot
 sae-vision demo                     the main job on the embedded shapes model (no download)
 
 Many processes: `torchrun --nproc_per_node=N -m sae_vision_ext.cli cache|train ...` (each process
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from .._errors import TrainingInterrupted
 from ..circuits.defaults import DEFAULT_MAX_FEATURE_NODES
 from ._shared import _preflight
+from .bench import add_bench_command
 from .features import _cmd_analyse, _cmd_dashboard, _cmd_faithfulness, _cmd_trace
 from .setup import _cmd_demo, _cmd_hooks, _cmd_models, _cmd_saes
 from .training import _CONFIG_FLAGS, _cmd_cache, _cmd_eval, _cmd_train
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_setup_commands, _training_commands, _feature_commands, _circuit_commands):
         add(sub)
+    add_bench_command(sub, _N_IMAGES)
     for command in sub.choices.values():  # every option's help shows its default
         command.formatter_class = _HelpFormatter
     return parser
