@@ -124,6 +124,12 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
         == 0
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
+    out = capsys.readouterr().out.splitlines()  # the one-screen summary: counts, scores, top 5 features
+    printed = out[next(i for i, x in enumerate(out) if x.startswith("traced ")) :]
+    assert f"kept {summary['kept_nodes']} nodes, {summary['kept_edges']} edges" in printed[0]
+    top = printed[printed.index(next(x for x in printed if x.startswith("top 5 features"))) + 1 :][:5]
+    assert [x.split()[:2] for x in top] == [[f"L{t['layer']}", f"#{t['feature']}"] for t in summary["top_features"][:5]]
+    assert len(printed) <= 25 and printed[1].startswith("scores: replacement")
     assert 0 < summary["scores"]["replacement"] <= 1 and 0 < summary["scores"]["completeness_pruned"] <= 1
     assert summary["kept_nodes"] < summary["n_nodes"] and len(summary["top_features"]) == 10
     graph = json.loads((tmp_path / "circuit-tracer" / "shapes-3.json").read_text())
@@ -136,6 +142,8 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     assert len(data["nodes"]) == summary["kept_nodes"]
     features = {f"{n['l']}_{n['f']}" for n in data["nodes"] if n["k"] == "feature"}
     assert data["tops"] and set(data["tops"]) == features and set(data["maps"]) == features
+    assert data["aggregated"]["cards"]  # the token-aggregated tab is filled from the CLI too
+    assert {f.stem for f in (tmp_path / "circuit-tracer" / "features").glob("*.png")} == {str(c) for c in codes}
 
 
 def test_trace_with_budget_and_mlp_leaves(tmp_path, capsys):
