@@ -53,11 +53,16 @@ _LAZY: dict[str, str] = {
     "AggregatedGraph": "sae_vision_ext.circuits.aggregated",
     "attribute_aggregated": "sae_vision_ext.circuits.aggregated",
     "FrozenNorm": "sae_vision_ext.saes.affine",
+    "HeadLoadings": "sae_vision_ext.circuits.attention",
+    "QKAttribution": "sae_vision_ext.circuits.attention",
+    "head_loadings": "sae_vision_ext.circuits.attention",
+    "qk_attribution": "sae_vision_ext.circuits.attention",
 }
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
     from .circuits.aggregated import AggregatedGraph, attribute_aggregated
+    from .circuits.attention import HeadLoadings, QKAttribution, head_loadings, qk_attribution
     from .circuits.curves import CircuitEvaluation
     from .circuits.debias import SpuriousFeatures, debias, find_spurious_features
     from .circuits.evaluate import evaluate_circuit
@@ -110,8 +115,10 @@ __all__ = [
     "FeatureAnalysis",
     "FeatureStats",
     "FrozenNorm",
+    "HeadLoadings",
     "HookedViT",
     "HookedViTConfig",
+    "QKAttribution",
     "ResidualReplacementModel",
     "SpuriousFeatures",
     "TrainingInterrupted",
@@ -127,12 +134,14 @@ __all__ = [
     "evaluate_circuit",
     "evaluate_sae",
     "find_spurious_features",
+    "head_loadings",
     "list_adapters",
     "list_embedded_models",
     "load_sae",
     "logit_lens",
     "make_shapes",
     "plot_top_patches",
+    "qk_attribution",
     "register_adapter",
     "register_loader",
     "render_graph_html",
