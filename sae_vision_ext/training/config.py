@@ -132,6 +132,9 @@ class VisionSAETrainingConfig(ConfigMixin):
     checkpoint_every_seconds: float | None = 300.0
     """...and at least every this many seconds (``None``: by tokens only), so a ``kill -9`` loses at most
     one interval; SIGINT/SIGTERM always checkpoint before stopping."""
+    data_parallel: bool = False
+    """Under torchrun, train every SAE on every rank, each on its slice of each batch (gradients averaged,
+    dead-feature counts all-reduced, rank 0 checkpoints; ``training/ddp.py``) instead of one hook per rank."""
     log_to_wandb: bool = False
     """Log to Weights & Biases through SAELens."""
     wandb_project: str = "sae_vision_ext"

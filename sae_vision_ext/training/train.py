@@ -20,7 +20,8 @@ Under ``torchrun`` training is layer-parallel (``sae_vision_ext.distributed``): 
 rank ``j mod world_size``; the cache is built by all ranks together and each rank reads only its
 hooks; each SAE is initialised from ``(seed, j)`` and sees the batches a one-process run gives it,
 so the SAEs equal a one-process run's (tested with two processes). Each rank saves its own SAEs and
-checkpoint state (``state_rank{r}_of_{w}.json``); every rank returns all SAEs.
+checkpoint state (``state_rank{r}_of_{w}.json``); every rank returns all SAEs. With
+``data_parallel: true`` every rank trains every SAE on its slice of each batch instead (``ddp.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from ..activations.cache import CacheSettings
     from ..models.hooked_vit import HookedViT
+    from .ddp import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -100,22 +102,6 @@ def build_training_sae(cfg: VisionSAETrainingConfig, hook: str, d_in: int, metad
         "k_aux": cfg.for_hook(hook, "k_aux"),
     }
     return cls(config_cls(**{key: value for key, value in wanted.items() if key in fields}))
-
-
-@torch.no_grad()
-def initial_b_dec(trainer: MultiSAETrainer, sae: TrainingSAE, batches: list[torch.Tensor], method: str) -> torch.Tensor:
-    """``b_dec`` at the mean or geometric median of ``batches`` in the SAE's input space (after the
-    trainer's activation scaler and the SAE's run-time normalisation, where ``b_dec`` is subtracted)."""
-    x = torch.cat([sae.run_time_activation_norm_fn_in(trainer.activation_scaler(b.to(sae.W_enc))) for b in batches])
-    centre = x.mean(0)
-    if method == "geometric_median":  # Weiszfeld iterations, started at the mean
-        for _ in range(50):
-            w = 1.0 / (x - centre).norm(dim=-1).clamp_min(1e-8)
-            new = (w[:, None] * x).sum(0) / w.sum()
-            if (new - centre).norm() <= 1e-6 * (1 + centre.norm()):
-                return new
-            centre = new
-    return centre
 
 
 def cache_settings(cfg: VisionSAETrainingConfig, hooks: list[str], dataset_len: int) -> CacheSettings:
@@ -182,30 +168,6 @@ def activation_stream(
     return ShuffleBuffer(cfg.shuffle_buffer_tokens, cfg.train_batch_size, gen)(stream), per_image
 
 
-def _trainer_class():
-    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
-
-    class VisionMultiSAETrainer(MultiSAETrainer):
-        """SAELens's MultiSAETrainer with ``b_dec`` initialised from the data after SAELens's scaling
-        estimate (the progress bar is SAELens's own)."""
-
-        b_dec_init: str = "zeros"
-        b_dec_init_batches: int = 0
-
-        def _estimate_scaling_factors(self) -> None:
-            super()._estimate_scaling_factors()
-            if self.b_dec_init == "zeros" or self.b_dec_init_batches <= 0:
-                return
-            peeked = self.data_provider.peek(self.b_dec_init_batches)
-            for name, sae in self.saes.items():
-                hook = self.hook_names[name]
-                sae.b_dec.data.copy_(
-                    initial_b_dec(self.trainers[name], sae, [b[hook] for b in peeked], self.b_dec_init)
-                )
-
-    return VisionMultiSAETrainer
-
-
 def dead_window_steps(cfg: VisionSAETrainingConfig) -> int:
     """SAELens's ``dead_feature_window`` (training steps) for ``cfg``: its tokens over the batch size,
     or a tenth of the run between 1 and 1000 steps."""
@@ -251,7 +213,12 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
 
     rank, world = rank_and_world_size()
     out = Path(cfg.output_dir)
-    run_ckpt = RunCheckpoint(out, rank, world)
+    dp = None
+    if cfg.data_parallel:
+        from .ddp import DataParallel
+
+        dp = DataParallel(cfg, rank, world)
+    run_ckpt = dp.checkpoint(out) if dp else RunCheckpoint(out, rank, world)
     state, ckpt = run_ckpt.load(cfg.to_dict()) if resume else (None, run_ckpt.root)
     torch.manual_seed(cfg.seed)
     model = model or HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
@@ -259,13 +226,14 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
     all_hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     check_hooks(cfg, model, all_hooks)
     check_widths(cfg, model, all_hooks)
-    hooks = owned(all_hooks, rank, world)
+    hooks = all_hooks if dp else owned(all_hooks, rank, world)
     if world > 1 and cfg.cache_dir is None:
         logger.warning(
             "Distributed training without cache_dir: every rank runs the model over all images. "
             "Set cache_dir to harvest once, split across ranks."
         )
     stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
+    stream = dp.local_stream(stream) if dp else stream
     saes = _training_saes(cfg, model, all_hooks, hooks, per_image)
     if not saes:
         logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)
@@ -276,7 +244,7 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
     if state is not None:
         for h, sae in saes.items():
             sae.load_weights_from_checkpoint(ckpt / h)
-    trainer = _trainer(cfg, saes, provider, init_b_dec=state is None)  # a resumed run has its b_dec
+    trainer = _trainer(cfg, saes, provider, init_b_dec=state is None, dp=dp)  # a resumed run has its b_dec
     if state is not None:
         for h, t in trainer.trainers.items():
             load_trainer_state(t, ckpt / h)
@@ -287,7 +255,7 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    for hook, sae in trained.items():  # each SAE written once, by the rank that trained it
+    for hook, sae in trained.items() if rank == 0 or dp is None else ():  # each SAE written once
         sae.save_inference_model(out / hook)
         write_weights_checksum(out / hook)  # checksums.json: load_sae verifies the weights against it
         save_file({"sparsity": trainer.trainers[hook].log_feature_sparsity.cpu()}, out / hook / "sparsity.safetensors")
@@ -314,16 +282,23 @@ def _training_saes(
 
 
 def _trainer(
-    cfg: VisionSAETrainingConfig, saes: dict[str, TrainingSAE], provider: CountingStream, init_b_dec: bool
+    cfg: VisionSAETrainingConfig,
+    saes: dict[str, TrainingSAE],
+    provider: CountingStream,
+    init_b_dec: bool,
+    dp: DataParallel | None = None,
 ) -> MultiSAETrainer:
     """SAELens's trainer over ``saes`` fed by ``provider``, with this config's schedule and dead-feature
-    window; ``init_b_dec``: set ``b_dec`` from the first batches as ``cfg.b_dec_init`` says."""
+    window; ``init_b_dec``: set ``b_dec`` from the first batches as ``cfg.b_dec_init`` says; ``dp``: each
+    rank's share of the tokens and batches, gradients and bookkeeping synchronised (``ddp.py``)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    from .trainer import vision_trainer_class
 
     out = Path(cfg.output_dir)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.training_tokens,
-        train_batch_size_samples=cfg.train_batch_size,
+        total_training_samples=dp.local_tokens(cfg.training_tokens) if dp else cfg.training_tokens,
+        train_batch_size_samples=dp.local_batch if dp else cfg.train_batch_size,
         lr=cfg.lr,
         lr_end=cfg.effective_lr_end,
         lr_scheduler_name=cfg.lr_scheduler_name,
@@ -335,7 +310,12 @@ def _trainer(
         n_batches_for_norm_estimate=min(100, max(1, cfg.training_tokens // cfg.train_batch_size // 10)),
         dead_feature_window=dead_window_steps(cfg),
     )
-    trainer = _trainer_class()(cfg=trainer_cfg, saes=saes, hook_names={h: h for h in saes}, data_provider=provider)
+    trainer = vision_trainer_class()(
+        cfg=trainer_cfg, saes=saes, hook_names={h: h for h in saes}, data_provider=provider
+    )
+    if dp is not None:
+        trainer.dp = dp
+        dp.attach(trainer)
     if init_b_dec:
         trainer.b_dec_init = cfg.b_dec_init
         total_steps = max(1, cfg.training_tokens // cfg.train_batch_size)
@@ -353,10 +333,17 @@ def _fit(
     """``trainer.fit()`` with a checkpoint every interval, and on SIGINT/SIGTERM or a corrupt shard a
     checkpoint before the error (which says where it is and how to go on)."""
 
+    dp, every = trainer.dp, cfg.checkpoint_every_tokens
+    asked = flag if dp is None else StopFlag()  # data-parallel: a signal stops every rank at one step
+    if dp is not None and every is not None:  # counters are per rank
+        every = max(1, every // dp.world)
+
     def periodic() -> None:
-        if trainer.n_training_steps and run_ckpt.due(
-            trainer.n_training_samples, cfg.checkpoint_every_tokens, cfg.checkpoint_every_seconds
-        ):
+        if dp is not None:
+            dp.agree_stop(asked)
+            if asked.requested:
+                raise TrainingInterrupted("stop requested")
+        if trainer.n_training_steps and run_ckpt.due(trainer.n_training_samples, every, cfg.checkpoint_every_seconds):
             logger.info(
                 "checkpoint at %d tokens: %s",
                 trainer.n_training_samples,
@@ -364,7 +351,7 @@ def _fit(
             )
 
     provider.before_batch = periodic
-    with stop_on_signals(flag):
+    with stop_on_signals(asked):
         try:
             return trainer.fit()
         except TrainingInterrupted:
