@@ -169,9 +169,12 @@ class HookedNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         norm = self.norm
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-        eps = norm.eps
+        eps = getattr(norm, "eps", None)
+        eps = norm.variance_epsilon if eps is None else eps  # HF's T5-style RMSNorm
         if self.kind == "LN" and not is_active(self.hook_scale):
             out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        elif self.kind == "RMS" and not is_active(self.hook_scale):
+            out = norm(x)  # the wrapped norm itself (HF's computes in float32 whatever the input dtype)
         else:
             centred = x - x.mean(-1, keepdim=True) if self.kind == "LN" else x
             scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + eps).sqrt())

@@ -61,7 +61,8 @@ class HookedViTConfig(ConfigMixin):
     attn_only: bool = False
     """Always False: every block has an MLP."""
     positional_embedding_type: str = "standard"
-    """Learned absolute position embeddings, added once before the first block."""
+    """``"standard"``: absolute position embeddings added once before the first block (with or without
+    RoPE inside attention); ``"rotary"``: RoPE only, ``hook_pos_embed`` is zero (DINOv3)."""
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "patch_size"):

@@ -158,6 +158,7 @@ class TimmEvaAdapter(TimmViTAdapter):
             cfg,
             n_registers=0 if reg is None else int(reg.shape[1]),
             final_norm_after_pool=optional(m.norm) is None and optional(m.fc_norm) is not None,
+            positional_embedding_type="rotary" if m.pos_embed is None and m.rope is not None else "standard",
             extra=extra,
         )
 
