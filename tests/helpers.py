@@ -94,7 +94,26 @@ def _hf(kind: str) -> nn.Module:
         return tf.Dinov2WithRegistersForImageClassification(cfg)
     if kind == "siglip":
         return tf.SiglipVisionModel(tf.SiglipVisionConfig(intermediate_size=64, **common))
+    if kind in _HF_2026:
+        return _HF_2026[kind](tf, common)
     raise ValueError(kind)
+
+
+_HF_2026 = {
+    "dinov3": lambda tf, common: tf.DINOv3ViTModel(
+        tf.DINOv3ViTConfig(intermediate_size=64, num_register_tokens=2, layerscale_value=0.5, **common)
+    ),
+    "dinov3_gated": lambda tf, common: tf.DINOv3ViTModel(
+        tf.DINOv3ViTConfig(intermediate_size=64, num_register_tokens=0, use_gated_mlp=True, hidden_act="silu", **common)
+    ),
+    "aimv2": lambda tf, common: tf.Aimv2VisionModel(
+        tf.Aimv2VisionConfig(intermediate_size=64, use_head=False, **common)
+    ),
+    "aimv2_native_head": lambda tf, common: tf.Aimv2VisionModel(
+        tf.Aimv2VisionConfig(intermediate_size=64, use_head=True, is_native=True, **common)
+    ),
+}
+"""HF builders of the 2026 backbones (DINOv3, AIMv2) from their config classes, tiny and random."""
 
 
 def build_native(variant: str, seed: int = 0) -> nn.Module:
@@ -264,7 +283,8 @@ def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int =
     return checked
 
 
-FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2", "timm_eva02_clip_subln"]
+FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2", "timm_eva02_clip_subln",
+            "hf_dinov3", "hf_aimv2"]  # fmt: skip
 """One variant per adapter family with an affine readout (``test_every_adapter_family_has_a_traceable_variant``)."""
 
 
@@ -423,4 +443,8 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "hf_dinov2_registers": ("hf_dinov2", lambda: _hf("dinov2_reg")),
     "hf_dinov2_registers_classifier": ("hf_dinov2", lambda: _hf("dinov2_cls")),
     "hf_siglip": ("hf_siglip", lambda: _hf("siglip")),
+    "hf_dinov3": ("hf_dinov3", lambda: _hf("dinov3")),  # RoPE, registers, LayerScale, GELU
+    "hf_dinov3_gated": ("hf_dinov3", lambda: _hf("dinov3_gated")),  # SwiGLU MLP, no registers
+    "hf_aimv2": ("hf_aimv2", lambda: _hf("aimv2")),  # RMSNorm, SwiGLU, learned positions, mean readout
+    "hf_aimv2_native_head": ("hf_aimv2", lambda: _hf("aimv2_native_head")),  # sinusoidal positions, attention pool
 }
