@@ -132,6 +132,10 @@ class VisionSAETrainingConfig(ConfigMixin):
     checkpoint_every_seconds: float | None = 300.0
     """...and at least every this many seconds (``None``: by tokens only), so a ``kill -9`` loses at most
     one interval; SIGINT/SIGTERM always checkpoint before stopping."""
+    stream: bool = False
+    """Harvest straight into training with no cache on disk (needs ``cache_dir: null``): one forward per
+    image batch feeds every hook's SAE through the shuffle buffer; with ``data_parallel`` each rank
+    harvests its own images (``training/stream.py``)."""
     data_parallel: bool = False
     """Under torchrun, train every SAE on every rank, each on its slice of each batch (gradients averaged,
     dead-feature counts all-reduced, rank 0 checkpoints; ``training/ddp.py``) instead of one hook per rank."""
@@ -175,6 +179,11 @@ class VisionSAETrainingConfig(ConfigMixin):
             raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient!r}.")
         if self.d_sae is not None and self.architecture in _TOPK_LIKE and self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: a token cannot have more active features.")
+        if self.stream and self.cache_dir is not None:
+            raise ValueError(
+                f"stream=True harvests into training without a cache, but cache_dir={self.cache_dir!r} is set; "
+                "set cache_dir to null (or stream to false)."
+            )
         if self.shuffle_buffer_tokens < 2 * self.train_batch_size:
             raise ValueError(
                 f"shuffle_buffer_tokens={self.shuffle_buffer_tokens} must be at least twice "

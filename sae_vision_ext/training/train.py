@@ -156,6 +156,12 @@ def activation_stream(
             in_memory_bytes=int(cfg.cache_in_memory_gb * 2**30),
         )
         return stream, per_image
+    if cfg.stream and cfg.data_parallel:  # each rank harvests its own images (stream.py)
+        from ..distributed import rank_and_world_size
+        from .stream import streamed_batches
+
+        rank, world = rank_and_world_size()
+        return streamed_batches(cfg, model, dataset, read_hooks, rank=rank, world=world), per_image
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
     stream = harvest(
         model,
@@ -227,13 +233,13 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
     check_hooks(cfg, model, all_hooks)
     check_widths(cfg, model, all_hooks)
     hooks = all_hooks if dp else owned(all_hooks, rank, world)
-    if world > 1 and cfg.cache_dir is None:
+    if world > 1 and cfg.cache_dir is None and not (cfg.stream and dp):
         logger.warning(
             "Distributed training without cache_dir: every rank runs the model over all images. "
             "Set cache_dir to harvest once, split across ranks."
         )
     stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
-    stream = dp.local_stream(stream) if dp else stream
+    stream = dp.local_stream(stream) if dp and not cfg.stream else stream
     saes = _training_saes(cfg, model, all_hooks, hooks, per_image)
     if not saes:
         logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)
