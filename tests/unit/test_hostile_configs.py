@@ -65,7 +65,7 @@ def test_bool_fields_refuse_non_booleans_naming_the_field(field, value):
 
 
 def test_training_config_has_a_bool_field():  # the tables above must not run empty
-    assert _BOOL_FIELDS == ["log_to_wandb"]
+    assert _BOOL_FIELDS == ["stream", "data_parallel", "log_to_wandb"]
 
 
 _VIT = dict(n_layers=1, d_model=4, n_heads=1, d_head=4, d_mlp=4, patch_size=4, image_size=[8, 8])
