@@ -1,6 +1,7 @@
 """HookedViT forward time against the native model, measured in one run.
 
     python benchmarks/bench_hooked_forward.py [--batch 8] [--repeats 10] [--models timm,open_clip,hf]
+    python -m benchmarks.bench_hooked_forward --models eva02,dinov3,pe_core,hf_dinov3,hf_aimv2  # 2026 backbones
 
 Contenders per model (random weights, float32, torch.no_grad, CPU threads as the machine has):
 native forward; HookedViT with no hooks; with the full residual cache (resid_pre/mid/post of every
@@ -22,7 +23,22 @@ MODELS = {
     "timm": ("timm:vit_base_patch16_224", {}),
     "open_clip": ("open_clip:ViT-B-32", {}),
     "hf": ("hf_vit_base", {}),
+    # the 2026 backbones at ViT-B size (timm Eva: RoPE, SwiGLU + sub-LN, registers, LayerScale)
+    "eva02": ("timm:eva02_base_patch16_clip_224", {}),
+    "dinov3": ("timm:vit_base_patch16_dinov3", {"img_size": 224}),
+    "pe_core": ("timm:vit_pe_core_base_patch16_224", {}),
 }
+_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16)
+
+
+def _hf_2026(kind: str) -> HookedViT:
+    import transformers as tf
+
+    if kind == "hf_dinov3":  # ViT-B/16 with 4 registers, RoPE, LayerScale
+        model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(intermediate_size=3072, num_register_tokens=4, **_B))
+    else:  # AIMv2 at ViT-B width: RMSNorm, SwiGLU, attention-pool head
+        model = tf.Aimv2VisionModel(tf.Aimv2VisionConfig(intermediate_size=2048, **_B))
+    return HookedViT.from_model(model.eval(), model_name=f"hf:{kind.removeprefix('hf_')}-base")
 
 
 def build(kind: str) -> HookedViT:
@@ -31,6 +47,8 @@ def build(kind: str) -> HookedViT:
 
         cfg = transformers.ViTConfig(image_size=224, patch_size=16, num_labels=1000)
         return HookedViT.from_model(transformers.ViTForImageClassification(cfg).eval(), model_name="hf:vit-base")
+    if kind in ("hf_dinov3", "hf_aimv2"):
+        return _hf_2026(kind)
     model_id, kwargs = MODELS[kind]
     return HookedViT.from_pretrained(model_id, pretrained=False, **kwargs)
 
@@ -56,7 +74,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--models", default="timm,open_clip,hf")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: as the machine has)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     rows = []
