@@ -63,6 +63,16 @@ def _open_clip_timm() -> nn.Module:
     return tower
 
 
+def _open_clip_timm_eva() -> nn.Module:
+    """An open_clip TimmModel tower (EVA-CLIP style) with a tiny EVA-02 trunk and a linear projection."""
+    from open_clip.timm_model import TimmModel
+
+    tower = TimmModel("vit_tiny_patch16_224", embed_dim=16, image_size=IMG, pool="", proj="linear")
+    tower.trunk = _timm_eva("eva02_tiny_patch14_224", num_classes=0)
+    tower.head.proj = nn.Linear(D, 16, bias=False)
+    return tower
+
+
 def _open_clip_full_clip() -> nn.Module:
     from open_clip.model import CLIP
 
@@ -284,7 +294,7 @@ def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int =
 
 
 FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2", "timm_eva02_clip_subln",
-            "hf_dinov3", "hf_aimv2"]  # fmt: skip
+            "hf_dinov3", "hf_aimv2", "open_clip_timm_eva02"]  # fmt: skip
 """One variant per adapter family with an affine readout (``test_every_adapter_family_has_a_traceable_variant``)."""
 
 
@@ -435,6 +445,7 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "open_clip_no_ln_pre_gelu": ("open_clip", lambda: _open_clip(no_ln_pre=True, act_layer=nn.GELU)),
     "open_clip_full_clip": ("open_clip", _open_clip_full_clip),
     "open_clip_timm_siglip": ("open_clip_timm", _open_clip_timm),
+    "open_clip_timm_eva02": ("open_clip_timm_eva", _open_clip_timm_eva),
     "hf_vit": ("hf_vit", lambda: _hf("vit")),
     "hf_vit_classifier": ("hf_vit", lambda: _hf("vit_cls")),
     "hf_clip": ("hf_clip", lambda: _hf("clip")),
