@@ -175,3 +175,10 @@ def test_closed_form_rows_equal_autograd_rows_on_eva(variant):
     a, b = staged.adjacency.coalesce(), plain.adjacency.coalesce()
     assert torch.equal(a.indices(), b.indices()) and a.values().abs().max() > 1e-3
     torch.testing.assert_close(a.values(), b.values(), atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_attribution_exact_on_an_open_clip_tower_with_an_eva_trunk():
+    rrm = rrm_with("open_clip_timm_eva02", "topk_rescale", "layer_norm", True)
+    assert type(rrm.model.adapter).__name__ == "OpenClipTimmEvaAdapter"
+    assert check_exact(rrm, images(1).double(), n_sources=2) > 10
