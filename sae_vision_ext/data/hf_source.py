@@ -138,6 +138,12 @@ class HFImageStream(IterableDataset):
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
         self.transform, self.image = transform, image
 
+    def __len__(self) -> int:
+        raise ValueError(
+            "A streaming hf-dataset (streaming=1) has no length: the activation cache needs a map-style source. "
+            "Drop streaming=1, or train with stream: true and cache_dir: null."
+        )
+
     def __iter__(self) -> Iterator[Tensor]:
         for row in self.ds:
             yield self.transform(_to_pil(row[self.image]))

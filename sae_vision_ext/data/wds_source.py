@@ -14,7 +14,8 @@ tar order, one sample per key):
   ranks and workers; ``start_shard`` resumes at a shard boundary.
 
 Corrupt data (a damaged tar header, an image that does not decode) raise ``ValueError`` naming the
-shard and member with ``on_error="raise"`` (the default). With ``on_error="skip"`` the run goes on:
+shard and member with ``on_error="raise"`` (the default). With ``on_error="skip"`` the run goes on
+(the map-style view then decodes every image once when it is opened and leaves out those that fail):
 each skipped member is counted (``skipped``: ``[(shard, member, reason)]`` on the map-style view,
 ``skipped_count()`` per process on the stream) and a ``UserWarning`` states the count, so nothing is
 dropped unreported.
@@ -69,6 +70,21 @@ def _split_name(name: str) -> tuple[str, str]:
 def _open_local(url: str) -> Any:
     path = url[len("file:") :] if url.startswith("file:") else url
     return open(path, "rb")
+
+
+def _undecodable(url: str, info: tarfile.TarInfo) -> str | None:
+    """Why the image member ``info`` of shard ``url`` does not decode (``None`` if it does)."""
+    from PIL import Image
+
+    with _open_local(url) as fh:
+        fh.seek(info.offset_data)
+        data = fh.read(info.size)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _is_remote(url: str) -> bool:
@@ -139,6 +155,9 @@ class WebDatasetImages(Dataset):
             if "image" not in entry:
                 continue
             info = entry["image"]
+            if self.on_error == "skip" and (reason := _undecodable(url, info)) is not None:
+                self._problem(url, info.name, reason)  # skip mode checks every image once, when opened
+                continue
             label = entry.get("label")
             out.append(
                 _Member(shard, key, info.offset_data, info.size, info.name, None if label is None else int(label))

@@ -90,10 +90,13 @@ def test_wds_corrupt_member_raises_naming_it_or_is_skipped_and_counted(tmp_path)
         ds[1]
     with pytest.raises(ValueError, match="Corrupt webdataset"):
         _keys_of(ds.stream(with_keys=True), 0)
-    skipping = WebDatasetImages(pattern, _to_tensor, on_error="skip")
+    with pytest.warns(UserWarning, match="skipped 1 corrupt"):
+        skipping = WebDatasetImages(pattern, _to_tensor, on_error="skip")
     with pytest.warns(UserWarning, match="skipped a corrupt"):
         keys = _keys_of(skipping.stream(with_keys=True), 0)
     assert keys == ["img00000", "img00002", "img00003", "img00004", "img00005"]
+    assert len(skipping) == 5 and [m.key for m in skipping.members][:2] == ["img00000", "img00002"]
+    assert len(skipping.skipped) == 1 and skipping.skipped[0][1] == name
 
 
 def test_wds_truncated_shard_raises_or_reports(tmp_path):
@@ -145,3 +148,5 @@ def test_hf_streaming_two_ranks_two_workers_reads_each_image_exactly_once(tmp_pa
         stream = open_hf_dataset(f"{tmp_path}/d?streaming=1", _to_tensor, rank, 2)
         seen += [x.sum().item() for x in DataLoader(stream, batch_size=None, num_workers=2)]
     assert sorted(seen) == sorted(flat)
+    with pytest.raises(ValueError, match=r"no length.*stream: true"):
+        len(stream)
