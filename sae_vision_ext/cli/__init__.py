@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RANDOM_HELP = (
+    "build the architecture with random weights (pretrained=False, seeded with 0: the same weights every run); "
+    "downloads nothing, for tests and users without the weights"
+)
+
+
 def _setup_commands(sub: argparse._SubParsersAction) -> None:
     """``models``, ``hooks``, ``saes``, ``demo``."""
     p = sub.add_parser("models", help="list adapters, model sources and embedded models")
@@ -173,7 +179,7 @@ def _setup_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("hooks", help="list every hook name of a model with its activation shape")
     p.add_argument("model", help="model id, e.g. sve:shapes-vit or timm:vit_base_patch16_224")
-    p.add_argument("--random", action="store_true", help="random weights (pretrained=False): no download")
+    p.add_argument("--random", "--random-weights", dest="random", action="store_true", help=_RANDOM_HELP)
     p.set_defaults(func=_cmd_hooks)
 
     p = sub.add_parser("saes", help="list known public SAE releases and the embedded SAEs")
@@ -278,6 +284,7 @@ def _circuit_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--model", required=True, help="model id, e.g. sve:shapes-vit")
         p.add_argument("--saes", required=True, help="'sve', a folder of SAE folders (one per layer), or refs a,b,c")
         p.add_argument("--seed", type=int, default=4242, help=_SEED_HELP)
+        p.add_argument("--random-weights", action="store_true", help=_RANDOM_HELP)
         if name == "faithfulness":
             p.add_argument("--dataset", default="sve:shapes", help="image source")
             p.add_argument("--n-images", type=_N_IMAGES, default=256, help="images to compare on")

@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..models import HookedViT
 
 _OUT_FLAGS = {"out": "--out", "output_dir": "--output-dir", "cache_dir": "--cache-dir"}
 """Arguments naming a folder a command writes into (checked by :func:`_preflight` before any work)."""
@@ -128,13 +131,25 @@ def _check_class_id(model: Any, target: int | None) -> None:
     )
 
 
+def load_model(model_id: str, random_weights: bool = False) -> HookedViT:
+    """``HookedViT.from_pretrained(model_id)``; with ``random_weights`` the architecture with random weights
+    (``pretrained=False``, seeded with 0 so every run builds the same model), downloading nothing."""
+    import torch
+
+    from ..models import HookedViT
+
+    if not random_weights:
+        return HookedViT.from_pretrained(model_id)
+    torch.manual_seed(0)
+    return HookedViT.from_pretrained(model_id, pretrained=False)
+
+
 def _rrm(args: argparse.Namespace):
     """The replacement model of ``--model`` and ``--saes``; ``--target`` (trace) is checked against the
     model's classes before the SAEs load."""
     from ..circuits.replacement import ResidualReplacementModel
-    from ..models import HookedViT
     from ..saes.loading import load_sae
 
-    model = HookedViT.from_pretrained(args.model)
+    model = load_model(args.model, random_weights=getattr(args, "random_weights", False))
     _check_class_id(model, getattr(args, "target", None))
     return ResidualReplacementModel(model, [load_sae(r) for r in _sae_refs(args.saes, args.model, model.cfg.n_layers)])

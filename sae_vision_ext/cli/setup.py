@@ -20,9 +20,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
-    from ..models import HookedViT
+    from ._shared import load_model
 
-    model = HookedViT.from_pretrained(args.model, pretrained=not args.random)
+    model = load_model(args.model, random_weights=args.random)
     shapes = model.hook_shapes(batch_size=1)
     width = max(len(n) for n in shapes)
     print(f"{args.model}: {len(shapes)} hook points, shapes for one {model.cfg.image_size} image")
