@@ -10,7 +10,8 @@ from sae_vision_ext.cli import main
 def test_bench_command_writes_table_json_and_radar(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--saes", "sve:shapes-vit/blocks.3.hook_resid_post", "--n-images", "96", "--out", str(out)]
-    assert main([*argv, "--evaluator", "sve:shapes-vit-biased", "--ood", "sve:shapes-marker", "--ood-images", "48"]) == 0
+    extra = ["--evaluator", "sve:shapes-vit-biased", "--ood", "sve:shapes-marker", "--ood-images", "48"]
+    assert main([*argv, *extra]) == 0
     printed = capsys.readouterr().out
     assert "| M2 FVU ↓ | 0.0" in printed and "skipped" not in printed  # every metric ran offline
     rows = json.loads((out / "bench.json").read_text())[0]["rows"]
