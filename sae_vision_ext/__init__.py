@@ -57,6 +57,9 @@ _LAZY: dict[str, str] = {
     "QKAttribution": "sae_vision_ext.circuits.attention",
     "head_loadings": "sae_vision_ext.circuits.attention",
     "qk_attribution": "sae_vision_ext.circuits.attention",
+    "Supernode": "sae_vision_ext.circuits.supernodes",
+    "group_nodes": "sae_vision_ext.circuits.supernodes",
+    "supernode_graph": "sae_vision_ext.circuits.supernodes",
 }
 
 if TYPE_CHECKING:
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
     from .circuits.graph import AttributionGraph
     from .circuits.logit_lens import logit_lens
     from .circuits.replacement import ResidualReplacementModel
+    from .circuits.supernodes import Supernode, group_nodes, supernode_graph
     from .circuits.viewer import render_graph_html
     from .data.shapes import SHAPES, make_shapes
     from .models import (
@@ -121,6 +125,7 @@ __all__ = [
     "QKAttribution",
     "ResidualReplacementModel",
     "SpuriousFeatures",
+    "Supernode",
     "TrainingInterrupted",
     "ViTAdapter",
     "VisionSAETrainingConfig",
@@ -134,6 +139,7 @@ __all__ = [
     "evaluate_circuit",
     "evaluate_sae",
     "find_spurious_features",
+    "group_nodes",
     "head_loadings",
     "list_adapters",
     "list_embedded_models",
@@ -146,6 +152,7 @@ __all__ = [
     "register_loader",
     "render_graph_html",
     "shapes_attributes",
+    "supernode_graph",
     "train_saes",
     "write_circuit_tracer",
 ]
