@@ -280,7 +280,8 @@ def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int =
                     change = (moved["output"][0] - base["output"][0]) @ direction
                 else:
                     continue
-                assert abs(float(change) - delta / a * float(A[t, s])) < 1e-6, (layer, s, t)
+                expected = delta / a * float(A[t, s])
+                assert abs(float(change) - expected) < 1e-9 * max(1.0, abs(expected)), (layer, s, t)
                 checked += 1
     att = Attributor(rrm)
     frozen, norms = rrm.frozen_state(x)

@@ -168,7 +168,9 @@ def resolve_targets(
                 f"target={c} is not a class of this model: it has {d_out} outputs, so class ids run "
                 f"0..{d_out - 1}{names}. Pass one of those, or None for the predicted class."
             )
-        targets = -torch.full((1, d_out), 1.0 / d_out, device=clean_out.device)
+        # in the output's dtype: 1/d_out rounded to float32 first would put float32's error (1.5e-8 for 5
+        # classes) into every target edge of a float64 trace
+        targets = -torch.full((1, d_out), 1.0 / d_out, device=clean_out.device, dtype=clean_out.dtype)
         targets[0, c] += 1.0
         target_names = target_names or [class_names[c] if c < len(class_names) else f"class {c}"]
         target_classes = [c]
