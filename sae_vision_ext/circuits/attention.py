@@ -248,10 +248,11 @@ def qk_attribution(
     _check_position(rrm, query, "query")
     _check_position(rrm, key, "key")
     sae = rrm.sae_at(block - 1)
-    x_name, scale_name = resid_post(block - 1), f"blocks.{block}.ln1.hook_scale"
+    x_name, scale_name = f"{sae.cfg.metadata.hook_name}.hook_sae_input", f"blocks.{block}.ln1.hook_scale"
     score_name = f"blocks.{block}.attn.hook_attn_scores"
-    _, cache = model.run_with_cache(pixels, names_filter=[x_name, scale_name, score_name], return_cache_object=False)
-    x, ln_scale = cache[x_name][0], cache[scale_name][0]  # [pos, d_model], [pos, 1]
+    # the values the rest of the linearisation freezes (every norm's scale hooked, as in rrm.intervene)
+    frozen, _, _, cache = rrm.recorded_forward(pixels, [x_name, score_name])
+    x, ln_scale = cache[x_name][0], frozen[scale_name][0]  # [pos, d_model], [pos, 1]
     score = float(cache[score_name][0, head, query, key])
     norm = affine.frozen_norm(sae, x)
     acts = sae.encode(x)

@@ -47,6 +47,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._hooks import resid_post
+
 if TYPE_CHECKING:
     from sae_lens import SAE
 
@@ -112,7 +114,7 @@ class VisaeBenchBackbone:
         block = layer if layer >= 0 else n_layers + layer
         if not 0 <= block < n_layers:
             raise ValueError(f"layer={layer} is outside the model's blocks 0..{n_layers - 1} (or -1 for the last).")
-        hook = f"blocks.{block}.hook_resid_post"
+        hook = resid_post(block)
         _, cache = self.model.run_with_cache(
             pixels, names_filter=hook, stop_at_layer=block + 1, return_cache_object=False
         )
