@@ -122,13 +122,11 @@ def _orders(sites_all: Tensor, infl: Tensor, refs: list[Tensor], gen: torch.Gene
 
 def _check_images(pixels: Tensor, labels: Tensor | None, reference_pixels: Tensor | None) -> Tensor | None:
     """``labels`` checked against ``pixels`` (one class id per image); ``ValueError`` for empty inputs."""
-    from ..data.checks import check_labels
+    from ..data.checks import check_images
 
-    if len(pixels) == 0:
-        raise ValueError("evaluate_circuit got 0 images; pass at least one preprocessed image [n, chan, h, w].")
     if reference_pixels is not None and len(reference_pixels) == 0:
         raise ValueError("reference_pixels has 0 images; pass at least one, or None to use pixels.")
-    return None if labels is None else check_labels(labels, len(pixels))
+    return check_images("evaluate_circuit", pixels, labels)
 
 
 def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, each documented)

@@ -280,14 +280,9 @@ class ReplacementModelBase:
         Per row: ``n_spliced``, ``top1_agreement``, ``kl`` (clean || spliced, for classifiers),
         ``cosine`` (of the outputs), and ``accuracy`` / ``accuracy_clean`` with labels.
         """
-        from ..data.checks import check_labels
+        from ..data.checks import check_images
 
-        if len(pixels) == 0:
-            raise ValueError("faithfulness got 0 images; pass at least one preprocessed image [n, chan, h, w].")
-        if labels is not None:
-            labels = check_labels(labels, len(pixels))
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        labels = check_images("faithfulness", pixels, labels, batch_size)
         chunks = [slice(i, i + batch_size) for i in range(0, len(pixels), batch_size)]
         clean = torch.cat([self.model(pixels[s]) for s in chunks])
         rows = []

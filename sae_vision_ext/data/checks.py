@@ -1,4 +1,4 @@
-"""Checks of what users pass beside images: labels (one class id per image)."""
+"""Checks of what users pass as images and beside them: a non-empty batch, labels (one class id per image)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ def check_labels(labels: Tensor | Sequence[int], n_images: int | None, n_classes
     if n_classes is not None and len(t) and int(t.max()) >= n_classes:
         raise ValueError(f"labels contain class {int(t.max())} but n_classes={n_classes} (ids 0..{n_classes - 1}).")
     return t
+
+
+def check_images(
+    what: str, pixels: Tensor, labels: Tensor | Sequence[int] | None = None, batch_size: int | None = None
+) -> Tensor | None:
+    """The one check of an image set a function reads: ``ValueError`` (naming ``what``) for 0 images or a
+    ``batch_size`` below 1; returns ``labels`` checked by :func:`check_labels` (or ``None``)."""
+    if len(pixels) == 0:
+        raise ValueError(f"{what} got 0 images; pass at least one preprocessed image [n, chan, h, w].")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    return None if labels is None else check_labels(labels, len(pixels))

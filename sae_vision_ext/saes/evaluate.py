@@ -52,15 +52,10 @@ def evaluate_sae(
     (``progress``: a bar over batches)."""
     from tqdm.auto import tqdm
 
-    from ..data.checks import check_labels
+    from ..data.checks import check_images
 
     hook = model.check_sae(sae)  # a hook name, a hook of this model, d_in = its width
-    if len(pixels) == 0:
-        raise ValueError("evaluate_sae got 0 images; pass at least one preprocessed image [n, chan, h, w].")
-    if labels is not None:
-        labels = check_labels(labels, len(pixels))
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    labels = check_images("evaluate_sae", pixels, labels, batch_size)
     n_prefix, kind = model.cfg.n_prefix_tokens, model.adapter.output_kind()
     chunks = [slice(i, i + batch_size) for i in range(0, len(pixels), batch_size)]
 
