@@ -287,17 +287,32 @@ class CachedActivations:
         *,
         hooks: list[str] | None = None,
         in_memory_bytes: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[dict[str, Tensor]]:
         """Shuffled training batches (float32). A cache of at most ``in_memory_bytes`` on disk is read
         into memory once, and each epoch is an exact shuffle of all its tokens (a batch is one gather);
         a larger one streams: shards in a seeded random order per epoch, tokens mixed in a buffer of
         ``buffer_tokens``. ``hooks`` (default all) selects the tensors read; the token order does not
-        depend on it. Either way the order is a function of ``seed`` alone (so a resumed run replays it)."""
+        depend on it. Either way the order is a function of ``seed`` alone (so a resumed run replays it).
+        ``world > 1`` (data-parallel): rows ``[rank·b, (rank+1)·b)`` of each of those batches, ``b =
+        batch_size / world``, and only those rows are read from disk (``rank_slice.py``)."""
         unknown = sorted(set(hooks or []) - set(self.hook_names))
         if unknown:
             raise ValueError(f"Hooks {unknown} are not in cache {self.folder}; it holds {self.hook_names}.")
         gen = torch.Generator().manual_seed(seed)
         n_shards = int(self.metadata["n_shards"])
+        if world > 1:
+            from .rank_slice import RowReader, rank_batches
+
+            if batch_size % world or not 0 <= rank < world:
+                raise ValueError(
+                    f"rank {rank} of {world} with batch_size={batch_size}: the batch must divide evenly over the "
+                    "ranks and the rank be in [0, world); make batch_size a multiple of the world size."
+                )
+            reader = RowReader(self, hooks or self.hook_names, rank=rank, world=world)
+            in_memory = self.nbytes <= in_memory_bytes
+            return rank_batches(reader, batch_size, buffer_tokens, gen, epochs=epochs, in_memory=in_memory)
         if self.nbytes <= in_memory_bytes:
             return self._in_memory_batches(batch_size, gen, epochs, hooks)
 

@@ -2,8 +2,11 @@
 
 Every rank holds a replica of each SAE (built from the same seed and broadcast from rank 0) and trains
 it on its own slice of every global batch: rows ``[r·b, (r+1)·b)`` of the ``train_batch_size = W·b``
-tokens a one-process run would use at that step. What makes ``W`` ranks equal one process with the
-same global batch (tested to 1e-5 with two gloo ranks):
+tokens a one-process run would use at that step. From a cache a rank reads only those rows
+(``activations/rank_slice.py``: the global order is planned on token ids, the rows read from the
+memory-mapped shards), so the ranks read disjoint slices of the cache's tokens; live harvesting
+without ``stream`` runs the model on every rank and keeps the rank's rows (:meth:`DataParallel.local_stream`).
+What makes ``W`` ranks equal one process with the same global batch (tested to 1e-5 with two gloo ranks):
 
 - gradients: each parameter's gradient is averaged over ranks (``all_reduce``) the moment backward
   has accumulated it, so SAELens's gradient-norm clipping and Adam see the global batch's gradient
@@ -70,7 +73,7 @@ class DataParallel:
         return self.world > 1
 
     def local_stream(self, stream: Iterator[dict]) -> Iterator[dict]:
-        """This rank's rows of every global batch."""
+        """This rank's rows of every global batch of a live (uncached, unstreamed) harvest."""
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
         for batch in stream:
             yield {h: t[lo:hi] for h, t in batch.items()}

@@ -126,7 +126,8 @@ def activation_stream(
     cfg: VisionSAETrainingConfig, model: HookedViT, hooks: list[str], read_hooks: list[str] | None = None
 ) -> tuple[Iterator[dict], int]:
     """Endless shuffled ``{hook: [train_batch_size, d_in]}`` batches and the tokens kept per image.
-    The cache (if any) holds ``hooks``; batches carry ``read_hooks`` (default: all of them)."""
+    The cache (if any) holds ``hooks``; batches carry ``read_hooks`` (default: all of them); with
+    ``data_parallel`` a cache gives this rank only its rows of each batch, and reads only those."""
     read_hooks = read_hooks or hooks
     from ..activations.harvest import ShuffleBuffer, harvest, token_positions
     from ..data.sources import image_batches, open_image_source
@@ -147,6 +148,9 @@ def activation_stream(
         cached = open_or_build_cache(
             model, dataset, settings, cfg.cache_dir, num_workers=cfg.num_workers, image_batch_size=cfg.image_batch_size
         )
+        from ..distributed import rank_and_world_size
+
+        rank, world = rank_and_world_size() if cfg.data_parallel else (0, 1)  # data-parallel: this rank's rows
         stream = cached.batches(
             cfg.train_batch_size,
             cfg.shuffle_buffer_tokens,
@@ -154,6 +158,8 @@ def activation_stream(
             epochs=None,
             hooks=read_hooks,
             in_memory_bytes=int(cfg.cache_in_memory_gb * 2**30),
+            rank=rank,
+            world=world,
         )
         return stream, per_image
     if cfg.stream and cfg.data_parallel:  # each rank harvests its own images (stream.py)
@@ -239,7 +245,7 @@ def _train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None, resume: b
             "Set cache_dir to harvest once, split across ranks."
         )
     stream, per_image = activation_stream(cfg, model, all_hooks, hooks)
-    stream = dp.local_stream(stream) if dp and not cfg.stream else stream
+    stream = dp.local_stream(stream) if dp and cfg.cache_dir is None and not cfg.stream else stream
     saes = _training_saes(cfg, model, all_hooks, hooks, per_image)
     if not saes:
         logger.warning("rank %d has no hooks to train (%d hooks, %d processes)", rank, len(all_hooks), world)

@@ -27,8 +27,36 @@ def _config(tmp, name, cache, **over) -> str:
     return str(path)
 
 
-def _train_rank(rank, world, port, cfg_path, resume, kill_at):
-    """A rank of ``sae-vision train`` (``kill_at``: rank 1 SIGKILLs itself before that batch)."""
+def _record_reads(rank, folder):
+    """Record every cache read of this rank: the token ids of each ``RowReader.read`` call, and any whole
+    shard loaded (``reads_rank{r}.pt``)."""
+    from sae_vision_ext.activations import rank_slice
+    from sae_vision_ext.activations.cache import CachedActivations
+
+    calls, shards = [], []
+    read, load_shard = rank_slice.RowReader.read, CachedActivations.load_shard
+
+    def save():
+        torch.save({"calls": calls, "shards": shards}, f"{folder}/reads_rank{rank}.pt")
+
+    def recording_read(self, ids):
+        calls.append(ids.clone())
+        save()
+        return read(self, ids)
+
+    def recording_load(self, i, *args, **kwargs):
+        shards.append(i)
+        save()
+        return load_shard(self, i, *args, **kwargs)
+
+    rank_slice.RowReader.read, CachedActivations.load_shard = recording_read, recording_load
+
+
+def _train_rank(rank, world, port, cfg_path, resume, kill_at, record=None):
+    """A rank of ``sae-vision train`` (``kill_at``: rank 1 SIGKILLs itself before that batch; ``record``:
+    a folder for the rank's record of cache reads)."""
+    if record:
+        _record_reads(rank, record)
     if kill_at and rank == 1:
         from sae_vision_ext.training import checkpoints
 
@@ -45,8 +73,8 @@ def _train_rank(rank, world, port, cfg_path, resume, kill_at):
     cli_rank(rank, world, port, ["train", "--config", cfg_path, *(["--resume"] if resume else [])], 1)
 
 
-def _run(cfg_path, nprocs, resume=False, kill_at=0):
-    return spawn_ranks(_train_rank, nprocs, (cfg_path, resume, kill_at), 240)
+def _run(cfg_path, nprocs, resume=False, kill_at=0, record=None):
+    return spawn_ranks(_train_rank, nprocs, (cfg_path, resume, kill_at, record), 240)
 
 
 def _weights(tmp, name):
@@ -55,11 +83,30 @@ def _weights(tmp, name):
     return out
 
 
-@pytest.mark.parametrize("norm", ["expected_average_only_in", "layer_norm"])
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, norm):
+@pytest.mark.parametrize(
+    ("norm", "in_memory_gb"), [("expected_average_only_in", 2.0), ("layer_norm", 2.0), ("layer_norm", 0.0)]
+)
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, norm, in_memory_gb):
+    """In-memory (2 GB) and streamed (0) cache reading; each rank reads only its disjoint slice."""
+    over = dict(normalize_activations=norm, cache_in_memory_gb=in_memory_gb)
+    if not in_memory_gb:  # a buffer of a third of the cache: the first 4 batches hold first-epoch tokens only
+        over["shuffle_buffer_tokens"] = 256
     cache = tmp_path / "cache"
-    assert _run(_config(tmp_path, "one", cache, normalize_activations=norm), 1) == [0]
-    assert _run(_config(tmp_path, "dp", cache, normalize_activations=norm, data_parallel=True), 2) == [0, 0]
+    assert _run(_config(tmp_path, "one", cache, **over), 1) == [0]
+    assert _run(_config(tmp_path, "dp", cache, **over, data_parallel=True), 2, record=tmp_path) == [0, 0]
+    reads = [torch.load(tmp_path / f"reads_rank{r}.pt") for r in (0, 1)]
+    assert reads[0]["shards"] == reads[1]["shards"] == []  # no rank read a whole shard
+    assert len(reads[0]["calls"]) == len(reads[1]["calls"]) > 0
+    n_tokens = 24 * 32
+    for a, b in zip(reads[0]["calls"], reads[1]["calls"], strict=True):  # one epoch's (or one batch's) rows
+        assert len(a) == len(b) == (n_tokens // 2 if in_memory_gb else 64)
+        if in_memory_gb:  # each epoch: disjoint halves, together every token of the cache
+            assert not set(a.tolist()) & set(b.tolist()) and len(set(a.tolist()) | set(b.tolist())) == n_tokens
+    if not in_memory_gb:  # streamed: the first epoch's batches (before the buffer mixes in the next) read once
+        first = torch.cat(
+            [torch.cat([a, b]) for a, b in zip(reads[0]["calls"][:4], reads[1]["calls"][:4], strict=True)]
+        )
+        assert first.unique().numel() == first.numel() == 4 * 128
     one, dp = _weights(tmp_path, "one"), _weights(tmp_path, "dp")
     assert (one["sparsity"] < -9).any()  # features died inside the window: AuxK trained them
     assert one.keys() == dp.keys()
