@@ -33,7 +33,7 @@ from benchmarks._timing import markdown_table
 
 def _shapes_rrm():
     import sae_vision_ext as sve
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     model = sve.HookedViT.from_pretrained("sve:shapes-vit")
     saes = [sve.load_sae(f"sve:shapes-vit/blocks.{layer}.hook_resid_post").float() for layer in range(6)]
@@ -46,7 +46,7 @@ def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, err
     forward per target), in the graph's source order (active features of ``layer - 1``, errors)."""
     from torch.func import jacrev
 
-    from sae_vision_ext.circuits.linearise import frozen_hooks, pre_capture_hooks
+    from sae_vision_ext.circuits.replacement.linearise import frozen_hooks, pre_capture_hooks
 
     model = rrm.model
     src_hook = f"blocks.{layer - 1}.hook_resid_post.hook_sae_output"
@@ -76,7 +76,7 @@ def jacobian_row(rrm, pixels, frozen, layer: int, pos: int, feat: int, acts, err
 
 
 def part1(name: str, rrm, pixels, n_targets: int, budget: int | None) -> list[object]:
-    from sae_vision_ext.circuits.attribution import Attributor
+    from sae_vision_ext.circuits.engine.attribution import Attributor
 
     t0 = time.perf_counter()
     graph = Attributor(rrm, batch_size=64).attribute(pixels, max_feature_nodes=budget)
@@ -111,7 +111,7 @@ def _random_vit_b(depth: int, img_size: int, seed: int = 0):
     from sae_lens.saes.sae import SAEMetadata
 
     import sae_vision_ext as sve
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     torch.manual_seed(seed)
     model = sve.HookedViT.from_pretrained("timm:vit_base_patch16_224", pretrained=False, depth=depth,
@@ -155,9 +155,9 @@ def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
 
 def part3_rows(n_rows: int, repeats: int = 2) -> list[object]:
     """Row-engine time only (``RowEngine.rows``), both engines on the same budget, interleaved."""
-    from sae_vision_ext.circuits import row_engine
-    from sae_vision_ext.circuits.attribution import Attributor
-    from sae_vision_ext.circuits.rows import row_macs
+    from sae_vision_ext.circuits.engine import row_engine
+    from sae_vision_ext.circuits.engine.attribution import Attributor
+    from sae_vision_ext.circuits.engine.rows import row_macs
 
     rrm, pixels = _random_vit_b(12, 224)
     spent = {"staged": [], "autograd": []}

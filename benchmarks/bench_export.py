@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--image", type=int, default=0)
     args = p.parse_args()
     import sae_vision_ext as sve
-    from sae_vision_ext.circuits.viewer import render_graph_html
+    from sae_vision_ext.circuits.graph.viewer import render_graph_html
 
     model = sve.HookedViT.from_pretrained("sve:shapes-vit")
     rrm = sve.ResidualReplacementModel(

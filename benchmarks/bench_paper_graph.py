@@ -59,7 +59,7 @@ def build(d_model: int, depth: int, configs: list[tuple[int, float]], img: int =
     from sae_lens.saes.sae import SAEMetadata
 
     import sae_vision_ext as sve
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     torch.manual_seed(seed)
     model = sve.HookedViT.from_pretrained(
@@ -93,8 +93,8 @@ def authors_graph(rrm, pixels, refs, err_refs, chunk: int, sample: int | None = 
     way (module docstring). With ``sample``, only that many random target rows per layer pair are
     computed and their time is scaled to all rows (each row is the same VJP and projection); the sum
     over rows that the next pair needs comes from one VJP with a cotangent of ones."""
-    from sae_vision_ext.circuits.attribution import Attributor, _Leaves
-    from sae_vision_ext.circuits.linearise import frozen_hooks, pre_capture_hooks
+    from sae_vision_ext.circuits.engine.attribution import Attributor, _Leaves
+    from sae_vision_ext.circuits.replacement.linearise import frozen_hooks, pre_capture_hooks
     from sae_vision_ext.saes import affine
 
     model, n = rrm.model, rrm.n_layers

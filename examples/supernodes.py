@@ -11,7 +11,7 @@ import argparse
 import statistics
 
 import sae_vision_ext as sve
-from sae_vision_ext.circuits.supernodes import group_nodes, influence_coverage
+from sae_vision_ext.circuits.graph.supernodes import group_nodes, influence_coverage
 
 
 def main() -> None:

@@ -40,41 +40,41 @@ _LAZY: dict[str, str] = {
     "Attribute": "sae_vision_ext.vis.analysis",
     "FeatureAnalysis": "sae_vision_ext.vis.analysis",
     "shapes_attributes": "sae_vision_ext.vis.analysis",
-    "ResidualReplacementModel": "sae_vision_ext.circuits.replacement",
-    "render_graph_html": "sae_vision_ext.circuits.viewer",
-    "write_circuit_tracer": "sae_vision_ext.circuits.export",
-    "logit_lens": "sae_vision_ext.circuits.logit_lens",
-    "AttributionGraph": "sae_vision_ext.circuits.graph",
-    "evaluate_circuit": "sae_vision_ext.circuits.evaluate",
-    "CircuitEvaluation": "sae_vision_ext.circuits.curves",
-    "SpuriousFeatures": "sae_vision_ext.circuits.debias",
-    "find_spurious_features": "sae_vision_ext.circuits.debias",
-    "debias": "sae_vision_ext.circuits.debias",
-    "AggregatedGraph": "sae_vision_ext.circuits.aggregated",
-    "attribute_aggregated": "sae_vision_ext.circuits.aggregated",
+    "ResidualReplacementModel": "sae_vision_ext.circuits.models",
+    "render_graph_html": "sae_vision_ext.circuits.graph.viewer",
+    "write_circuit_tracer": "sae_vision_ext.circuits.graph.export",
+    "logit_lens": "sae_vision_ext.circuits.evaluate.logit_lens",
+    "AttributionGraph": "sae_vision_ext.circuits.graph.graph",
+    "evaluate_circuit": "sae_vision_ext.circuits.evaluate.circuit",
+    "CircuitEvaluation": "sae_vision_ext.circuits.evaluate.curves",
+    "SpuriousFeatures": "sae_vision_ext.circuits.evaluate.debias",
+    "find_spurious_features": "sae_vision_ext.circuits.evaluate.debias",
+    "debias": "sae_vision_ext.circuits.evaluate.debias",
+    "AggregatedGraph": "sae_vision_ext.circuits.engine.aggregated",
+    "attribute_aggregated": "sae_vision_ext.circuits.engine.aggregated",
     "FrozenNorm": "sae_vision_ext.saes.affine",
-    "HeadLoadings": "sae_vision_ext.circuits.attention",
-    "QKAttribution": "sae_vision_ext.circuits.attention",
-    "head_loadings": "sae_vision_ext.circuits.attention",
-    "qk_attribution": "sae_vision_ext.circuits.attention",
-    "Supernode": "sae_vision_ext.circuits.supernodes",
-    "group_nodes": "sae_vision_ext.circuits.supernodes",
-    "supernode_graph": "sae_vision_ext.circuits.supernodes",
+    "HeadLoadings": "sae_vision_ext.circuits.engine.attention",
+    "QKAttribution": "sae_vision_ext.circuits.engine.attention",
+    "head_loadings": "sae_vision_ext.circuits.engine.attention",
+    "qk_attribution": "sae_vision_ext.circuits.engine.attention",
+    "Supernode": "sae_vision_ext.circuits.graph.supernodes",
+    "group_nodes": "sae_vision_ext.circuits.graph.supernodes",
+    "supernode_graph": "sae_vision_ext.circuits.graph.supernodes",
 }
 
 if TYPE_CHECKING:
     from ._errors import TrainingInterrupted
-    from .circuits.aggregated import AggregatedGraph, attribute_aggregated
-    from .circuits.attention import HeadLoadings, QKAttribution, head_loadings, qk_attribution
-    from .circuits.curves import CircuitEvaluation
-    from .circuits.debias import SpuriousFeatures, debias, find_spurious_features
-    from .circuits.evaluate import evaluate_circuit
-    from .circuits.export import write_circuit_tracer
-    from .circuits.graph import AttributionGraph
-    from .circuits.logit_lens import logit_lens
-    from .circuits.replacement import ResidualReplacementModel
-    from .circuits.supernodes import Supernode, group_nodes, supernode_graph
-    from .circuits.viewer import render_graph_html
+    from .circuits.engine.aggregated import AggregatedGraph, attribute_aggregated
+    from .circuits.engine.attention import HeadLoadings, QKAttribution, head_loadings, qk_attribution
+    from .circuits.evaluate.circuit import evaluate_circuit
+    from .circuits.evaluate.curves import CircuitEvaluation
+    from .circuits.evaluate.debias import SpuriousFeatures, debias, find_spurious_features
+    from .circuits.evaluate.logit_lens import logit_lens
+    from .circuits.graph.export import write_circuit_tracer
+    from .circuits.graph.graph import AttributionGraph
+    from .circuits.graph.supernodes import Supernode, group_nodes, supernode_graph
+    from .circuits.graph.viewer import render_graph_html
+    from .circuits.models import ResidualReplacementModel
     from .data.shapes import SHAPES, make_shapes
     from .models import (
         HookedViT,

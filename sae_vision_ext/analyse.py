@@ -1,7 +1,7 @@
 """``sae-vision analyse``: the feature analysis of every SAE of a model, as a report.
 
 On an embedded shapes model (whose ground truth is known) it scores every feature against the
-shapes attributes (``vis/analysis.py``), adds the logit lens (``circuits/logit_lens.py``) and writes
+shapes attributes (``vis/analysis.py``), adds the logit lens (``circuits/evaluate/logit_lens.py``) and writes
 into ``out``: ``analysis.md`` (per layer: live features, interpretable share, type mix; then per
 feature its one-line label and top/bottom classes), ``labels.json`` (``{hook: {feature: label}}``,
 read by ``build_dashboard(feature_labels=...)`` and the circuit exporter's clerps) and
@@ -29,7 +29,7 @@ def run_analysis(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write the report (module docstring); returns ``{"analyses", "lens", "seconds", "table"}``."""
-    from .circuits.logit_lens import logit_lens
+    from .circuits.evaluate.logit_lens import logit_lens
     from .data.shapes import SHAPES, make_shapes
     from .models import HookedViT
     from .saes.loading import load_sae

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from torch import Tensor
 
-    from .circuits.graph import AttributionGraph
-    from .circuits.replacement import ResidualReplacementModel
+    from .circuits.graph.graph import AttributionGraph
+    from .circuits.models import ResidualReplacementModel
     from .models.hooked_vit import HookedViT
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ def debias_stage(n_search: int = 768, n_test: int = 3000) -> dict:
     balanced search split) and report worst-group / average accuracy on a held-out balanced split."""
     import torch
 
-    from .circuits.debias import debias, find_spurious_features, group_accuracy
-    from .circuits.replacement import ResidualReplacementModel
+    from .circuits.evaluate.debias import debias, find_spurious_features, group_accuracy
+    from .circuits.models import ResidualReplacementModel
     from .data.shapes import SHAPES, make_shapes
     from .models import HookedViT
     from .saes.loading import load_sae
@@ -120,8 +120,8 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
     """Stage 4: faithfulness of the pure replacement model and one attribution graph."""
     from pathlib import Path
 
-    from .circuits.export import serve_command
-    from .circuits.replacement import ResidualReplacementModel
+    from .circuits.graph.export import serve_command
+    from .circuits.models import ResidualReplacementModel
     from .data.shapes import SHAPES
 
     rrm = ResidualReplacementModel(model, saes)
@@ -163,7 +163,7 @@ def viewer_stage(
     """Stage 5: the graph viewer, linked to the dashboard pages of the circuit's features."""
     from pathlib import Path
 
-    from .circuits.viewer import render_graph_html
+    from .circuits.graph.viewer import render_graph_html
     from .data.shapes import SHAPES
     from .vis.stats import collect_feature_stats
 
@@ -185,8 +185,8 @@ def viewer_stage(
 
 def circuit_features(pruned: AttributionGraph, per_layer: int = 8) -> dict[str, list[int]]:
     """The ``per_layer`` most influential features of each layer of a pruned graph (for dashboard pages)."""
-    from .circuits.export import exported_masks
-    from .circuits.graph_ops import node_influence
+    from .circuits.graph.export import exported_masks
+    from .circuits.graph.ops import node_influence
 
     shown, _ = exported_masks(pruned)
     infl = node_influence(pruned)
@@ -214,7 +214,7 @@ def dashboard_stage(
     user looks for, and for the traced circuit's features)."""
     from pathlib import Path
 
-    from .circuits.logit_lens import logit_lens
+    from .circuits.evaluate.logit_lens import logit_lens
     from .data.shapes import SHAPES
     from .vis.dashboard import build_dashboard
 

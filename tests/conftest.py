@@ -16,13 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from jaxtyping import install_import_hook
 
 with install_import_hook("sae_vision_ext", "beartype.beartype"):  # imported under the hook so shapes are checked
-    import sae_vision_ext.circuits.aggregated
-    import sae_vision_ext.circuits.attribution
-    import sae_vision_ext.circuits.debias
-    import sae_vision_ext.circuits.evaluate
-    import sae_vision_ext.circuits.logit_lens
-    import sae_vision_ext.circuits.replacement
-    import sae_vision_ext.circuits.seed_protocol
+    import sae_vision_ext.circuits.engine.aggregated
+    import sae_vision_ext.circuits.engine.attribution
+    import sae_vision_ext.circuits.evaluate.circuit
+    import sae_vision_ext.circuits.evaluate.debias
+    import sae_vision_ext.circuits.evaluate.logit_lens
+    import sae_vision_ext.circuits.evaluate.seed_protocol
+    import sae_vision_ext.circuits.models
     import sae_vision_ext.models
     import sae_vision_ext.saes.affine
 
@@ -31,7 +31,7 @@ import torch
 from helpers import VARIANTS, _timm, build_native, images, make_sae
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 
 @pytest.fixture(params=list(VARIANTS))

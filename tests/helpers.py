@@ -15,8 +15,8 @@ from sae_lens.saes.sae import SAEMetadata
 from torch import nn
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor, _Leaves
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attribution import Attributor, _Leaves
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 IMG, PATCH, D, HEADS, LAYERS = 32, 8, 32, 4, 2
 
@@ -42,6 +42,15 @@ def _timm_eva(name: str, **kw) -> nn.Module:
 
     base = dict(pretrained=False, img_size=IMG, patch_size=PATCH, embed_dim=D, depth=LAYERS, num_heads=HEADS,
                 num_classes=5)  # fmt: skip
+    return timm.create_model(name, **(base | kw))
+
+
+def _timm_naflex(name: str, **kw) -> nn.Module:
+    """A tiny random timm ``NaFlexVit`` built by timm's own constructor for ``name`` (a 4x4 position table)."""
+    import timm
+
+    base = dict(pretrained=False, img_size=IMG, patch_size=PATCH, embed_dim=D, depth=LAYERS, num_heads=HEADS,
+                num_classes=5, pos_embed_grid_size=(IMG // PATCH, IMG // PATCH))  # fmt: skip
     return timm.create_model(name, **(base | kw))
 
 
@@ -119,11 +128,19 @@ _HF_2026 = {
     "aimv2": lambda tf, common: tf.Aimv2VisionModel(
         tf.Aimv2VisionConfig(intermediate_size=64, use_head=False, **common)
     ),
+    "siglip2": lambda tf, common: tf.Siglip2VisionModel(_siglip2_config(tf, common, vision_use_head=True)),
+    "siglip2_mean": lambda tf, common: tf.Siglip2VisionModel(_siglip2_config(tf, common, vision_use_head=False)),
     "aimv2_native_head": lambda tf, common: tf.Aimv2VisionModel(
         tf.Aimv2VisionConfig(intermediate_size=64, use_head=True, is_native=True, **common)
     ),
 }
 """HF builders of the 2026 backbones (DINOv3, AIMv2) from their config classes, tiny and random."""
+
+
+def _siglip2_config(tf, common: dict, **kw):
+    """SigLIP 2 (NaFlex) has no image size: a position table of (IMG / PATCH)^2 entries instead."""
+    common = {k: v for k, v in common.items() if k != "image_size"}
+    return tf.Siglip2VisionConfig(intermediate_size=64, num_patches=(IMG // PATCH) ** 2, **common, **kw)
 
 
 def build_native(variant: str, seed: int = 0) -> nn.Module:
@@ -160,7 +177,7 @@ def rrm_for(variant: str):
     from sae_lens.saes.sae import SAEMetadata
 
     from sae_vision_ext import HookedViT
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     model = HookedViT.from_model(build_native(variant)).double()
     saes = []
@@ -295,7 +312,7 @@ def check_exact(rrm: ResidualReplacementModel, x: torch.Tensor, n_sources: int =
 
 
 FAMILIES = ["timm_cls", "open_clip_tok", "hf_vit_classifier", "hf_clip", "hf_dinov2", "timm_eva02_clip_subln",
-            "hf_dinov3", "hf_aimv2", "open_clip_timm_eva02"]  # fmt: skip
+            "hf_dinov3", "hf_aimv2", "open_clip_timm_eva02", "hf_siglip2_mean", "timm_naflex_gap"]  # fmt: skip
 """One variant per adapter family with an affine readout (``test_every_adapter_family_has_a_traceable_variant``)."""
 
 
@@ -459,4 +476,9 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "hf_dinov3_gated": ("hf_dinov3", lambda: _hf("dinov3_gated")),  # SwiGLU MLP, no registers
     "hf_aimv2": ("hf_aimv2", lambda: _hf("aimv2")),  # RMSNorm, SwiGLU, learned positions, mean readout
     "hf_aimv2_native_head": ("hf_aimv2", lambda: _hf("aimv2_native_head")),  # sinusoidal positions, attention pool
+    # NaFlex: patchified inside, each image at its own size, padding keys masked (fixed-size inputs here)
+    "hf_siglip2": ("hf_siglip2", lambda: _hf("siglip2")),  # attention-pool head
+    "hf_siglip2_mean": ("hf_siglip2", lambda: _hf("siglip2_mean")),  # no head: masked mean readout
+    "timm_naflex_gap": ("timm_naflex", lambda: _timm_naflex("naflexvit_base_patch16_gap")),  # CLS + 3 registers, avg
+    "timm_naflex_siglip": ("timm_naflex", lambda: _timm_naflex("naflexvit_base_patch16_siglip")),  # no prefix, map
 }

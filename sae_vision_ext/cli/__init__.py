@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .._errors import TrainingInterrupted
-from ..circuits.defaults import DEFAULT_MAX_FEATURE_NODES
+from ..circuits.engine.defaults import DEFAULT_MAX_FEATURE_NODES
 from ._shared import _preflight
 from .bench import add_bench_command
 from .features import _cmd_analyse, _cmd_dashboard, _cmd_faithfulness, _cmd_trace

@@ -147,7 +147,7 @@ def load_model(model_id: str, random_weights: bool = False) -> HookedViT:
 def _rrm(args: argparse.Namespace):
     """The replacement model of ``--model`` and ``--saes``; ``--target`` (trace) is checked against the
     model's classes before the SAEs load."""
-    from ..circuits.replacement import ResidualReplacementModel
+    from ..circuits.models import ResidualReplacementModel
     from ..saes.loading import load_sae
 
     model = load_model(args.model, random_weights=getattr(args, "random_weights", False))

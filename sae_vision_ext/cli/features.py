@@ -41,7 +41,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     pixels, labels, names = _load_images(model, args.dataset, args.n_images, args.seed)
     lens = None
     if model.adapter.output_kind() == "logits":
-        from ..circuits.logit_lens import logit_lens
+        from ..circuits.evaluate.logit_lens import logit_lens
 
         _step("logit lens of every feature (16 reference images)")
         try:
@@ -105,7 +105,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # creatable: checked by _preflight before the model loaded
-    from ..circuits.viewer import render_graph_html
+    from ..circuits.graph.viewer import render_graph_html
 
     stats = ref = None
     if args.reference_images > 0:  # top patches per feature in the viewer, from a reference set
@@ -135,7 +135,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         feature_labels=labels,
         aggregated=aggregated,
     )
-    from ..circuits.graph_ops import node_influence
+    from ..circuits.graph.ops import node_influence
 
     infl = node_influence(graph)
     feats = [i for i, k in enumerate(graph.node_kind) if k == "feature"]
@@ -164,8 +164,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         f"{summary['kept_nodes']} nodes, {summary['kept_edges']} edges"
     )
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["scores"].items()))
-    from ..circuits.export import cumulative_share
-    from ..circuits.nodes import clerps
+    from ..circuits.graph.export import cumulative_share
+    from ..circuits.graph.nodes import clerps
 
     names, share = clerps(graph, labels, index=top[:5]), cumulative_share(graph)
     print("top 5 features: influence (cumulative share, as circuit-tracer), raw influence, activation")
@@ -177,7 +177,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             "influence; replacement counts only what reaches the input embeddings against the error nodes, so it "
             "is near 0 by construction here: read mlp_share and completeness instead)"
         )
-    from ..circuits.export import serve_command
+    from ..circuits.graph.export import serve_command
 
     ct_dir = (out / "circuit-tracer").resolve()
     print(f"circuit-tracer files: {ct_dir}")

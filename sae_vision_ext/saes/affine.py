@@ -16,7 +16,7 @@ the *pre-activation that an active feature's activation equals* (``a_f = h_f`` w
 The normalisation is frozen at the clean token's statistics (:class:`FrozenNorm`):
 
 - ``layer_norm``: ``norm_in(x) = (x − mean(x)) / (σ* + 1e-5)`` with the std ``σ*`` frozen and the
-  centring live (linear), as the seed paper (and every LayerNorm in ``circuits/linearise.py``) does;
+  centring live (linear), as the seed paper (and every LayerNorm in ``circuits/replacement/linearise.py``) does;
   ``norm_out(y) = y·σ* + μ*`` with the clean mean ``μ*``.
 - ``constant_norm_rescale``: ``norm_in(x) = x·c*``, ``norm_out(y) = y / c*``, ``c* = √d_in / |x_clean|``.
 - ``none``, ``expected_average_only_in``, ``covariance_whitening``: identity at inference in SAELens

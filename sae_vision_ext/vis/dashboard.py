@@ -132,7 +132,7 @@ def build_dashboard(  # noqa: PLR0913 (keyword-only page options, each documente
     Feature pages: ``n_feature_pages`` per SAE chosen by ``choose_feature_pages`` (highest maximum,
     most class-selective, most position-bound, densest), plus every live feature listed for its hook
     in ``extra_features`` (a traced circuit's, say). ``logit_lens`` (``{hook: [d_sae, n_classes]}``
-    from ``circuits.logit_lens``) adds each page's top and bottom classes; ``feature_labels``
+    from ``circuits.evaluate.logit_lens``) adds each page's top and bottom classes; ``feature_labels``
     (``{hook: {feature: label}}``, e.g. ``labels.json`` of ``sae-vision analyse``) a one-line label on
     pages and in the tables. The table lists every live feature.
     """

@@ -1,7 +1,7 @@
 """The HTML side of the visualisers: one Jinja environment over ``vis/templates`` (autoescaped) and
 the inline SVG figures the pages embed.
 
-The dashboard (``vis/dashboard.py``) and the graph viewer (``circuits/viewer.py``) render with it.
+The dashboard (``vis/dashboard.py``) and the graph viewer (``circuits/graph/viewer.py``) render with it.
 """
 
 from __future__ import annotations

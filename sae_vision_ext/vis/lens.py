@@ -1,4 +1,4 @@
-"""Reading a logit lens (``circuits/logit_lens.py`` computes it): a feature's top and bottom classes."""
+"""Reading a logit lens (``circuits/evaluate/logit_lens.py`` computes it): a feature's top and bottom classes."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import images, rrm_for
 
-from sae_vision_ext.circuits.curves import FRACTIONS, output_metrics
-from sae_vision_ext.circuits.evaluate import _Patcher, evaluate_circuit
+from sae_vision_ext.circuits.evaluate.circuit import _Patcher, evaluate_circuit
+from sae_vision_ext.circuits.evaluate.curves import FRACTIONS, output_metrics
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_bad_fractions_raise():
 
 def test_influence_beats_random_on_the_shapes_model():
     import sae_vision_ext as sve
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     model = sve.HookedViT.from_pretrained("sve:shapes-vit")
     saes = [sve.load_sae(f"sve:shapes-vit/blocks.{layer}.hook_resid_post") for layer in range(6)]
@@ -89,7 +89,7 @@ def test_influence_beats_random_on_the_shapes_model():
 
 def test_spearman_equals_the_rank_difference_formula():
     """``_spearman`` against ``1 − 6 Σ d² / (n (n² − 1))`` (distinct values) and its two extremes."""
-    from sae_vision_ext.circuits.evaluate import _spearman
+    from sae_vision_ext.circuits.evaluate.circuit import _spearman
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, generator=g), torch.randn(40, generator=g)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import FAMILIES, _circuit_tracer, _Tokenizer, images, rrm_for, to_circuit_tracer_graph
 
-from sae_vision_ext.circuits.nodes import cantor_unpair, node_ids
+from sae_vision_ext.circuits.graph.nodes import cantor_unpair, node_ids
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from helpers import launch_chromium
 
 import sae_vision_ext as sve
-from sae_vision_ext.circuits.logit_lens import logit_lens, top_bottom
+from sae_vision_ext.circuits.evaluate.logit_lens import logit_lens, top_bottom
 from sae_vision_ext.vis.dashboard import build_dashboard, choose_feature_pages
 from sae_vision_ext.vis.stats import FeatureStats, collect_feature_stats
 

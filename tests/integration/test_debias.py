@@ -7,7 +7,7 @@ import torch
 from helpers import images, rrm_for
 
 import sae_vision_ext as sve
-from sae_vision_ext.circuits.debias import _auroc, group_accuracy
+from sae_vision_ext.circuits.evaluate.debias import _auroc, group_accuracy
 
 
 def test_auroc_matches_pairwise_definition_with_ties():
@@ -94,9 +94,9 @@ def test_spurious_attribution_uses_the_effective_decoder_of_layer_norm_saes():
     from helpers import build_native, images, make_sae
 
     from sae_vision_ext import HookedViT
-    from sae_vision_ext.circuits.debias import _attribution
-    from sae_vision_ext.circuits.linearise import resid_post_gradients
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.evaluate.debias import _attribution
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
+    from sae_vision_ext.circuits.replacement.linearise import resid_post_gradients
 
     model = HookedViT.from_model(build_native("timm_cls")).double()
     saes = [make_sae("topk_rescale", "layer_norm", True, d_in=32, seed=i, hook=f"blocks.{i}.hook_resid_post")

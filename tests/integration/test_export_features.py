@@ -12,7 +12,7 @@ import torch
 from helpers import images, rrm_for
 from PIL import Image
 
-from sae_vision_ext.circuits.nodes import cantor_unpair, position_labels
+from sae_vision_ext.circuits.graph.nodes import cantor_unpair, position_labels
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_closed_form_rows_equal_autograd_rows_on_cuda_and_stay_there():
     CPU; the graph comes back on the CPU (one transfer at the end)."""
     from helpers import images, rrm_with
 
-    from sae_vision_ext.circuits.attribution import Attributor
+    from sae_vision_ext.circuits.engine.attribution import Attributor
 
     rrm = rrm_with("timm_cls", "topk_rescale", "layer_norm", True)
     x = images(1).double()

@@ -168,7 +168,7 @@ def test_trace_target_out_of_range_names_the_classes_before_the_saes_load(tmp_pa
 
 def test_trace_shapes_index_renders_only_that_image(tmp_path, monkeypatch):
     """A large --shapes-index renders one image, not index + 1 of them (the image is the same)."""
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
     from sae_vision_ext.data.sources import ShapesImages
 
     rendered, seen = [], {}
@@ -211,7 +211,7 @@ def test_target_resolution_refuses_bad_targets(target, error, match):
     """What ``attribute(target=...)`` raises for a user (the tests' runtime type checker would catch the
     float and the string at the signature first, so the check and the resolution it runs are called
     directly)."""
-    from sae_vision_ext.circuits.graph_ops import check_target, resolve_targets
+    from sae_vision_ext.circuits.graph.ops import check_target, resolve_targets
     from sae_vision_ext.data.shapes import SHAPES
 
     with pytest.raises(error, match=match):
@@ -220,7 +220,7 @@ def test_target_resolution_refuses_bad_targets(target, error, match):
 
 @pytest.fixture(scope="module")
 def shapes_rrm():
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
     from sae_vision_ext.data.shapes import make_shapes
 
     model = HookedViT.from_pretrained("sve:shapes-vit")
@@ -237,7 +237,7 @@ BEFORE_FORWARD = [
 
 @pytest.mark.parametrize(("target", "error"), [r[1:] for r in BEFORE_FORWARD], ids=[r[0] for r in BEFORE_FORWARD])
 def test_attribute_checks_its_target_before_the_forward(shapes_rrm, monkeypatch, target, error):
-    from sae_vision_ext.circuits.attribution import Attributor
+    from sae_vision_ext.circuits.engine.attribution import Attributor
 
     def boom(*args, **kwargs):
         raise AssertionError("the forward ran before the target was checked")

@@ -1,4 +1,4 @@
-"""The seed paper's evaluation protocol (``circuits/seed_protocol.py``)."""
+"""The seed paper's evaluation protocol (``circuits/evaluate/seed_protocol.py``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import pytest
 import torch
 from helpers import images
 
-from sae_vision_ext.circuits.aggregated import AggregatedGraph
-from sae_vision_ext.circuits.evaluate import evaluate_circuit
-from sae_vision_ext.circuits.seed_protocol import _masked_outputs, evaluate_seed_protocol, seed_errors, select_nodes
+from sae_vision_ext.circuits.evaluate.circuit import evaluate_circuit
+from sae_vision_ext.circuits.evaluate.seed_protocol import (
+    _masked_outputs,
+    evaluate_seed_protocol,
+    seed_errors,
+    select_nodes,
+)
+from sae_vision_ext.circuits.graph.graph import AggregatedGraph
 
 
 def test_node_selection_follows_the_papers_rules_on_a_hand_made_graph():
@@ -123,7 +128,7 @@ def test_everything_masked_makes_the_output_independent_of_the_image(seed_setup)
     (errors held at the clean values) the model's."""
     from helpers import make_sae
 
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     base, x, _, _ = seed_setup
     saes = [

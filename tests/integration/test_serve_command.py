@@ -9,7 +9,7 @@ import urllib.request
 
 from helpers import free_port
 
-from sae_vision_ext.circuits.export import serve_command
+from sae_vision_ext.circuits.graph.export import serve_command
 
 
 def test_printed_serve_command_serves_the_folder(tmp_path):

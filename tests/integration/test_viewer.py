@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import images, launch_chromium, rrm_for
 
-from sae_vision_ext.circuits.export import exported_masks
-from sae_vision_ext.circuits.nodes import node_ids
-from sae_vision_ext.circuits.viewer import render_graph_html, strongest_edges
+from sae_vision_ext.circuits.graph.export import exported_masks
+from sae_vision_ext.circuits.graph.nodes import node_ids
+from sae_vision_ext.circuits.graph.viewer import render_graph_html, strongest_edges
 
 
 def page_data(path) -> dict:
@@ -151,7 +151,7 @@ def test_viewer_click_draws_only_that_nodes_edges_with_heatmap_and_top_patches(t
 def test_viewer_stays_usable_on_the_unpruned_shapes_graph(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
     from sae_vision_ext.data.shapes import make_shapes
     from sae_vision_ext.models import HookedViT
     from sae_vision_ext.saes.loading import load_sae

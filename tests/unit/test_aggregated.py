@@ -1,5 +1,5 @@
 """The seed paper's token-aggregated graph against a direct, slow computation of its formulas
-(``circuits/aggregated.py``; authors' definitions in rubato-yeong/RRM ``utils/modules/modelgrad.py``)."""
+(``circuits/engine/aggregated.py``; authors' definitions in rubato-yeong/RRM ``utils/modules/modelgrad.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from helpers import images, make_sae
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor, _Leaves
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attribution import Attributor, _Leaves
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 from sae_vision_ext.saes import affine
 
 
@@ -38,7 +38,7 @@ def direct(rrm, x, ref, err_ref, leaf_errors):
     if leaf_errors:
         grad0 = None
     else:
-        from sae_vision_ext.circuits.linearise import resid_post_gradients
+        from sae_vision_ext.circuits.replacement.linearise import resid_post_gradients
 
         grad0 = resid_post_gradients(rrm.model, x, lambda o: o[0] @ direction)[1][0][0]
     gf1 = g_feat(1, g_last[0])
@@ -136,7 +136,7 @@ def test_staged_rows_equal_plain_vjp_rows_on_every_adapter_family(variant, mix_f
     attention half in either order) against plain batched VJPs through the whole frozen block, float64."""
     from helpers import build_native
 
-    from sae_vision_ext.circuits import rows
+    from sae_vision_ext.circuits.engine import rows
 
     monkeypatch.setattr(rows, "mix_first", lambda *args: mix_first)
     model = HookedViT.from_model(build_native(variant)).double()

@@ -142,3 +142,30 @@ def test_public_api_is_typed():
         if f.returns is None:
             problems.append(f"{where}.{f.name} -> (no return annotation)")
     assert not problems, "untyped public API:\n" + "\n".join(problems)
+
+
+CIRCUITS_LEVELS = {"replacement": 0, "graph": 1, "engine": 2, "models": 3, "evaluate": 4, "": 5}
+"""Inside ``circuits/`` (docs/architecture.md): a replacement kind (``replacement/``) knows no graph; the
+graph type, its operations and exports (``graph/``) name a replacement model only in annotations;
+the engines (``engine/``) build graphs from a replacement model; ``models.py`` joins a kind with the
+engines' methods; evaluation (``evaluate/``) uses all of them."""
+
+
+def _circuits_part(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] != "circuits":
+        return None
+    return parts[2] if len(parts) > 2 else ""
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _circuits_part(m) is not None))
+def test_circuits_layers_go_one_way_and_keep_private_names(module):
+    mine = _circuits_part(module)
+    assert mine in CIRCUITS_LEVELS, f"{module}: add its folder to CIRCUITS_LEVELS and docs/architecture.md"
+    for target, names in _imports(module):
+        theirs = _circuits_part(target)
+        if theirs is None or theirs == mine or target not in MODULES:
+            continue
+        assert CIRCUITS_LEVELS[theirs] < CIRCUITS_LEVELS[mine], f"{module} imports {target} (upwards in circuits/)"
+        private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+        assert not private, f"{module} imports private {private} from {target}"

@@ -1,4 +1,4 @@
-"""Attribution through attention (``circuits/attention.py``), in float64 on every adapter family:
+"""Attribution through attention (``circuits/engine/attention.py``), in float64 on every adapter family:
 
 - head loadings: the parts of an edge (direct + one per head) sum to the edge the graph's own engine computed
   (closed-form rows, a different code path), and the direct part vanishes between positions one block apart;
@@ -13,9 +13,9 @@ import torch
 from helpers import VARIANTS, images, make_sae, rrm_with
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attention import head_loadings, qk_attribution
-from sae_vision_ext.circuits.attribution import Attributor
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attention import head_loadings, qk_attribution
+from sae_vision_ext.circuits.engine.attribution import Attributor
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 
 def _graph(rrm, x):

@@ -7,8 +7,8 @@ import torch
 from helpers import build_native, check_exact, images, make_sae, rrm_for
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor, _Leaves
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attribution import Attributor, _Leaves
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 from sae_vision_ext.saes import affine
 
 
@@ -203,7 +203,7 @@ def test_budgeted_exploration_follows_influence_and_keeps_rows_exact():
     unexplored = [i for i, k in enumerate(part.node_kind) if k == "feature" and i not in explored]
     assert B[unexplored].abs().sum() == 0
     # the first batch is the top-influence features as seen from the target rows alone
-    from sae_vision_ext.circuits.graph_ops import influence, normalised_abs
+    from sae_vision_ext.circuits.graph.ops import influence, normalised_abs
 
     t = [i for i, k in enumerate(full.node_kind) if k == "target"]
     only_targets = torch.zeros_like(A)

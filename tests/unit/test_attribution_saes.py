@@ -16,8 +16,8 @@ import torch
 from helpers import ARCHS, FAMILIES, NORMS, build_native, check_exact, images, make_sae, one_per_adapter, rrm_with
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attribution import Attributor
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 from sae_vision_ext.saes import affine
 
 pytestmark = pytest.mark.slow

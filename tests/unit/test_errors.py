@@ -132,7 +132,7 @@ def test_a_half_precision_sae_splices_into_a_float32_model(hooked):
 
 
 def test_sae_of_another_model_and_inactive_or_out_of_range_interventions_are_named():
-    from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+    from sae_vision_ext.circuits.models import ResidualReplacementModel
 
     model = HookedViT.from_pretrained("sve:shapes-vit")
     saes = [sve.load_sae(f"sve:shapes-vit/blocks.{layer}.hook_resid_post") for layer in (1, 2)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import images, rrm_for
 
-from sae_vision_ext.circuits.graph import AttributionGraph
-from sae_vision_ext.circuits.graph_ops import influence, normalised_abs
-from sae_vision_ext.circuits.nodes import cantor_pair, cantor_unpair, node_ids
+from sae_vision_ext.circuits.graph.graph import AttributionGraph
+from sae_vision_ext.circuits.graph.nodes import cantor_pair, cantor_unpair, node_ids
+from sae_vision_ext.circuits.graph.ops import influence, normalised_abs
 
 
 def hand_graph() -> AttributionGraph:

@@ -11,8 +11,8 @@ import torch
 from helpers import build_native, check_exact, images, make_sae, rrm_with
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits.attribution import Attributor
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.engine.attribution import Attributor
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 
 @torch.no_grad()

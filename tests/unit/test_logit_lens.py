@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import ARCHS, FAMILIES, NORMS, images, rrm_with
 
-from sae_vision_ext.circuits.linearise import frozen_hooks, pre_capture_hooks, record
-from sae_vision_ext.circuits.logit_lens import logit_lens, top_bottom
+from sae_vision_ext.circuits.evaluate.logit_lens import logit_lens, top_bottom
+from sae_vision_ext.circuits.replacement.linearise import frozen_hooks, pre_capture_hooks, record
 from sae_vision_ext.saes import affine
 
 

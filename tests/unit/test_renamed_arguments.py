@@ -10,7 +10,7 @@ import torch
 from helpers import images, rrm_for
 
 from sae_vision_ext._compat import renamed_kwargs
-from sae_vision_ext.circuits.attribution import Attributor
+from sae_vision_ext.circuits.engine.attribution import Attributor
 from sae_vision_ext.saes.evaluate import evaluate_sae
 from sae_vision_ext.vis.stats import collect_feature_stats
 

@@ -8,7 +8,7 @@ import torch
 from helpers import build_native, identity_sae, images
 
 import sae_vision_ext as sve
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 
 @pytest.fixture(scope="module")

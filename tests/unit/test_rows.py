@@ -1,4 +1,4 @@
-"""The closed-form row engine (``circuits/rows.py``) and the row store (``circuits/row_store.py``)
+"""The closed-form row engine (``circuits/engine/rows.py``) and the row store (``circuits/engine/row_store.py``)
 against the autograd reference, float64.
 
 Every row of the position-resolved graph computed in closed form equals the plain batched VJP rows
@@ -16,11 +16,11 @@ import torch
 from helpers import ARCHS, FAMILIES, build_native, images, make_sae, rrm_with
 
 from sae_vision_ext import HookedViT
-from sae_vision_ext.circuits import graph_ops
-from sae_vision_ext.circuits.attribution import Attributor
-from sae_vision_ext.circuits.replacement import ResidualReplacementModel
-from sae_vision_ext.circuits.row_store import RowStore
-from sae_vision_ext.circuits.rows import row_macs
+from sae_vision_ext.circuits.engine.attribution import Attributor
+from sae_vision_ext.circuits.engine.row_store import RowStore
+from sae_vision_ext.circuits.engine.rows import row_macs
+from sae_vision_ext.circuits.graph import ops as graph_ops
+from sae_vision_ext.circuits.models import ResidualReplacementModel
 
 
 def _both(rrm, x, **kw):

@@ -1,5 +1,5 @@
-"""Automatic supernodes (``circuits/supernodes.py``): partitions that keep the sum rule, agree with the graph's own
-token aggregation, and load in circuit-tracer's own pydantic models."""
+"""Automatic supernodes (``circuits/graph/supernodes.py``): partitions that keep the sum rule, agree with
+the graph's own token aggregation, and load in circuit-tracer's own pydantic models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import _circuit_tracer, images, rrm_for
 
-from sae_vision_ext.circuits.graph_ops import node_influence
-from sae_vision_ext.circuits.supernodes import (
+from sae_vision_ext.circuits.graph.ops import node_influence
+from sae_vision_ext.circuits.graph.supernodes import (
     _regions,
     group_nodes,
     influence_coverage,

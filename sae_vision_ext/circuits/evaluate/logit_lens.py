@@ -1,7 +1,7 @@
 """Logit lens of SAE features: what each feature's decoder direction does to the class logits.
 
 For an SAE on ``blocks.{l}.hook_resid_post`` and a reference image, freeze the model at that
-image (attention patterns, norm scales and MLP gates, ``linearise.py``; the SAE's input statistics
+image (attention patterns, norm scales and MLP gates, ``replacement/linearise.py``; the SAE's input statistics
 at the image's tokens, ``saes/affine.py``). Then
 
     effect[f, c] = Σ_p <∂(z_c − mean_c' z_c') / ∂x_l[p], d_f[p]>
@@ -25,15 +25,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .._hooks import resid_post
-from ..saes import affine
-from ..vis.lens import top_bottom
-from .linearise import frozen_hooks, pre_capture_hooks, record
+from ..._hooks import resid_post
+from ...saes import affine
+from ...vis.lens import top_bottom
+from ..replacement.linearise import frozen_hooks, pre_capture_hooks, record
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
 
 __all__ = ["logit_lens", "top_bottom"]
 

@@ -7,7 +7,7 @@ the feature is inactive (a TopK feature is active on a few tokens). Rows are nev
 ``[T, d_model]`` gradients: what a graph needs is their inner products with the source directions at
 each token (:class:`Sources`: active features' effective decoder rows, error vectors, inputs), so
 :func:`block_rows` returns ``proj[r, p, k] = <row_r[p], dirs[p, k]>``. Under the frozen linearisation
-(``linearise.py``, ``saes/affine.py``), going backwards from the target:
+(``replacement/linearise.py``, ``saes/affine.py``), going backwards from the target:
 
 1. SAE encoder: ``∂h[p, f]/∂resid_post[p] = s[p]·P W_h[:, f]`` (``s`` the frozen input scale, ``P``
    the centring projection for ``layer_norm``): a rank-one cotangent ``u`` on the row's active tokens.
@@ -43,11 +43,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..saes import affine
-from .linearise import frozen_hooks, pre_capture_hooks
+from ...saes import affine
+from ..replacement.linearise import frozen_hooks, pre_capture_hooks
 
 if TYPE_CHECKING:
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
 
 
 class Workspace:

@@ -7,11 +7,11 @@
   pruning: links kept by ``prune`` between kept nodes; nodes kept by ``prune`` that touch a kept
   link, plus every input and target. ``influence`` is circuit-tracer's cumulative share (what its
   pruning slider compares with ``node_threshold``); our raw influence is the extra field
-  ``influence_raw``. Ids, feature codes and clerps come from ``nodes.py``.
+  ``influence_raw``. Ids, feature codes and clerps come from ``graph/nodes.py``.
 - ``graph-metadata.json``: the list of graphs in the folder (the entry for ``slug`` replaced).
 - ``features/<code>.json`` (``features=True``): one file per exported feature in circuit-tracer's
   feature format (``frontend/feature_models.Model``), with ``metadata.scan = "./data/features"``
-  so its feature panel reads them from the served folder instead of the Hub (``feature_files.py``:
+  so its feature panel reads them from the served folder instead of the Hub (``graph/feature_files.py``:
   examples of the traced image and of the top images of ``stats``; density, percentiles and
   histogram from ``stats``), and ``features/<code>.png``, the feature's thumbnail (the traced
   image ``pixels`` under its activation map and its top images), which the node's ``vis_link``
@@ -35,11 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .._compat import renamed_kwargs
-from .._hooks import resid_post
-from .._io import atomic_write, atomic_write_text
+from ..._compat import renamed_kwargs
+from ..._hooks import resid_post
+from ..._io import atomic_write, atomic_write_text
 from .feature_files import feature_files, thumbnail, traced_maps
-from .graph_ops import node_influence
 from .nodes import (
     cantor_unpair,
     clerps,
@@ -49,11 +48,12 @@ from .nodes import (
     position_labels,
     readout_position,
 )
+from .ops import node_influence
 
 if TYPE_CHECKING:
-    from ..vis.stats import FeatureStats
+    from ...vis.stats import FeatureStats
+    from ..replacement.base import ReplacementModelBase
     from .graph import AttributionGraph
-    from .replacement_base import ReplacementModelBase
 
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",
@@ -246,7 +246,7 @@ def _write_thumbnails(
     stats_pixels: Tensor | None,
 ) -> None:
     """``features/<code>.png`` for every record (``feature_files.thumbnail``)."""
-    from ..vis.plots import display_images
+    from ...vis.plots import display_images
 
     traced_rgb = display_images(rrm.model, pixels[:1])[0] if rrm is not None and pixels is not None else None
     used = sorted({i for rows in top_rows.values() for i, _ in rows})

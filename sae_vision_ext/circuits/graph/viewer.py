@@ -12,7 +12,7 @@ a node's label; a slider hides nodes beyond a cumulative-influence share (circui
 browser and downloadable as circuit-tracer's ``qParams.supernodes``. With ``aggregated`` (from
 ``rrm.attribute_aggregated``) a second tab draws the paper's token-aggregated circuit as cards.
 
-Node ids, labels and feature codes come from ``nodes.py``; a pruned graph shows what
+Node ids, labels and feature codes come from ``graph/nodes.py``; a pruned graph shows what
 ``export.write_circuit_tracer`` exports; an unpruned graph shows every node with each node's
 ``max_edges_per_node`` strongest inputs and outputs. Everything is embedded: no server, no network.
 """
@@ -30,18 +30,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._compat import renamed_kwargs
-from .._hooks import resid_post
+from ..._compat import renamed_kwargs
+from ..._hooks import resid_post
 from .export import cumulative_share, exported_masks
-from .graph_ops import edges, node_influence
 from .nodes import clerps, node_ids, position_labels
+from .ops import edges, node_influence
 
 if TYPE_CHECKING:
-    from ..models.hooked_vit import HookedViT
-    from ..vis.stats import FeatureStats
-    from .aggregated import AggregatedGraph
-    from .graph import AttributionGraph
-    from .replacement_base import ReplacementModelBase
+    from ...models.hooked_vit import HookedViT
+    from ...vis.stats import FeatureStats
+    from ..replacement.base import ReplacementModelBase
+    from .graph import AggregatedGraph, AttributionGraph
 
 
 def _png_data_uri(rgb: np.ndarray) -> str:
@@ -55,7 +54,7 @@ def _png_data_uri(rgb: np.ndarray) -> str:
 def _image_uri(model: HookedViT, pixels: Tensor, max_side: int = 192) -> str:
     from PIL import Image
 
-    from ..vis.plots import display_images
+    from ...vis.plots import display_images
 
     rgb = (display_images(model, pixels)[0] * 255).astype(np.uint8)
     im = Image.fromarray(rgb)
@@ -261,7 +260,7 @@ def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each docu
     ``dashboard_dir`` is relative to ``path``'s folder (only existing pages are linked)."""
     import markupsafe
 
-    from ..vis.html import template_env
+    from ...vis.html import template_env
 
     path = Path(path)
     data = viewer_data(

@@ -1,7 +1,7 @@
 """``ResidualReplacementModel``: the replacement model with its attribution methods.
 
 Everything about the model itself (SAE layers, splicing, the frozen state, references,
-interventions) lives in :class:`~.replacement_base.ReplacementModelBase`, which the attribution,
+interventions) lives in :class:`~.replacement.base.ReplacementModelBase`, which the attribution,
 aggregation and evaluation modules build on; this subclass adds ``attribute`` and
 ``attribute_aggregated`` on top of them, so dependencies run one way (base -> engines -> this).
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .aggregated import AggregatedGraph, attribute_aggregated
-from .attribution import AttributionGraph, Attributor
-from .defaults import DEFAULT_MAX_FEATURE_NODES
-from .replacement_base import Reference, ReplacementModelBase
+from .engine.aggregated import attribute_aggregated
+from .engine.attribution import Attributor
+from .engine.defaults import DEFAULT_MAX_FEATURE_NODES
+from .graph.graph import AggregatedGraph, AttributionGraph
+from .replacement.base import Reference, ReplacementModelBase
 
 __all__ = ["Reference", "ResidualReplacementModel"]
 
@@ -31,7 +32,7 @@ class ResidualReplacementModel(ReplacementModelBase):
         *,
         progress: bool = False,
     ) -> AttributionGraph:
-        """Attribution graph of one image (see ``circuits/attribution.py``); ``target``: ``None`` for the
+        """Attribution graph of one image (see ``circuits/engine/attribution.py``); ``target``: ``None`` for the
         predicted class, a class id, or output direction(s). ``max_feature_nodes``: budget of feature
         rows, explored in order of influence (default 7,500, circuit-tracer's; ``None``: all).
         ``mlp_leaves``: MLP outputs as leaf nodes. ``progress``: a progress bar over rows."""
@@ -49,7 +50,7 @@ class ResidualReplacementModel(ReplacementModelBase):
         batch_size: int = 64,
         engine: str = "staged",
     ) -> AggregatedGraph:
-        """The seed paper's token-aggregated graph of one image (``circuits/aggregated.py``): per SAE
+        """The seed paper's token-aggregated graph of one image (``circuits/engine/aggregated.py``): per SAE
         layer a relevance per feature plus one error node, dense edges between consecutive SAE layers.
         ``reference``: ``self.reference_values(ref_pixels, kind="median")`` (default zero)."""
         return attribute_aggregated(

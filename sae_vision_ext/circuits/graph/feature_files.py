@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._hooks import resid_post
+from ..._hooks import resid_post
 from .nodes import cantor_pair, cantor_unpair
 
 if TYPE_CHECKING:
-    from ..vis.stats import FeatureStats
+    from ...vis.stats import FeatureStats
+    from ..replacement.base import ReplacementModelBase
     from .graph import AttributionGraph
-    from .replacement_base import ReplacementModelBase
 
 N_BINS = 30
 """Linear bins of the exported ``histogram``."""
@@ -44,7 +44,7 @@ THUMB = 96
 def stat_fields(stats: FeatureStats, feature: int) -> dict[str, Any]:
     """``activation_frequency``, ``quantile_values``, ``histogram`` and ``act_max`` of one feature
     from its statistics (see the module docstring); empty lists when it never fired."""
-    from ..vis.stats import HIST_EDGES
+    from ...vis.stats import HIST_EDGES
 
     counts = stats.hist[feature].double()
     freq = float(stats.fire_tokens[feature]) / stats.n_tokens if stats.n_tokens else 0.0

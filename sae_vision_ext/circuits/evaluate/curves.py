@@ -1,6 +1,6 @@
 """What circuit evaluations return: node fractions, curve metrics, AUC and the result type.
 
-Shared by ``evaluate.py`` (this package's protocol) and ``seed_protocol.py`` (the seed paper's).
+Shared by ``evaluate/circuit.py`` (this package's protocol) and ``evaluate/seed_protocol.py`` (the seed paper's).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class CircuitEvaluation:
     circuit_sizes: list[int] = field(default_factory=list)
     """Features kept by pruning, per image."""
     protocol: str = "ours"
-    """``ours`` (position-resolved graph, module docstring) or ``seed`` (``circuits/seed_protocol.py``)."""
+    """``ours`` (position-resolved graph, module docstring) or ``seed`` (``circuits/evaluate/seed_protocol.py``)."""
     errors: str = "recomputed"
     """What unedited SAE error terms do: ``recomputed`` from the edited residual (``ours``) or held at
     the ``clean`` image's values (``seed``, as the paper's code does)."""

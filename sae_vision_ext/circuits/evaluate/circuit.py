@@ -40,10 +40,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._hooks import resid_post, sae_acts
+from ..._hooks import resid_post, sae_acts
+from ..graph.ops import node_influence
+from ..replacement.base import Reference, ReplacementModelBase, reduce_reference
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
-from .graph_ops import node_influence
-from .replacement_base import Reference, ReplacementModelBase, reduce_reference
 
 
 class _Patcher:
@@ -84,7 +84,7 @@ def _neuron_ranking(rrm: ReplacementModelBase, pixels: Tensor, target_dir: Tenso
     """Residual neurons ``[n, 3]`` (SAE-layer slot, position, dim) of the SAE layers' residuals by
     |gradient × (activation − reference)|, gradients under the frozen linearisation of the model
     without SAEs."""
-    from .linearise import resid_post_gradients
+    from ..replacement.linearise import resid_post_gradients
 
     resid, grads = resid_post_gradients(rrm.model, pixels, lambda out: out[0] @ target_dir.to(out.dtype))
     resid, grads = [resid[b] for b in rrm.layers], [grads[b] for b in rrm.layers]
@@ -122,7 +122,7 @@ def _orders(sites_all: Tensor, infl: Tensor, refs: list[Tensor], gen: torch.Gene
 
 def _check_images(pixels: Tensor, labels: Tensor | None, reference_pixels: Tensor | None) -> Tensor | None:
     """``labels`` checked against ``pixels`` (one class id per image); ``ValueError`` for empty inputs."""
-    from ..data.checks import check_images
+    from ...data.checks import check_images
 
     if reference_pixels is not None and len(reference_pixels) == 0:
         raise ValueError("reference_pixels has 0 images; pass at least one, or None to use pixels.")
@@ -148,7 +148,7 @@ def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, e
     """Insertion/deletion curves, AUC, circuit faithfulness and influence-vs-ablation correlation,
     averaged over ``pixels`` (one attribution graph per image). ``reference_pixels`` (default:
     ``pixels``) give the reference values. ``protocol="seed"``: the seed paper's protocol on its
-    token-aggregated graph instead (``circuits/seed_protocol.py``: rankings ``relevance``, ``edge``,
+    token-aggregated graph instead (``circuits/evaluate/seed_protocol.py``: rankings ``relevance``, ``edge``,
     ``random``, ``neurons``; error terms held at the clean image's values; ``leaf_errors``, default
     ``True`` as in the paper, makes the graph's error nodes leaves); ``node_threshold``,
     ``max_feature_nodes`` and ``n_ablations`` do not apply there, ``leaf_errors`` only there."""

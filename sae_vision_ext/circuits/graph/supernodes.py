@@ -75,7 +75,7 @@ def group_nodes(
     """Supernodes of ``graph``'s feature nodes (module docstring), largest influence first. ``nodes``: a
     boolean mask of the nodes to group (default: ``graph.node_mask`` when pruned, else all); ``labels`` is
     required for ``by="label"``."""
-    from .graph_ops import node_influence
+    from .ops import node_influence
 
     if by not in _RULES:
         raise ValueError(f"by={by!r} is not a grouping rule; valid: {', '.join(_RULES)}.")
@@ -142,7 +142,7 @@ def supernode_graph(graph: AttributionGraph, groups: list[Supernode]) -> tuple[l
 def influence_coverage(graph: AttributionGraph, groups: list[Supernode] | None = None, share: float = 0.8) -> int:
     """How many feature nodes (``groups=None``) or groups are needed, strongest first, to hold ``share`` of
     the feature nodes' total influence (groups: their members' summed influence)."""
-    from .graph_ops import node_influence
+    from .ops import node_influence
 
     if not 0 < share <= 1:
         raise ValueError(f"share={share} must be in (0, 1].")

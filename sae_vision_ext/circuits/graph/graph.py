@@ -1,6 +1,6 @@
-"""``AttributionGraph``: the graph type of ``circuits/attribution.py``, with its pruning, scores,
-export and token-aggregated view (the algorithms live in ``graph_ops.py``, the circuit-tracer files in
-``export.py``, node names in ``nodes.py``).
+"""``AttributionGraph``: the graph type of ``circuits/engine/attribution.py``, with its pruning, scores,
+export and token-aggregated view (the algorithms live in ``graph/ops.py``, the circuit-tracer files in
+``graph/export.py``, node names in ``graph/nodes.py``).
 
 Node order (rows and columns of ``adjacency``): inputs (one per position), then per SAE layer (its
 block number in ``node_layer``) the MLP leaves (MLP-leaf mode), active features sorted by position
@@ -9,6 +9,7 @@ then feature, and one error node per position; then the targets.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,10 @@ class AttributionGraph:
         return self.adjacency.to_dense()
 
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
-        """A copy with ``node_mask``/``edge_mask`` set (see ``graph_ops.prune``)."""
+        """A copy with ``node_mask``/``edge_mask`` set (see ``graph/ops.py``: ``prune``)."""
         from dataclasses import replace
 
-        from .graph_ops import prune
+        from .ops import prune
 
         result = prune(self, node_threshold, edge_threshold)
         pruned = replace(
@@ -81,7 +82,7 @@ class AttributionGraph:
 
     def scores(self) -> dict[str, float]:
         """Replacement and completeness, unpruned and (if pruned) pruned."""
-        from .graph_ops import scores
+        from .ops import scores
 
         out = {f"{k}": v for k, v in scores(self).items()}
         if self.node_mask is not None:
@@ -116,3 +117,62 @@ class AttributionGraph:
 
 
 __all__ = ["AttributionGraph"]
+
+
+@dataclass
+class AggregatedGraph:
+    """The token-aggregated graph (module docstring). Per SAE layer ``i`` (block ``layers[i]``)."""
+
+    layers: list[int]
+    """Blocks with an SAE, ascending."""
+    relevance: list[Tensor]
+    """``[d_sae_i + 1]`` per layer: feature relevances, then the error node's."""
+    edges: list[Tensor]
+    """``edges[i]``: ``[d_sae_{i+1} + 1, d_sae_i + 1]`` (rows targets: the next layer's features then its
+    error node; columns sources), and for the last layer ``[1, d_sae + 1]`` into the output."""
+    target_class: int | None
+    target_value: float
+    """The target (demeaned logit) on the image."""
+    leaf_errors: bool
+    activation: list[Tensor] = field(default_factory=list)
+    """``[d_sae_i]``: each feature's activation summed over tokens."""
+
+    def to_json(self, path: str | Path | None = None, min_abs_edge: float = 0.0) -> dict[str, Any]:
+        """Nodes ``{layer, feature (-1: error), relevance, activation}`` and links ``{source, target,
+        weight}`` (ids ``"{layer}_{feature}"``, ``"{layer}_err"``, ``"output"``), edges with
+        ``|weight| > min_abs_edge``; written to ``path`` if given."""
+        nodes, links = [], []
+
+        def node_id(i: int, f: int) -> str:
+            return f"{self.layers[i]}_err" if f == len(self.relevance[i]) - 1 else f"{self.layers[i]}_{f}"
+
+        for i, rel in enumerate(self.relevance):
+            for f, r in enumerate(rel.tolist()):
+                is_err = f == len(rel) - 1
+                act = 0.0 if is_err else float(self.activation[i][f]) if self.activation else 0.0
+                if r != 0 or act != 0:
+                    nodes.append(
+                        {
+                            "id": node_id(i, f),
+                            "layer": self.layers[i],
+                            "feature": -1 if is_err else f,
+                            "relevance": r,
+                            "activation": act,
+                        }
+                    )
+        nodes.append({"id": "output", "layer": None, "feature": self.target_class, "relevance": self.target_value})
+        for i, e in enumerate(self.edges):
+            rows, cols = (e.abs() > min_abs_edge).nonzero(as_tuple=True)
+            for t, s in zip(rows.tolist(), cols.tolist(), strict=True):
+                target = "output" if i == len(self.edges) - 1 else node_id(i + 1, t)
+                links.append({"source": node_id(i, s), "target": target, "weight": float(e[t, s])})
+        out = {
+            "layers": self.layers,
+            "target_class": self.target_class,
+            "leaf_errors": self.leaf_errors,
+            "nodes": nodes,
+            "links": links,
+        }
+        if path is not None:
+            Path(path).write_text(json.dumps(out))
+        return out

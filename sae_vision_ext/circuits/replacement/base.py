@@ -32,15 +32,15 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._hooks import resid_post, sae_acts, sae_error
-from ..models.splicing import warn_if_trained_on_another_model
-from ..saes import affine
-from ..saes.affine import FrozenNorm
+from ..._hooks import resid_post, sae_acts, sae_error
+from ...models.splicing import warn_if_trained_on_another_model
+from ...saes import affine
+from ...saes.affine import FrozenNorm
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
 
 Reference = Literal["zero", "mean", "median"]
 
@@ -280,7 +280,7 @@ class ReplacementModelBase:
         Per row: ``n_spliced``, ``top1_agreement``, ``kl`` (clean || spliced, for classifiers),
         ``cosine`` (of the outputs), and ``accuracy`` / ``accuracy_clean`` with labels.
         """
-        from ..data.checks import check_images
+        from ...data.checks import check_images
 
         labels = check_images("faithfulness", pixels, labels, batch_size)
         chunks = [slice(i, i + batch_size) for i in range(0, len(pixels), batch_size)]

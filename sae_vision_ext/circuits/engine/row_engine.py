@@ -1,5 +1,5 @@
 """The row engine of ``Attributor``: for a batch of targets of one layer, their edge weights onto the
-previous layer's sources, by the closed form of ``rows.py`` or by batched VJPs, with the source
+previous layer's sources, by the closed form of ``engine/rows.py`` or by batched VJPs, with the source
 directions built once per image (and ``ln1``-folded once per block)."""
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..saes import affine
+from ...saes import affine
 from .rows import Sources, Workspace, block_rows, row_macs
 
 if TYPE_CHECKING:
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
     from .attribution import Attributor, _Leaves
 
 
 class RowEngine:
     """Rows of one traced image for an ``Attributor`` ``att`` (its ``model``, ``rrm``, ``engine``, ``mlp``;
-    ``attribution.py``'s module docstring): closed form through one block where a layer's
-    block reads the previous SAE layer directly (``rows.py``), plain batched VJPs elsewhere (logit
+    ``engine/attribution.py``'s module docstring): closed form through one block where a layer's
+    block reads the previous SAE layer directly (``engine/rows.py``), plain batched VJPs elsewhere (logit
     targets, MLP-leaf mode, blocks between SAE layers) or everywhere with ``engine="autograd"``; both
     project on the same per-token source directions."""
 

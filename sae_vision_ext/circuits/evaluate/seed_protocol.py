@@ -1,5 +1,5 @@
 """The seed paper's circuit evaluation protocol (Kim et al. 2025; authors' ``model_faithfulness.py`` and
-``utils/functions/graph.py``), on the token-aggregated graph (``circuits/aggregated.py``).
+``utils/functions/graph.py``), on the token-aggregated graph (``circuits/engine/aggregated.py``).
 
 Per image and per fraction ``q`` of the paper's list (``FRACTIONS``), nodes are chosen per SAE layer:
 
@@ -39,12 +39,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._hooks import resid_post, sae_acts
+from ..._hooks import resid_post, sae_acts
+from ..replacement.base import Reference, ReplacementModelBase, reduce_reference
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
-from .replacement_base import Reference, ReplacementModelBase, reduce_reference
 
 if TYPE_CHECKING:
-    from .aggregated import AggregatedGraph
+    from ..graph.graph import AggregatedGraph
 
 SEED_RANKINGS = ("relevance", "edge", "random", "neurons")
 
@@ -150,7 +150,7 @@ def _neuron_outputs(rrm: ReplacementModelBase, x: Tensor, masks: list[list[Tenso
 
 
 def _neuron_relevance(rrm: ReplacementModelBase, x: Tensor, direction: Tensor, refs: list[Tensor]) -> list[Tensor]:
-    from .linearise import resid_post_gradients
+    from ..replacement.linearise import resid_post_gradients
 
     resid, grads = resid_post_gradients(rrm.model, x, lambda out: out[0] @ direction.to(out.dtype))
     return [(grads[b][0] * (resid[b][0] - ref)).sum(0) for b, ref in zip(rrm.layers, refs, strict=True)]

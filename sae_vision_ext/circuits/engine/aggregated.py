@@ -35,85 +35,24 @@ per feature active somewhere in the next layer (not one per feature of the dicti
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .._hooks import sae_acts, sae_error
-from ..saes import affine
-from .replacement_base import ReplacementModelBase
+from ..._hooks import sae_acts, sae_error
+from ...saes import affine
+from ..graph.graph import AggregatedGraph
+from ..replacement.base import ReplacementModelBase
 from .rows import Sources, Workspace, active_tokens, block_rows
 
 if TYPE_CHECKING:
     from .attribution import _Leaves
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class AggregatedGraph:
-    """The token-aggregated graph (module docstring). Per SAE layer ``i`` (block ``layers[i]``)."""
-
-    layers: list[int]
-    """Blocks with an SAE, ascending."""
-    relevance: list[Tensor]
-    """``[d_sae_i + 1]`` per layer: feature relevances, then the error node's."""
-    edges: list[Tensor]
-    """``edges[i]``: ``[d_sae_{i+1} + 1, d_sae_i + 1]`` (rows targets: the next layer's features then its
-    error node; columns sources), and for the last layer ``[1, d_sae + 1]`` into the output."""
-    target_class: int | None
-    target_value: float
-    """The target (demeaned logit) on the image."""
-    leaf_errors: bool
-    activation: list[Tensor] = field(default_factory=list)
-    """``[d_sae_i]``: each feature's activation summed over tokens."""
-
-    def to_json(self, path: str | Path | None = None, min_abs_edge: float = 0.0) -> dict[str, Any]:
-        """Nodes ``{layer, feature (-1: error), relevance, activation}`` and links ``{source, target,
-        weight}`` (ids ``"{layer}_{feature}"``, ``"{layer}_err"``, ``"output"``), edges with
-        ``|weight| > min_abs_edge``; written to ``path`` if given."""
-        nodes, links = [], []
-
-        def node_id(i: int, f: int) -> str:
-            return f"{self.layers[i]}_err" if f == len(self.relevance[i]) - 1 else f"{self.layers[i]}_{f}"
-
-        for i, rel in enumerate(self.relevance):
-            for f, r in enumerate(rel.tolist()):
-                is_err = f == len(rel) - 1
-                act = 0.0 if is_err else float(self.activation[i][f]) if self.activation else 0.0
-                if r != 0 or act != 0:
-                    nodes.append(
-                        {
-                            "id": node_id(i, f),
-                            "layer": self.layers[i],
-                            "feature": -1 if is_err else f,
-                            "relevance": r,
-                            "activation": act,
-                        }
-                    )
-        nodes.append({"id": "output", "layer": None, "feature": self.target_class, "relevance": self.target_value})
-        for i, e in enumerate(self.edges):
-            rows, cols = (e.abs() > min_abs_edge).nonzero(as_tuple=True)
-            for t, s in zip(rows.tolist(), cols.tolist(), strict=True):
-                target = "output" if i == len(self.edges) - 1 else node_id(i + 1, t)
-                links.append({"source": node_id(i, s), "target": target, "weight": float(e[t, s])})
-        out = {
-            "layers": self.layers,
-            "target_class": self.target_class,
-            "leaf_errors": self.leaf_errors,
-            "nodes": nodes,
-            "links": links,
-        }
-        if path is not None:
-            Path(path).write_text(json.dumps(out))
-        return out
 
 
 def attribute_aggregated(
@@ -131,11 +70,11 @@ def attribute_aggregated(
     (``rrm.reference_values(ref_pixels, kind="median")``; default zero); ``error_reference``: per layer
     ``[pos, d_model]`` (``rrm.reference_values(..., of="errors")``; default zero). ``target``: class id
     (default: the predicted class), its logit demeaned over classes. ``engine``: ``staged`` rows
-    (``circuits/rows.py``) where a block reads the previous SAE layer directly, else plain batched
+    (``circuits/engine/rows.py``) where a block reads the previous SAE layer directly, else plain batched
     VJPs; ``autograd`` uses plain VJPs everywhere (the reference the staged rows are tested against)."""
+    from ..graph.ops import check_target
+    from ..replacement.linearise import resid_post_gradients
     from .attribution import Attributor, _Leaves
-    from .graph_ops import check_target
-    from .linearise import resid_post_gradients
 
     target = check_target(target)  # TypeError/ValueError for 2.0, "3", True, -1 before any work
     if isinstance(target, Tensor):
@@ -222,7 +161,7 @@ class _PairRows:
     """The edges between consecutive SAE layers of one image's frozen forward (``pre``: each layer's
     target pre-activations; ``leaves``: the spliced residuals; ``mids``: each block's
     ``resid_mid``): one row per target feature active somewhere, gradient-weighted and summed over
-    tokens, in closed form (``rows.py``) where the block reads the previous SAE layer directly and
+    tokens, in closed form (``engine/rows.py``) where the block reads the previous SAE layer directly and
     ``engine`` is ``staged``, else by batched VJPs."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """Attribution through attention: an edge split over heads, and a pre-softmax score split into feature pairs.
 
-Both hold under the frozen linearisation of ``circuits/linearise.py`` (attention patterns, LayerNorm scales
+Both hold under the frozen linearisation of ``circuits/replacement/linearise.py`` (attention patterns, LayerNorm scales
 and MLP gates at their clean values on the traced image), on a :class:`ReplacementModelBase` with SAEs on the
 residual stream.
 
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .._hooks import resid_post, sae_acts
-from ..saes import affine
+from ..._hooks import resid_post, sae_acts
+from ...saes import affine
 
 if TYPE_CHECKING:
     from jaxtyping import Float
 
-    from .replacement_base import ReplacementModelBase
+    from ..replacement.base import ReplacementModelBase
 
 Node = tuple[int, int, int]
 """``(layer, position, feature)``: a feature node (layer: the block whose residual output the SAE reads)."""
@@ -182,7 +182,7 @@ def _frozen_batch(
     """``rrm.intervene(freeze=True)``'s forward for a batch of copies of the image: every row but the first
     has ``source`` set to 0, and row ``b`` gates ``block``'s heads by ``masks[b]`` (a closed head keeps the
     first row's clean ``hook_z``). Returns the outputs and the pre-activations of layer ``t_layer``'s SAE."""
-    from .linearise import frozen_hooks, pre_capture_hooks
+    from ..replacement.linearise import frozen_hooks, pre_capture_hooks
 
     model = rrm.model
     s_layer, s_pos, s_feat = source

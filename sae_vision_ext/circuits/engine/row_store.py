@@ -45,7 +45,7 @@ class RowStore:
         self.n_edges += weights.numel()
 
     def influence(self) -> Tensor:
-        """``w (Â + Â² + …)`` over the stored rows (``graph_ops``: ``Â = |A| / rowsum|A|``): with the
+        """``w (Â + Â² + …)`` over the stored rows (``graph/ops.py``: ``Â = |A| / rowsum|A|``): with the
         blocks taken from the highest level down, ``I[s] = Σ_t (w_t + I_t)·Â[t, s]`` is exact in one pass."""
         infl = torch.zeros(self.n_nodes, dtype=torch.float64, device=self.w.device)
         for block in sorted(self.blocks, key=lambda b: -b.level):

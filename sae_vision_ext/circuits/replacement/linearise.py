@@ -12,7 +12,7 @@ input, so:
 
 - on the traced image the frozen forward equals the clean forward;
 - the residual after each layer's splice, ``x_l = Σ_f a_{l,p,f} W_dec^l[f] + b_dec^l + e_l[p]``, is
-  made a gradient leaf (by the attribution engines, ``attribution.py``), so a target at layer
+  made a gradient leaf (by the attribution engines, ``engine/attribution.py``), so a target at layer
   ``l + 1`` (or a logit, reading ``x_{L-1}``) has gradient only at its adjacent leaf;
 - gradients do not flow through patterns, scales, gates, SAE encoders or error terms.
 """
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .._hooks import block_hook, resid_post
+from ..._hooks import block_hook, resid_post
 
 if TYPE_CHECKING:
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
 
 
 def gate(act_fn: str, pre: Tensor) -> Tensor:

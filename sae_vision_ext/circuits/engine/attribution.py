@@ -14,7 +14,7 @@ Edges (``A[target, source]``, circuit-tracer's orientation) run between consecut
 feature of SAE layer ``l`` receives from the previous SAE layer (the first from the inputs), a target
 from the last SAE layer; blocks without an SAE in between (for example the last block, in the seed
 paper's setting) are part of the frozen map an edge goes through. With patterns, LayerNorm scales
-and MLP gates frozen at their values on this image (``linearise.py``) and every SAE's input
+and MLP gates frozen at their values on this image (``replacement/linearise.py``) and every SAE's input
 normalisation frozen at its clean statistics (``saes/affine.py``: the ``layer_norm`` std, the
 ``constant_norm_rescale`` factor), the target's pre-activation ``h_t`` (the value an active
 feature's activation equals: decoder-norm rescaling and the gated magnitude path included) is
@@ -30,7 +30,7 @@ residual is replaced by its bias, so ``Σ_s A[t, s] + constant[t] = h_t`` is a c
 definition (``tests/unit/test_attribution.py``, ``tests/unit/test_attribution_saes.py``).
 Rows come from one frozen forward of the image. For ``batch_size`` feature targets of one layer at
 a time whose block reads the previous SAE layer directly, rows are computed in closed form on each
-target's token (``rows.py``: the rank-one encoder cotangent, the MLP half on the targets' tokens,
+target's token (``engine/rows.py``: the rank-one encoder cotangent, the MLP half on the targets' tokens,
 the value path of the attention half). Logit targets, the MLP-leaf mode and blocks between SAE
 layers use a plain batched VJP from the target. Source edges project the gradient onto the active
 features' decoder rows only.
@@ -48,14 +48,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._compat import renamed_kwargs
-from .._hooks import resid_post, sae_acts, sae_error
-from ..saes import affine
-from .graph import AttributionGraph
-from .graph_ops import cache_influence, check_target, resolve_targets, target_probs, target_weights
-from .linearise import frozen_hooks, pre_capture_hooks
-from .nodes import NodeTable
-from .replacement_base import ReplacementModelBase
+from ..._compat import renamed_kwargs
+from ..._hooks import resid_post, sae_acts, sae_error
+from ...saes import affine
+from ..graph.graph import AttributionGraph
+from ..graph.nodes import NodeTable
+from ..graph.ops import cache_influence, check_target, resolve_targets, target_probs, target_weights
+from ..replacement.base import ReplacementModelBase
+from ..replacement.linearise import frozen_hooks, pre_capture_hooks
 from .row_engine import RowEngine, estimate
 from .row_store import RowStore
 
@@ -97,7 +97,7 @@ class Attributor:
     graph shows how much of a circuit runs through MLPs rather than through attention.
 
     ``engine``: ``"staged"`` computes rows in closed form where a block reads the previous SAE layer
-    directly (``rows.py``) and by batched VJPs elsewhere; ``"autograd"`` uses VJPs everywhere (the
+    directly (``engine/rows.py``) and by batched VJPs elsewhere; ``"autograd"`` uses VJPs everywhere (the
     reference the closed form is tested against). ``update_interval``: with a node budget, influence is
     recomputed every this many batches of rows (circuit-tracer's ``update_interval``).
     """

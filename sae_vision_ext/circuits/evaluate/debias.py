@@ -7,7 +7,7 @@ is present, 0 where absent; nothing says *where* in the image it is):
    ``argmax_c P(pred = c | attr) − P(pred = c | no attr)``.
 2. Conflict images: attribute present, label ≠ associated class, predicted as the associated class.
 3. Attribution evidence: for every SAE feature of every layer, its total effect on the logit
-   difference ``associated − label`` under the frozen linearisation (``linearise.py``: patterns,
+   difference ``associated − label`` under the frozen linearisation (``replacement/linearise.py``: patterns,
    LayerNorm scales and MLP gates frozen), i.e. ``Σ_pos a · <∂Δlogit/∂resid_post_l, d_f[pos]>``
    with ``d_f`` the effective decoder direction (``saes/affine.py``: ``σ*·W_dec[f]/|W_dec[f]|``),
    averaged over conflict images, minus the same average over control images (attribute absent,
@@ -37,14 +37,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._hooks import resid_post, sae_acts
-from ..saes import affine
-from .replacement import ResidualReplacementModel
+from ..._hooks import resid_post, sae_acts
+from ...saes import affine
+from ..models import ResidualReplacementModel
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from ..models.hooked_vit import HookedViT
+    from ...models.hooked_vit import HookedViT
 
 N_GRID = (1, 2, 4, 8, 16, 32, 64)
 
@@ -137,7 +137,7 @@ def _ablated_logits(
 def _attribution(rrm: ResidualReplacementModel, pixels: Tensor, labels: Tensor, assoc: int) -> Tensor:
     """``[n_sae_layers, max d_sae]`` (zero-padded where an SAE is narrower): mean total effect of each
     feature on ``logit[assoc] − logit[label]``."""
-    from .linearise import resid_post_gradients
+    from ..replacement.linearise import resid_post_gradients
 
     total = torch.zeros(rrm.n_layers, max(sae.cfg.d_sae for sae in rrm.saes), dtype=torch.float64)
     for start in range(0, len(pixels), 64):
