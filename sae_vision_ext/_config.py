@@ -57,6 +57,27 @@ class ConfigMixin:
         return cls.from_dict(data)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), whitespace collapsed and
+    reST double backticks dropped: the one description of a field, also shown by ``--help``. Fields
+    without one (or a class whose source is not available) are left out."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        text = getattr(getattr(after, "value", None), "value", None)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(text, str):
+            docs[node.target.id] = " ".join(text.replace("``", "").split())
+    return docs
+
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 """The file suffixes ``ConfigMixin.from_file`` reads."""
 

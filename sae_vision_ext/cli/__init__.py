@@ -28,32 +28,13 @@ from ._shared import _preflight
 from .bench import add_bench_command
 from .features import _cmd_analyse, _cmd_dashboard, _cmd_faithfulness, _cmd_trace
 from .setup import _cmd_demo, _cmd_hooks, _cmd_models, _cmd_saes
-from .training import _CONFIG_FLAGS, _cmd_cache, _cmd_eval, _cmd_train
-
-_CONFIG_HELP = {  # help of the config flags of cache and train (VisionSAETrainingConfig's fields)
-    "model_name": "model id: timm:, open_clip:, hf: or sve: (e.g. sve:shapes-vit)",
-    "hook_names": "hooks to train on: all_resid_post (all_resid_pre|mid, all_attn_out, all_mlp_out) or one hook name",
-    "dataset": "image source: sve:shapes, an image folder or a datasets.save_to_disk folder",
-    "n_images": "images drawn from sve:shapes (folders use all their images)",
-    "token_selection": "tokens that train the SAEs: all | patches | cls | prefix | no_registers",
-    "architecture": "SAELens training architecture: standard, topk, batchtopk, jumprelu, ...",
-    "k": "active features per token (topk, batchtopk, matryoshka_batchtopk)",
-    "expansion_factor": "SAE width as a multiple of d_in (when d_sae is not set)",
-    "training_tokens": "tokens each SAE sees in total",
-    "train_batch_size": "tokens per SAE training step",
-    "lr": "Adam learning rate",
-    "output_dir": "each SAE is saved in SAELens format under OUTPUT_DIR/<hook_name>",
-    "cache_dir": "harvest into an on-disk activation cache under this folder (none: harvest live)",
-    "cache_dtype": "storage dtype of the activation cache: float32, float16 or bfloat16",
-    "device": "device of the model and SAEs: cpu, cuda or cuda:<i>",
-    "seed": "seed of the data: image draw, cache key, shuffling",
-    "init_seed": "seed of the SAE initialisation (none: --seed)",
-}
+from .training import _CONFIG_FLAGS, YAML_ONLY, _cmd_cache, _cmd_eval, _cmd_train
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default: ``(required)`` for required ones, and for the config
-    flags of cache/train the config's default (read when help is shown, so parsing stays light)."""
+    flags of cache/train the config field's docstring and default (read when help is shown, so parsing
+    stays light)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -61,10 +42,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if field is not None:
             import dataclasses
 
+            from .._config import field_docs
             from ..training.config import VisionSAETrainingConfig
 
             (f,) = (f for f in dataclasses.fields(VisionSAETrainingConfig) if f.name == field)
-            return text + f" (default: the --config file's value, else {f.default!r})".replace("%", "%%")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            text = field_docs(VisionSAETrainingConfig).get(field, text)
+            if getattr(action.type, "__name__", "").endswith("|none"):
+                text += " Pass none for None."
+            return (text + f" (default: the --config file's value, else {default!r})").replace("%", "%%")
         if action.required:
             return text + " (required)"
         return super()._get_help_string(action) or ""
@@ -200,7 +186,10 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
         ("train", _cmd_train, "train one SAE per hook and save in SAELens format"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="YAML or JSON VisionSAETrainingConfig; flags below override it")
+        p.add_argument(
+            "--config",
+            help=f"YAML or JSON VisionSAETrainingConfig; flags below override it ({', '.join(YAML_ONLY)}: file only)",
+        )
         p.add_argument(
             "--layers", type=_layer_list, help="comma-separated layers for an all_* hook group, e.g. 0,3,5 (none: all)"
         )
@@ -216,9 +205,10 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
             action="store_true",
             help="require torchrun's environment (under torchrun the group is joined anyway)",
         )
-        for key, typ in _CONFIG_FLAGS.items():
+        for key, typ in _CONFIG_FLAGS.items():  # help: the field's docstring (_HelpFormatter)
             flag = "--model" if key == "model_name" else f"--{key.replace('_', '-')}"  # --model, as elsewhere
-            action = p.add_argument(flag, dest=key, type=typ, default=None, help=_CONFIG_HELP.get(key, key))
+            kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+            action = p.add_argument(flag, dest=key, default=None, help=f"config field {key}", **kind)
             action.config_field = key  # type: ignore[attr-defined]  (the formatter shows the config's default)
         p.add_argument("--model-name", dest="model_name_deprecated", default=None, help="deprecated: use --model")
         p.set_defaults(func=func)

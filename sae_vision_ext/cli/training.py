@@ -4,28 +4,86 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 from ._shared import _load_images, _sae_refs
 
-_CONFIG_FLAGS = {  # config fields settable by flag, with their types
+
+class _NoneGiven:
+    """What the flag of an optional field (``int | None``, ...) parses ``none``/``null`` to: the field is
+    set to ``None`` (a flag's own default ``None`` means "not given": the config file's value stays)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE = _NoneGiven()
+
+
+def _or_none(typ: type) -> Callable[[str], Any]:
+    """An argparse type for an optional field: ``none``/``null`` give :data:`NONE` (set to ``None``)."""
+
+    def parse(text: str) -> Any:
+        return NONE if text.strip().lower() in ("none", "null") else typ(text)
+
+    parse.__name__ = f"{typ.__name__}|none"
+    return parse
+
+
+def _hook_names(text: str) -> str | list[str]:
+    """``--hook-names``: one name or group, or a comma-separated list of names."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return names[0] if len(names) == 1 else names
+
+
+_CONFIG_FLAGS: dict[str, Any] = {  # every scalar config field, settable by flag, with its type (bool: --x/--no-x)
     "model_name": str,
-    "hook_names": str,
+    "hook_names": _hook_names,
     "dataset": str,
     "n_images": int,
     "token_selection": str,
+    "patches_per_image": _or_none(int),
     "architecture": str,
-    "k": int,
+    "d_sae": _or_none(int),
     "expansion_factor": float,
-    "training_tokens": int,
-    "train_batch_size": int,
+    "k": int,
+    "l1_coefficient": float,
+    "b_dec_init": str,
+    "b_dec_init_tokens": int,
+    "decoder_init_norm": _or_none(float),
+    "aux_coefficient": float,
+    "k_aux": _or_none(int),
+    "dead_feature_window_tokens": _or_none(int),
+    "normalize_activations": str,
     "lr": float,
-    "output_dir": str,
-    "cache_dir": str,
-    "cache_dtype": str,
+    "lr_end": _or_none(float),
+    "lr_scheduler_name": str,
+    "lr_warm_up_steps": int,
+    "train_batch_size": int,
+    "training_tokens": int,
+    "image_batch_size": int,
+    "shuffle_buffer_tokens": int,
+    "cache_in_memory_gb": float,
+    "num_workers": int,
     "device": str,
+    "dtype": str,
     "seed": int,
-    "init_seed": int,
+    "init_seed": _or_none(int),
+    "cache_dir": _or_none(str),
+    "cache_dtype": str,
+    "images_per_shard": int,
+    "output_dir": str,
+    "n_checkpoints": int,
+    "checkpoint_every_tokens": _or_none(int),
+    "checkpoint_every_seconds": _or_none(float),
+    "stream": bool,
+    "data_parallel": bool,
+    "log_to_wandb": bool,
+    "wandb_project": str,
 }
+YAML_ONLY = ("per_layer",)
+"""Config fields without a flag (mappings): set them in the --config file. ``layers`` is ``--layers``."""
 
 
 def _training_config(args: argparse.Namespace):
@@ -41,7 +99,7 @@ def _training_config(args: argparse.Namespace):
     for key in _CONFIG_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
-            base[key] = value
+            base[key] = None if value is NONE else value
     if args.layers:
         base["layers"] = args.layers  # parsed and checked by argparse (_layer_list)
     return VisionSAETrainingConfig.from_dict(base)
