@@ -43,7 +43,7 @@ from torch import Tensor
 from .._errors import CorruptShardError
 from .._io import atomic_write, atomic_write_text
 from .disk import is_disk_full
-from .harvest import ShuffleBuffer, TokenSelection, harvest
+from .harvest import ShuffleBuffer, TokenSelection, collate_pixels, harvest, to_device
 from .shards import (
     REBUILD_HINT,
     disk_full_error,
@@ -166,10 +166,15 @@ def build_cache(
         start = shard * settings.images_per_shard
         stop = min(start + settings.images_per_shard, settings.n_images, len(dataset))
         gen.manual_seed(settings.seed * 1_000_003 + shard)  # subsampling depends on the shard only
-        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=image_batch_size, num_workers=num_workers)
+        loader = DataLoader(
+            Subset(dataset, range(start, stop)),
+            batch_size=image_batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_pixels,  # images of mixed sizes (NaFlex) stay a list
+        )
         device = next(model.parameters()).device
         parts: dict[str, list[Tensor]] = {h: [] for h in settings.hook_names}
-        batches = ((b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in loader)
+        batches = (to_device(b, device) for b in loader)
         for chunk in harvest(
             model,
             batches,

@@ -7,6 +7,10 @@ Token selection (positions are prefix tokens first, then patches row-major):
 - ``patches_per_image=k`` keeps a random ``k`` of the selected *patch* positions of each image
   (prefix tokens that the selection keeps are always kept).
 
+NaFlex batches of images at their own sizes (a list of ``[chan, h, w]`` tensors per batch) are padded to
+one sequence length; padding tokens (``HookedViT.token_mask`` False) are never harvested, so image ``i``
+gives its prefix tokens and its own ``rows_i * cols_i`` patches (before any subsampling).
+
 Tokens of one image are strongly correlated, so training reads them through :class:`ShuffleBuffer`,
 which mixes tokens across many images. The same permutation applies to every hook, so row ``i``
 of each hook's batch comes from the same token.
@@ -76,7 +80,7 @@ def token_positions(n_prefix: int, has_cls: bool, n_registers: int, n_pos: int, 
 
 def harvest(
     model: HookedViT,
-    image_batches: Iterable[Tensor],
+    image_batches: Iterable[Tensor | Sequence[Tensor]],
     hook_names: Sequence[str],
     token_selection: TokenSelection = "all",
     patches_per_image: int | None = None,
@@ -86,7 +90,8 @@ def harvest(
     """For each preprocessed image batch, ``{hook: [n_tokens, d]}`` from one forward pass.
 
     The forward stops after the deepest requested block (``stop_at_layer``); rows are ordered
-    image by image, then by position.
+    image by image, then by position. A batch may be a list of images of different sizes (NaFlex
+    models); padding tokens are left out.
     """
     cfg = model.cfg
     for name in hook_names:
@@ -100,23 +105,49 @@ def harvest(
             )
         n_pos = cache[hook_names[0]].shape[1]
         keep = token_positions(cfg.n_prefix_tokens, cfg.has_cls_token, cfg.n_registers, n_pos, token_selection)
-        index = keep.expand(pixels.shape[0], -1)
+        mask = harvest_mask(model.token_mask, keep)
         if patches_per_image is not None:
-            index = _subsample_patches(index, cfg.n_prefix_tokens, patches_per_image, generator)
-        yield {
-            name: torch.gather(cache[name], 1, index[..., None].expand(-1, -1, cache[name].shape[-1])).flatten(0, 1)
-            for name in hook_names
-        }
+            mask = _subsample_patches(mask, keep, cfg.n_prefix_tokens, patches_per_image, generator)
+        yield {name: cache[name][mask.to(cache[name].device)] for name in hook_names}
 
 
-def _subsample_patches(index: Tensor, n_prefix: int, k: int, generator: torch.Generator | None) -> Tensor:
-    is_patch = index[0] >= n_prefix
-    prefix, patches = index[:, ~is_patch], index[:, is_patch]
-    if k >= patches.shape[1]:
-        return index
-    scores = torch.rand(patches.shape, generator=generator)
-    chosen = patches.gather(1, scores.argsort(dim=1)[:, :k]).sort(dim=1).values
-    return torch.cat([prefix, chosen], dim=1)
+def collate_pixels(items: Sequence[Tensor | Sequence[Tensor]]) -> Tensor | list[Tensor]:
+    """A ``DataLoader`` ``collate_fn`` for images (or ``(image, label, ...)`` items): one stacked batch
+    when every image has the same size, else the list of images (a NaFlex model takes each at its own
+    size; a fixed-grid model says to resize)."""
+    images = [item if isinstance(item, Tensor) else item[0] for item in items]
+    if len({tuple(t.shape) for t in images}) == 1:
+        return torch.stack(images)
+    return images
+
+
+def to_device(pixels: Tensor | Sequence[Tensor], device: torch.device | str) -> Tensor | list[Tensor]:
+    """A batch from :func:`collate_pixels` on ``device``."""
+    return pixels.to(device) if isinstance(pixels, Tensor) else [t.to(device) for t in pixels]
+
+
+def harvest_mask(token_mask: Tensor, keep: Tensor) -> Tensor:
+    """``[batch, pos]`` bool: the positions ``keep`` selects that are real tokens of each image."""
+    selected = torch.zeros(token_mask.shape[1], dtype=torch.bool, device=token_mask.device)
+    selected[keep.to(token_mask.device)] = True
+    return token_mask & selected
+
+
+def _subsample_patches(mask: Tensor, keep: Tensor, n_prefix: int, k: int, generator: torch.Generator | None) -> Tensor:
+    """``k`` random real patches per image among the selected ones (all of them when fewer); prefix
+    tokens kept. One score per selected patch position, so fixed-size batches draw as they always have."""
+    cols = keep[keep >= n_prefix].to(mask.device)
+    if k >= len(cols):
+        return mask
+    scores = torch.rand((mask.shape[0], len(cols)), generator=generator)
+    real = mask[:, cols].cpu()
+    chosen = scores.masked_fill(~real, float("inf")).argsort(dim=1)[:, :k]
+    ok = real.gather(1, chosen)
+    rows = torch.arange(mask.shape[0])[:, None].expand(-1, k)
+    out = mask.clone()
+    out[:, cols] = False
+    out[rows[ok].to(mask.device), cols[chosen.to(mask.device)][ok.to(mask.device)]] = True
+    return out
 
 
 class ShuffleBuffer:

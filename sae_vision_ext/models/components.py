@@ -95,6 +95,9 @@ class BlockParts:
     activation is ``act(fc1(x)) * fc1_linear(x)`` (TransformerLens's ``hook_pre`` / ``hook_pre_linear``)."""
     rotary: Rotary | None = None
     """Rotary position embedding applied to q and k after any q/k norm (``attn.hook_rot_q``/``hook_rot_k``)."""
+    key_mask: Callable[[], Tensor | None] | None = None
+    """NaFlex models: the current forward's ``[batch, pos]`` bool mask of real tokens (``None`` when no
+    image is padded); attention scores of padding keys are set to the dtype's minimum, as the native models do."""
 
     def mlp_in_weight(self) -> Tensor | None:
         """``W_in`` of the branch the frozen MLP gate multiplies (``fc1_linear`` for gated MLPs, else
@@ -187,7 +190,7 @@ class HookedNorm(nn.Module):
 
 
 class HookedAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask), with TransformerLens hooks.
+    """Multi-head self-attention over all tokens (NaFlex batches: padding keys masked), with TransformerLens hooks.
 
     ``hook_q``/``hook_k`` are after any per-head q/k norm; with rotary embeddings ``hook_rot_q``/
     ``hook_rot_k`` hold the rotated vectors whose dot product is scored (TransformerLens's names). A norm
@@ -218,13 +221,20 @@ class HookedAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if parts.rotary is not None:
             q, k = self.hook_rot_q(parts.rotary(q)), self.hook_rot_k(parts.rotary(k))
+        mask = parts.key_mask() if parts.key_mask is not None else None
         if is_active(self.hook_attn_scores) or is_active(self.hook_pattern):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * parts.attn_scale
+            if mask is not None:  # padding keys of a NaFlex batch, masked before the hook as TransformerLens does
+                scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
             pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=parts.attn_scale
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=None if mask is None else mask[:, None, None, :],
+                scale=parts.attn_scale,
             ).transpose(1, 2)
         z = self.hook_z(z).reshape(b, n, parts.n_heads * parts.d_head)
         if self.ln is not None:

@@ -45,6 +45,9 @@ class HookedViTConfig(ConfigMixin):
     """True when the final norm acts on the pooled vector (timm ``fc_norm``, HF CLIP) not per token."""
     dynamic_img_size: bool = False
     """True when the model accepts other image sizes (position embeddings resampled)."""
+    naflex: bool = False
+    """True for NaFlex models (HF SigLIP 2, timm NaFlexVit): each image of a batch at its own size, padded
+    patch sequences with an attention mask (``models/naflex.py``)."""
     model_name: str = "unknown"
     """Name the model was loaded under, e.g. ``timm:vit_base_patch16_224``."""
     source: str = "unknown"

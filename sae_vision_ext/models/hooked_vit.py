@@ -33,6 +33,7 @@ from .activation_cache import VisionActivationCache
 from .adapters.base import LOADERS, ViTAdapter, adapter_for
 from .components import HookedBlock, HookedNorm
 from .config import HookedViTConfig
+from .naflex import ImageSizes, Pixels, image_list, patchify, stack_same_size
 from .splicing import SAESplicingMixin
 
 NamesFilter = Callable[[str], bool] | Sequence[str] | str | None
@@ -68,6 +69,11 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         self.ln_final = HookedNorm(ln_final, self.cfg.normalization) if ln_final is not None else None
         self.hook_pooled = HookPoint()
         self.hook_out = HookPoint()
+        self.token_mask: Tensor | None = None
+        """``[batch, pos]`` bool of the last forward: ``True`` for each image's real tokens (prefix, then its own
+        patches), ``False`` for the padding of a NaFlex batch of mixed sizes (all ``True`` otherwise)."""
+        self.grid_sizes: list[tuple[int, int]] = []
+        """``(rows, cols)`` of each image's patch grid in the last forward."""
         self.setup()
 
     # ------------------------------------------------------------------ construction
@@ -178,18 +184,21 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
 
     def forward(
         self,
-        pixels: Tensor,
+        pixels: Pixels,
         stop_at_layer: int | None = None,
         check_finite: bool | None = None,
+        image_sizes: ImageSizes = None,
     ) -> Tensor:
         """The wrapped model's output; with ``stop_at_layer=L`` the residual stream before block L.
 
         ``stop_at_layer`` follows TransformerLens: exclusive, negative counts from the end (``-n_layers
         <= L <= n_layers``), and nothing after block ``L - 1`` is computed. ``pixels`` is ``[batch,
         chan, height, width]``, checked by :meth:`check_input` (NaN/inf rejected unless
-        ``check_finite=False`` or ``model.check_finite_inputs = False``).
+        ``check_finite=False`` or ``model.check_finite_inputs = False``). NaFlex models (``cfg.naflex``)
+        also take a list of ``[chan, h, w]`` images of different sizes, or a padded batch with
+        ``image_sizes`` (pixels per image); :attr:`token_mask` and :attr:`grid_sizes` then say which
+        tokens are real (``models/naflex.py``).
         """
-        pixels = self.check_input(pixels, check_finite)
         n_layers = len(self.blocks)
         if stop_at_layer is not None and (isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int)):
             raise ValueError(
@@ -202,7 +211,7 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
                 f"(valid: {-n_layers}..{n_layers})."
             )
         a = self.adapter
-        tok, pos = a.embed(pixels)
+        tok, pos = self._embed(pixels, image_sizes, check_finite)
         tok = self.hook_embed(tok)
         pos = self.hook_pos_embed(pos.expand(tok.shape[0], -1, -1))
         x = tok + pos
@@ -220,6 +229,24 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         if self.ln_final is not None and after_pool:
             pooled = self.ln_final(pooled)
         return self.hook_out(a.head(self.hook_pooled(pooled)))
+
+    def _embed(self, pixels: Pixels, image_sizes: ImageSizes, check_finite: bool | None) -> tuple[Tensor, Tensor]:
+        """The adapter's embeddings; records :attr:`token_mask` and :attr:`grid_sizes` for this forward."""
+        a, p = self.adapter, self.cfg.patch_size
+        if not self.cfg.naflex:
+            pixels = self.check_input(stack_same_size(pixels, image_sizes), check_finite)
+            tok, pos = a.embed(pixels)
+            self.grid_sizes = [(pixels.shape[-2] // p, pixels.shape[-1] // p)] * pixels.shape[0]
+            self.token_mask = torch.ones(tok.shape[:2], dtype=torch.bool, device=tok.device)
+            return tok, pos
+        if isinstance(pixels, Tensor):  # one check of the whole batch, then each image cut to its size
+            images = image_list(self.check_input(pixels, check_finite), image_sizes)
+        else:
+            images = [self.check_input(img[None], check_finite)[0] for img in image_list(pixels)]
+        batch = patchify(images, p)
+        tok, pos = a.embed(batch)
+        self.grid_sizes, self.token_mask = batch.grid_sizes, batch.token_mask(self.cfg.n_prefix_tokens)
+        return tok, pos
 
     # ------------------------------------------------------------------ hooks and caching
     def check_hook_name(self, name: str) -> None:
@@ -285,7 +312,9 @@ class HookedViT(SAESplicingMixin, HookedRootModule):
         if pos_slice is not None:
             cache = {k: self._slice_positions(k, v, pos_slice) for k, v in cache.items()}
         if return_cache_object:
-            return out, VisionActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache_object = VisionActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache_object.token_mask, cache_object.grid_sizes = self.token_mask, list(self.grid_sizes)
+            return out, cache_object
         return out, cache
 
     def _slice_positions(self, name: str, t: Tensor, pos_slice: PosSlice) -> Tensor:

@@ -1,0 +1,165 @@
+"""NaFlex models (HF SigLIP 2, timm NaFlexVit): images at their own sizes, padding masked and never harvested.
+
+Parity, hooks, splicing and exactness on fixed-size inputs run through ``tests/helpers.py::VARIANTS``;
+these tests feed batches of mixed sizes and compare with the native model fed by its library's own
+patchify code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import PATCH, _timm, build_native
+
+from sae_vision_ext import HookedViT
+from sae_vision_ext.activations.cache import CacheSettings, build_cache
+from sae_vision_ext.activations.harvest import harvest
+
+NAFLEX = ["hf_siglip2", "hf_siglip2_mean", "timm_naflex_gap", "timm_naflex_siglip"]
+SIZES = [(32, 32), (16, 40), (24, 8)]  # grids 4x4, 2x5, 3x1: 16, 10 and 3 patches
+
+
+def _images(sizes=SIZES, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=g) for h, w in sizes]
+
+
+def _native_out(model: HookedViT, images: list[torch.Tensor]) -> torch.Tensor:
+    """The native model on inputs built by its library's own patchify and padding code."""
+    native = model.wrapped
+    if model.cfg.source == "hf_siglip2":
+        from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches, pad_along_first_dim
+
+        n = max((h // PATCH) * (w // PATCH) for _, h, w in (t.shape for t in images))
+        padded = [pad_along_first_dim(convert_image_to_patches(t, PATCH), n) for t in images]
+        out = native(
+            pixel_values=torch.stack([p for p, _ in padded]),
+            pixel_attention_mask=torch.stack([m for _, m in padded]),
+            spatial_shapes=torch.tensor([(t.shape[1] // PATCH, t.shape[2] // PATCH) for t in images]),
+        )
+        if out.pooler_output is not None:
+            return out.pooler_output
+        mask = torch.stack([m for _, m in padded]).bool()
+        return torch.stack([h[m].mean(0) for h, m in zip(out.last_hidden_state, mask, strict=True)])
+    from timm.models.naflexvit import batch_patchify
+
+    seqs = [batch_patchify(t[None], (PATCH, PATCH)) for t in images]
+    n = max(s.shape[1] for s, _ in seqs)
+    patches = torch.zeros(len(images), n, seqs[0][0].shape[-1])
+    coord = torch.zeros(len(images), n, 2, dtype=torch.long)
+    valid = torch.zeros(len(images), n, dtype=torch.bool)
+    for i, (s, (rows, cols)) in enumerate(seqs):
+        patches[i, : s.shape[1]] = s[0]
+        yy, xx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        coord[i, : s.shape[1]] = torch.stack([yy.flatten(), xx.flatten()], -1)
+        valid[i, : s.shape[1]] = True
+    return native(patches, patch_coord=coord, patch_valid=valid)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.fixture(params=NAFLEX)
+def naflex(request) -> HookedViT:
+    return HookedViT.from_model(build_native(request.param))
+
+
+@torch.no_grad()
+def test_mixed_sizes_equal_native_with_and_without_hooks(naflex):
+    images = _images()
+    expected = _native_out(naflex, images)
+    assert expected.shape[0] == 3 and expected.abs().max() > 1e-3
+    _close(naflex(images), expected)
+    out, cache = naflex.run_with_cache(images)
+    _close(out, expected)
+    assert set(cache.keys()) == set(naflex.hook_dict)
+
+
+@torch.no_grad()
+def test_padding_has_no_influence_on_real_tokens(naflex):
+    """Each image's output and real-token activations equal those of the image run alone."""
+    images = _images()
+    out, cache = naflex.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_post"))
+    mask = cache.token_mask
+    n_prefix = naflex.cfg.n_prefix_tokens
+    assert mask.sum(1).tolist() == [n_prefix + r * c for r, c in [(4, 4), (2, 5), (3, 1)]]
+    assert cache.grid_sizes == [(4, 4), (2, 5), (3, 1)]
+    for i, img in enumerate(images):
+        alone, single = naflex.run_with_cache(img[None], names_filter=lambda n: n.endswith("hook_resid_post"))
+        _close(out[i], alone[0])
+        for layer in range(naflex.cfg.n_layers):
+            name = f"blocks.{layer}.hook_resid_post"
+            _close(cache[name][i][mask[i]], single[name][0])
+
+
+@torch.no_grad()
+def test_padded_batch_with_sizes_equals_list_and_pattern_masks_padding(naflex):
+    images = _images()
+    padded = torch.zeros(3, 3, 32, 40)
+    for i, t in enumerate(images):
+        padded[i, :, : t.shape[1], : t.shape[2]] = t
+    padded[1, :, 20:, :] = 1e3  # outside image 1: ignored
+    from_list, cache = naflex.run_with_cache(images, names_filter="blocks.1.attn.hook_pattern")
+    _close(naflex(padded, image_sizes=[tuple(t.shape[1:]) for t in images]), from_list)
+    pattern = cache["blocks.1.attn.hook_pattern"]  # [batch, head, query, key]
+    pad_keys = ~cache.token_mask
+    assert pad_keys.sum() > 0
+    assert pattern.masked_select(pad_keys[:, None, None, :]).abs().max() == 0
+    real_rows = pattern.sum(-1).masked_select(cache.token_mask[:, None, :])
+    torch.testing.assert_close(real_rows, torch.ones_like(real_rows))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "sizes", "message"),
+    [
+        ([torch.zeros(3, 20, 32)], None, "not a multiple of the patch size 8"),
+        (torch.zeros(2, 3, 32, 32), [(32, 32)], "image_sizes has 1 entries for a batch of 2"),
+        (torch.zeros(1, 3, 32, 32), [(40, 32)], "does not fit the padded batch"),
+        (torch.zeros(3, 32, 32), None, "Expected images as a"),
+    ],
+)
+def test_bad_naflex_inputs_name_the_fix(inputs, sizes, message):
+    model = HookedViT.from_model(build_native("timm_naflex_gap"))
+    with pytest.raises(ValueError, match=message):
+        model(inputs, image_sizes=sizes)
+
+
+def test_fixed_grid_model_refuses_mixed_sizes_and_stacks_equal_ones():
+    model = HookedViT.from_model(_timm().eval())
+    with pytest.raises(ValueError, match="use a NaFlex model"):
+        model(_images([(32, 32), (16, 32)]))
+    images = _images([(32, 32), (32, 32)])
+    with torch.no_grad():
+        _close(model(images), model(torch.stack(images)))
+    assert model.token_mask.all() and model.grid_sizes == [(4, 4), (4, 4)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["timm_naflex_gap", "hf_siglip2"])
+def test_harvest_and_cache_hold_exactly_the_real_tokens(variant, tmp_path):
+    """Mixed sizes: the harvest holds sum over images of (prefix + rows * cols) tokens, each equal to the
+    image's own activation; the on-disk cache counts the same."""
+    model = HookedViT.from_model(build_native(variant))
+    n_prefix = model.cfg.n_prefix_tokens
+    sizes = [(32, 32), (16, 40), (24, 8), (8, 8), (40, 16)]
+    images = _images(sizes)
+    expected = sum(n_prefix + (h // PATCH) * (w // PATCH) for h, w in sizes)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    chunks = list(harvest(model, [images[:3], images[3:]], hooks))
+    rows = torch.cat([c[hooks[0]] for c in chunks])
+    assert rows.shape[0] == expected == sum(c[hooks[1]].shape[0] for c in chunks)  # 5 * n_prefix + 55
+    _, single = model.run_with_cache(images[3][None], names_filter=hooks[0])
+    start = sum(n_prefix + (h // PATCH) * (w // PATCH) for h, w in sizes[:3])
+    _close(rows[start : start + n_prefix + 1], single[hooks[0]][0])
+    patches = list(harvest(model, [images], hooks, "patches", patches_per_image=4, generator=torch.Generator()))
+    assert patches[0][hooks[0]].shape[0] == sum(min(4, (h // PATCH) * (w // PATCH)) for h, w in sizes)
+
+    settings = CacheSettings(
+        model_name=variant, hook_names=tuple(hooks), dataset_fingerprint="mixed", n_images=5, images_per_shard=3
+    )
+    folder = build_cache(model, images, settings, tmp_path, image_batch_size=2, progress=False)
+    import json
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["n_tokens"] == expected and meta["n_images"] == 5
