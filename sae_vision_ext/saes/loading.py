@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
     from sae_lens import SAE
 
+    from .clt import CrossLayerTranscoder
+
 __all__ = [
     "RELEASES",
     "SAERelease",
@@ -57,7 +59,9 @@ __all__ = [
     "sparsify_disk_converter",
 ]
 
-Format = Literal["saelens", "prisma", "saev", "rrm", "sparsify", "dictionary_learning", "overcomplete"]
+Format = Literal[
+    "saelens", "prisma", "saev", "rrm", "sparsify", "dictionary_learning", "overcomplete", "circuit_tracer_clt"
+]
 
 
 @dataclass(frozen=True)
@@ -197,11 +201,13 @@ def load_sae(
     *,
     cfg_overrides: dict[str, Any] | None = None,
     epoch: int | None = None,
-) -> SAE | list[SAE]:
+) -> SAE | list[SAE] | CrossLayerTranscoder:
     """Load an SAE as a ``sae_lens.SAE`` from a path, a ``<prefix>:`` reference or a release name.
 
     ``rrm:<path>`` and the ``rrm-*`` releases give the per-layer list for a model or ``K<k>_R<R>``
-    folder (ready for ``ResidualReplacementModel``); everything else gives one SAE.
+    folder (ready for ``ResidualReplacementModel``); ``sve:<model>/transcoders`` the embedded per-layer
+    transcoders; a cross-layer transcoder folder (circuit-tracer's layout) or ``sve:<model>/clt`` a
+    :class:`~.clt.CrossLayerTranscoder`; everything else gives one SAE.
     ``hook_name`` sets (or overrides) ``cfg.metadata.hook_name`` (saev files do not record it).
     ``allow_pickle`` opts in to full unpickling for files that need it. ``format`` skips detection
     (one of :data:`FORMATS`); ``cfg_overrides`` reach the converter (``overcomplete`` needs
@@ -225,6 +231,8 @@ def load_sae(
         )
     if sep and prefix == "sve":
         sae = _load_embedded(ref_s, rest, device)
+        if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "metadata"):  # a list of transcoders, a CLT
+            return sae
     elif sep and prefix == "rrm":
         from .rrm_checkpoints import load_rrm
 
@@ -243,6 +251,8 @@ def load_sae(
                 f"or a '<prefix>:' reference; prefixes: sve, rrm, {', '.join(FORMATS.names())}."
             )
         fmt = FORMATS.get(format).name if format else detect_format(path)
+        if FORMATS.get(fmt).load is not None:  # not one SAELens SAE (a cross-layer transcoder)
+            return FORMATS.get(fmt).load(path, device=device)
         converter = _disk_converter(fmt, allow_pickle, cfg_overrides, epoch)
         sae = SAE.load_from_disk(path, device=device, converter=converter)
     if hook_name is not None:
@@ -270,13 +280,19 @@ def _load_release(
     return sae
 
 
-def _load_embedded(ref: str, rest: str, device: str) -> SAE:
+def _load_embedded(ref: str, rest: str, device: str) -> SAE | list[SAE] | CrossLayerTranscoder:
     from sae_lens import SAE
 
     from ..models.embedded import checkpoint_dir
+    from .clt import is_clt_folder, load_clt
 
     model, _, hook = rest.partition("/")
     folder = checkpoint_dir() / "saes" / model / hook
+    if is_clt_folder(folder):  # sve:<model>/clt
+        return load_clt(folder, device=device)
+    layers = sorted(folder.glob("blocks.*/cfg.json"), key=lambda p: int(p.parent.name.split(".")[1]))
+    if not (folder / "cfg.json").exists() and layers:  # sve:<model>/transcoders: one per layer, in order
+        return [_load_embedded(ref, f"{rest}/{p.parent.name}", device) for p in layers]  # type: ignore[misc]
     if not (folder / "cfg.json").exists():
         raise ValueError(f"No embedded SAE {ref!r} (looked in {folder}). `sae-vision saes` lists them.")
     # shipped as float16; the SAELens converter checks the config and the weights' checksum

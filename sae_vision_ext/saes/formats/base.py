@@ -50,19 +50,28 @@ class SAEFormat:
     """True when ``path`` (a file or folder) is in this format; cheap, never unpickles."""
     description: str
     """What the files look like (shown in errors and in ``docs/saes.md``)."""
+    load: Callable[..., Any] | None = None
+    """For checkpoints that are not one SAELens SAE (a cross-layer transcoder): ``(path, device) ->``
+    the loaded object, which ``load_sae`` returns instead of going through ``SAE.load_from_disk``."""
 
 
 FORMATS: Registry[SAEFormat] = Registry("SAE format")
 
 
 def register_format(
-    name: str, *, detect: Callable[[Path], bool], description: str, config_file: str | None = None
+    name: str,
+    *,
+    detect: Callable[[Path], bool],
+    description: str,
+    config_file: str | None = None,
+    load: Callable[..., Any] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator registering a disk converter as format ``name``.
 
     The registered (and returned) converter runs :func:`~..checks.check_converted` on what it returns,
     so plain ``SAE.load_from_disk(path, converter=...)`` gets the same refusals as ``load_sae``;
-    ``config_file`` (``cfg.json``, ``config.json``) is the file those messages name (default: the path)."""
+    ``config_file`` (``cfg.json``, ``config.json``) is the file those messages name (default: the path);
+    ``load`` see :attr:`SAEFormat.load`."""
 
     def deco(convert: Any) -> Any:
         @functools.wraps(convert)
@@ -74,7 +83,7 @@ def register_format(
             check_converted(cfg, state, str(source))
             return cfg, state
 
-        FORMATS.register(name)(SAEFormat(name, checked, detect, description))
+        FORMATS.register(name)(SAEFormat(name, checked, detect, description, load))
         return checked
 
     return deco
