@@ -142,3 +142,27 @@ def patchify(images: Sequence[Tensor], patch_size: int, n_patches: int | None = 
         index = torch.arange(n, device=first.device)
         coord[i, :n, 0], coord[i, :n, 1] = index // cols, index % cols
     return NaFlexBatch(patches=patches, patch_valid=valid, patch_coord=coord, grid_sizes=grids)
+
+
+def is_image_list(pixels: object) -> bool:
+    """True for a list of ``[chan, h, w]`` images (sizes may differ), as opposed to a batch tensor or a
+    list of batches."""
+    return (
+        isinstance(pixels, (list, tuple))
+        and bool(pixels)
+        and all(isinstance(t, Tensor) and t.ndim == 3 for t in pixels)
+    )
+
+
+def take(pixels: Pixels, index: Sequence[int] | slice) -> Pixels:
+    """Images ``index`` of a batch tensor (a tensor) or of a list of images (a list)."""
+    if isinstance(pixels, Tensor):
+        return pixels[index] if isinstance(index, slice) else pixels[list(index)]
+    return list(pixels[index]) if isinstance(index, slice) else [pixels[i] for i in index]
+
+
+def patch_maps(patch_values: Tensor, grid_sizes: Sequence[tuple[int, int]]) -> Tensor | list[Tensor]:
+    """``[batch, n_patches]`` values -> each image's ``[rows, cols]`` map (padding dropped): one stacked
+    tensor when every grid is the same, else a list."""
+    maps = [patch_values[i, : r * c].reshape(r, c) for i, (r, c) in enumerate(grid_sizes)]
+    return torch.stack(maps) if len(set(grid_sizes)) == 1 else maps

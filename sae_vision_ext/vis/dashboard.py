@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..models.naflex import take
 from .html import hist_svg, spatial_svg, template_env
 from .lens import top_bottom
 from .plots import (
@@ -113,7 +114,7 @@ def choose_feature_pages(
 def build_dashboard(  # noqa: PLR0913 (keyword-only page options, each documented)
     model: HookedViT,
     saes: Sequence[SAE],
-    pixels: Tensor,
+    pixels: Tensor | Sequence[Tensor],
     out_dir: str | Path,
     labels: Tensor | None = None,
     *,
@@ -144,7 +145,7 @@ def build_dashboard(  # noqa: PLR0913 (keyword-only page options, each documente
     stats = stats or collect_feature_stats(model, saes, pixels, labels, top_k=top_k, progress=progress)
     n_classes = next(iter(stats.values())).n_classes
     with torch.no_grad():
-        logits = torch.cat([model(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
+        logits = torch.cat([model(take(pixels, slice(i, i + 128))) for i in range(0, len(pixels), 128)])
     site = _Site(
         out=out,
         env=template_env(),
@@ -206,7 +207,8 @@ class _Site:
     out: Path
     env: Any
     model: HookedViT
-    pixels: Tensor
+    pixels: Tensor | Sequence[Tensor]
+    """Preprocessed images: a batch, or (NaFlex) a list of images of their own sizes."""
     labels: Tensor | None
     names: list[str]
     logits: Tensor
@@ -320,7 +322,7 @@ def _image_page(site: _Site, saes: list[SAE], i: int) -> None:
     from .plots import pyplot
 
     plt, model = pyplot(), site.model
-    x = site.pixels[i : i + 1]
+    x = take(site.pixels, slice(i, i + 1))
     img = display_images(model, x)[0]
     rows = []
     fig, axes = plt.subplots(len(saes), 4, figsize=(6.4, 1.6 * len(saes)), squeeze=False)
@@ -339,7 +341,8 @@ def _image_page(site: _Site, saes: list[SAE], i: int) -> None:
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(hook.replace(".hook_", " "), fontsize=6)
         for c, feat in enumerate(feats, start=1):
-            heat = token_acts[model.cfg.n_prefix_tokens :, feat["id"]].reshape(*model.cfg.grid_size).numpy()
+            rows_, cols_ = model.grid_sizes[0]  # this image's own grid
+            heat = token_acts[model.cfg.n_prefix_tokens :, feat["id"]][: rows_ * cols_].reshape(rows_, cols_).numpy()
             _overlay(axes[r, c], img, heat, float(heat.max()))
             axes[r, c].set_title(f"f{feat['id']} {feat['value']:.2f}", fontsize=6)
         for ax in axes[r]:

@@ -40,21 +40,29 @@ def pyplot() -> ModuleType:
 
 
 @torch.no_grad()
-def feature_heatmaps(model: HookedViT, sae: SAE, pixels: Tensor, feature: int) -> Tensor:
-    """The feature's activation at every patch of each image: ``[n, grid_h, grid_w]``."""
+def feature_heatmaps(
+    model: HookedViT, sae: SAE, pixels: Tensor | Sequence[Tensor], feature: int
+) -> Tensor | list[Tensor]:
+    """The feature's activation at every patch of each image: ``[n, grid_h, grid_w]``; for a NaFlex list
+    of images of different sizes, each image's own ``[rows, cols]`` map in a list."""
+    from ..models.naflex import patch_maps
+
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
     stop = layer + 1 if layer is not None else None
     _, cache = model.run_with_cache(pixels, names_filter=hook, stop_at_layer=stop, return_cache_object=False)
     acts = sae.encode(cache[hook])[:, model.cfg.n_prefix_tokens :, feature]
-    return acts.reshape(len(pixels), *model.cfg.grid_size)
+    return patch_maps(acts, model.grid_sizes)
 
 
-def display_images(model: HookedViT, pixels: Tensor) -> np.ndarray:
-    """Undo the model's normalisation: ``[n, h, w, 3]`` floats in [0, 1] for plotting."""
+def display_images(model: HookedViT, pixels: Tensor | Sequence[Tensor]) -> np.ndarray | list[np.ndarray]:
+    """Undo the model's normalisation: ``[n, h, w, 3]`` floats in [0, 1] for plotting (a list of
+    ``[h, w, 3]`` arrays for a list of images)."""
     cfg = model.data_config
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    if not isinstance(pixels, Tensor):
+        return [display_images(model, t[None])[0] for t in pixels]
     return (pixels.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
@@ -78,7 +86,7 @@ def plot_top_patches(
     sae: SAE,
     stats: FeatureStats,
     feature: int,
-    pixels: Tensor,
+    pixels: Tensor | Sequence[Tensor],
     *,
     path: str | Path,
     labels: Sequence[str] | None = None,
@@ -87,7 +95,8 @@ def plot_top_patches(
     """Top images of ``feature`` of ``sae`` with its heatmap (top row, one colour scale for all, drawn beside
     them) and a crop around the hottest patch (bottom).
 
-    ``pixels`` are the preprocessed images the stats were collected on (indexed by image index);
+    ``pixels`` are the preprocessed images the stats were collected on (indexed by image index; a list of
+    images of their own sizes for NaFlex models, each heatmap on its own grid);
     ``labels``, when given, name every image of ``pixels`` (indexed by image index, like ``pixels``);
     ``model`` and ``sae`` recompute the true per-patch activations for the heatmaps.
     """
@@ -101,11 +110,12 @@ def plot_top_patches(
         fig.savefig(path, dpi=80)
         plt.close(fig)
         return path
+    from ..models.naflex import take
+
     idx = [i for _, i, _ in examples]
-    heat = feature_heatmaps(model, sae, pixels[idx], feature).cpu().numpy()
-    imgs = display_images(model, pixels[idx])
-    vmax = float(heat.max())
-    gh, gw = model.cfg.grid_size
+    heat = [h.cpu().numpy() for h in feature_heatmaps(model, sae, take(pixels, idx), feature)]  # own grid each
+    imgs = display_images(model, take(pixels, idx))
+    vmax = max(float(h.max()) for h in heat)
     ps = model.cfg.patch_size
     fig, axes = plt.subplots(2, len(idx), figsize=(1.7 * len(idx) + 0.7, 3.6), squeeze=False)
     for j, ((value, image, _), img, hm) in enumerate(zip(examples, imgs, heat, strict=True)):
@@ -114,7 +124,7 @@ def plot_top_patches(
         if labels is not None:
             title += f"\n{labels[image]}"
         axes[0, j].set_title(title, fontsize=7)
-        r, c = np.unravel_index(int(hm.argmax()), (gh, gw))
+        r, c = np.unravel_index(int(hm.argmax()), hm.shape)
         half = crop_patches // 2
         r0, c0 = max(0, r - half) * ps, max(0, c - half) * ps
         axes[1, j].imshow(img[r0 : r0 + crop_patches * ps, c0 : c0 + crop_patches * ps])

@@ -14,7 +14,13 @@ Per feature:
   divide by ``n_tokens`` / ``n_images``.
 - ``sum_act``, ``max_act``; ``hist``: counts of log10(activation) of firing tokens in fixed bins.
 - ``fire_prefix``: firing count on prefix tokens (prefix share = fire_prefix / fire_tokens).
-- ``spatial_sum``: activation summed per patch position (``spatial_map`` averages over images).
+- ``spatial_sum``: activation summed per patch position (``spatial_map`` averages over images). Images
+  whose own grid differs from the stats grid (NaFlex batches of mixed sizes) add their map resampled
+  to it (bilinear).
+
+NaFlex batches of mixed sizes: padding tokens (``model.token_mask``) are left out of every count,
+sum, histogram and top example; ``top_tokens`` index each image's own layout (prefix tokens, then its
+``rows x cols`` patches row-major).
 - with labels: ``class_sum`` (activation summed per class over an image's tokens) and
   ``class_images`` (images per class) for the label distribution of top images and selectivity.
 """
@@ -85,11 +91,24 @@ class FeatureStats:
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
-    def update(self, feats: Tensor, image_offset: int, labels: Tensor | None = None) -> None:
-        """Fold one batch of feature activations ``[batch, pos, d_sae]`` (images numbered from ``image_offset``)."""
+    def update(
+        self,
+        feats: Tensor,
+        image_offset: int,
+        labels: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        grid_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """Fold one batch of feature activations ``[batch, pos, d_sae]`` (images numbered from ``image_offset``).
+
+        ``token_mask`` (``[batch, pos]``, ``True`` for real tokens) and ``grid_sizes`` (each image's
+        ``(rows, cols)``) describe a NaFlex batch of mixed sizes: padding is left out."""
         t = self.tensors
         feats = feats.detach().float().cpu()
         b, n_pos, _ = feats.shape
+        real = None if token_mask is None or bool(token_mask.all()) else token_mask.cpu()
+        if real is not None:
+            feats = feats * real[..., None]  # padding never fires, sums nothing, is never a top token
         fires = feats != 0
         t["fire_tokens"] += fires.sum((0, 1))
         t["fire_images"] += fires.any(1).sum(0)
@@ -102,7 +121,9 @@ class FeatureStats:
         feat_idx = fires.nonzero()[:, 2]
         t["hist"].view(-1).index_add_(0, feat_idx * (len(HIST_EDGES) - 1) + bins, torch.ones_like(bins))
         patches = feats[:, self.n_prefix :]
-        if patches.shape[1] == t["spatial_sum"].shape[1]:
+        if grid_sizes is not None and any(tuple(g) != self.grid for g in grid_sizes):
+            t["spatial_sum"] += self._resampled_patch_sum(patches, grid_sizes)
+        elif patches.shape[1] == t["spatial_sum"].shape[1]:
             t["spatial_sum"] += patches.sum(0).T.double()
         if labels is not None and self.n_classes:
             labels = labels.cpu()
@@ -115,7 +136,19 @@ class FeatureStats:
         t["top_images"] = torch.cat([t["top_images"], images], dim=1).gather(1, order)
         t["top_tokens"] = torch.cat([t["top_tokens"], img_tok.T], dim=1).gather(1, order)
         self.n_images += b
-        self.n_tokens += b * n_pos
+        self.n_tokens += b * n_pos if real is None else int(real.sum())
+
+    def _resampled_patch_sum(self, patches: Tensor, grid_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """``[d_sae, n_patch]``: each image's ``[rows, cols]`` map resampled to the stats grid, summed."""
+        import torch.nn.functional as F
+
+        out = torch.zeros(self.d_sae, self.grid[0] * self.grid[1], dtype=torch.float64)
+        for i, (r, c) in enumerate(grid_sizes):
+            m = patches[i, : r * c].T.reshape(1, self.d_sae, r, c)
+            if (r, c) != self.grid:
+                m = F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False)
+            out += m.reshape(self.d_sae, -1).double()
+        return out
 
     # ------------------------------------------------------------------ views
     def top_examples(self, feature: int) -> list[tuple[float, int, int]]:
@@ -207,8 +240,10 @@ class FeatureStats:
         return s
 
 
-def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterable[Tensor]:
-    if isinstance(images, Tensor):
+def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterable[Tensor | list[Tensor]]:
+    from ..models.naflex import is_image_list
+
+    if isinstance(images, Tensor) or is_image_list(images):
         for i in range(0, len(images), batch_size):
             yield images[i : i + batch_size]
     else:
@@ -230,7 +265,8 @@ def collect_feature_stats(
 ) -> FeatureStats | dict[str, FeatureStats]:
     """Statistics of one SAE (returns ``FeatureStats``) or several (``{hook_name: FeatureStats}``).
 
-    ``pixels`` are preprocessed ``[n, chan, h, w]`` (or an iterable of such batches, in order);
+    ``pixels`` are preprocessed ``[n, chan, h, w]`` (or an iterable of such batches, in order; for NaFlex
+    models a list of ``[chan, h, w]`` images of their own sizes, or an iterable of such lists);
     ``labels`` (``[n]``, class ids) enable the label distribution and class selectivity.
     """
     from tqdm import tqdm
@@ -247,10 +283,13 @@ def collect_feature_stats(
     hooks = [model.check_sae(sae) for sae in sae_list]  # hook set, a hook of this model, d_in = its width
     for sae in sae_list:
         warn_if_trained_on_another_model(sae, model)
-    if isinstance(pixels, Tensor) and len(pixels) == 0:
+    from ..models.naflex import is_image_list
+
+    sized = isinstance(pixels, Tensor) or is_image_list(pixels)
+    if sized and len(pixels) == 0:
         raise ValueError("collect_feature_stats got 0 images; pass at least one preprocessed image.")
     if labels is not None:
-        labels = check_labels(labels, len(pixels) if isinstance(pixels, Tensor) else None, n_classes)
+        labels = check_labels(labels, len(pixels) if sized else None, n_classes)
     deepest = deepest_block(hooks)
     stop = None if deepest is None else deepest + 1
     n_classes = n_classes if n_classes is not None else (int(labels.max()) + 1 if labels is not None else 0)
@@ -265,7 +304,7 @@ def collect_feature_stats(
         )
         for s in sae_list
     }
-    total = len(pixels) if isinstance(pixels, Tensor) else None
+    total = len(pixels) if sized else None
     bar = tqdm(total=total, desc="feature stats", unit="img", disable=not progress)
     offset = 0
     for batch in _batches(pixels, batch_size):
@@ -273,7 +312,7 @@ def collect_feature_stats(
         lab = None if labels is None else labels[offset : offset + len(batch)]
         for sae in sae_list:
             h = sae.cfg.metadata.hook_name
-            stats[h].update(sae.encode(cache[h]), offset, lab)
+            stats[h].update(sae.encode(cache[h]), offset, lab, model.token_mask, model.grid_sizes)
         offset += len(batch)
         bar.update(len(batch))
     bar.close()

@@ -163,3 +163,38 @@ def test_harvest_and_cache_hold_exactly_the_real_tokens(variant, tmp_path):
 
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["n_tokens"] == expected and meta["n_images"] == 5
+
+
+@torch.no_grad()
+def test_feature_stats_heatmaps_and_dashboard_use_each_images_own_grid(tmp_path):
+    """Stats over a mixed-size list equal the stats folded image by image; padding never counts; each
+    heatmap has its image's (rows, cols); the dashboard builds from the list."""
+    from helpers import make_sae
+
+    from sae_vision_ext.vis.dashboard import build_dashboard
+    from sae_vision_ext.vis.plots import feature_heatmaps
+    from sae_vision_ext.vis.stats import FeatureStats, collect_feature_stats
+
+    model = HookedViT.from_model(build_native("timm_naflex_gap")).double()
+    sae = make_sae("standard", "none", True, d_in=model.cfg.d_model, d_sae=24, hook="blocks.1.hook_resid_post")
+    images = [t.double() for t in _images([(32, 32), (16, 40), (24, 8), (8, 16)])]
+    stats = collect_feature_stats(model, sae, images, batch_size=4, top_k=3, progress=False)
+    n_prefix = model.cfg.n_prefix_tokens
+    assert stats.n_tokens == sum(n_prefix + (t.shape[1] // PATCH) * (t.shape[2] // PATCH) for t in images) == 47
+    one_by_one = FeatureStats.empty(sae.cfg.metadata.hook_name, 24, 3, n_prefix, model.cfg.grid_size)
+    for i, img in enumerate(images):
+        _, cache = model.run_with_cache(img[None], names_filter=sae.cfg.metadata.hook_name)
+        one_by_one.update(sae.encode(cache[sae.cfg.metadata.hook_name]), i, None, None, model.grid_sizes)
+    for key in ("fire_tokens", "fire_images", "fire_prefix", "hist", "top_images", "top_tokens"):
+        assert torch.equal(stats.tensors[key], one_by_one.tensors[key]), key
+    for key in ("sum_act", "spatial_sum", "top_values", "max_act"):
+        torch.testing.assert_close(stats.tensors[key], one_by_one.tensors[key], rtol=1e-6, atol=1e-6)  # float32 sums
+    assert stats.fire_tokens.sum() > 0 and stats.spatial_map(0).shape == (4, 4)
+
+    maps = feature_heatmaps(model, sae, images, int(stats.fire_tokens.argmax()))
+    assert [tuple(m.shape) for m in maps] == [(4, 4), (2, 5), (3, 1), (1, 2)]
+    alone = feature_heatmaps(model, sae, images[1:2], int(stats.fire_tokens.argmax()))
+    torch.testing.assert_close(maps[1], alone[0])
+
+    index = build_dashboard(model, [sae], images, tmp_path, n_feature_pages=2, n_image_pages=2, progress=False)
+    assert index.exists() and len(list((tmp_path / "images").glob("img*.png"))) == 2
