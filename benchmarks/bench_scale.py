@@ -3,7 +3,9 @@
 - harvest throughput (``sve:shapes-vit``, 3 residual hooks) from a webdataset (``wds:``) and from a
   Hugging Face ``save_to_disk`` dataset (``hf-dataset:``) vs a folder of the same PNGs (goal >= 0.95x);
 - data-parallel training of one SAE (``data_parallel: true``) on 2 processes vs 1, one thread each
-  (gloo on CPU, NCCL with ``--device cuda``), same cache and global batch (goal >= 1.7x steps/s);
+  (gloo on CPU, NCCL with ``--device cuda``), same cache and global batch (goal >= 1.7x steps/s),
+  beside its ceiling on this machine (the compute-only step on 2 processes at once, half the batch
+  each, vs 1) and the cost of the one all-reduce per step;
 - ``stream: true`` (harvest straight into training) vs cache-then-train, wall time of the whole run.
 
     python -m benchmarks.bench_scale [--images 512] [--steps 40] [--device cpu|cuda]
@@ -121,6 +123,69 @@ def ddp_steps_per_s(root: Path, device: str, steps: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: str) -> None:
+    """One rank of the compute-only ceiling: the SAE step of ``ddp_steps_per_s`` (forward, backward,
+    clipping, Adam) on ``train_batch_size / world`` random rows with no collective in the timed steps,
+    all ranks at once; then one all-reduce of the SAE's gradient-and-bookkeeping bucket, timed alone."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_vision_ext.distributed import barrier, init_from_env
+    from sae_vision_ext.training.config import VisionSAETrainingConfig
+    from sae_vision_ext.training.train import build_training_sae
+
+    init_from_env()
+    config = VisionSAETrainingConfig(**cfg)
+    sae = build_training_sae(config, HOOKS[1], 128, {}).to(config.device)
+    opt = torch.optim.Adam(sae.parameters(), lr=config.lr)
+    x = torch.randn(config.train_batch_size // world, 128, generator=torch.Generator().manual_seed(rank))
+    x, dead = x.to(config.device), torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=config.device)
+    times = []
+    barrier()
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        step = TrainStepInput(sae_in=x, dead_neuron_mask=dead, coefficients={}, n_training_steps=i,
+                              is_logging_step=False)  # fmt: skip
+        sae.training_forward_pass(step_input=step).loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    barrier()
+    reduce = []
+    if world > 1:
+        bucket = torch.zeros(sum(p.numel() for p in sae.parameters()) + sae.cfg.d_sae + 1, device=config.device)
+        for _ in range(10):
+            t0 = time.perf_counter()
+            dist.all_reduce(bucket)
+            reduce.append(time.perf_counter() - t0)
+    if rank == 0:
+        median = sorted(times[2:])[len(times[2:]) // 2]
+        mb = sum(p.numel() for p in sae.parameters()) * 4 / 2**20
+        Path(out).write_text(json.dumps({"step": median, "all_reduce": sorted(reduce)[5] if reduce else 0.0, "mb": mb}))
+
+
+def compute_ceiling(root: Path, device: str, steps: int) -> tuple[float, float, float, float]:
+    """Seconds per compute-only step on 1 process (full batch) and on each of 2 at once (half batch),
+    the seconds of one bucket all-reduce on 2 processes, and the bucket's size in MB."""
+    from sae_vision_ext.launch import spawn_ranks
+
+    out = []
+    for world in (1, 2):
+        path = root / f"c{world}.json"
+        assert (
+            spawn_ranks(_compute_rank, world, (_config(root, "c", device, steps), steps, str(path)), 1800)
+            == [0] * world
+        )
+        out.append(json.loads(path.read_text()))
+    return out[0]["step"], out[1]["step"], out[1]["all_reduce"], out[1]["mb"]
+
+
 def stream_vs_cache(root: Path, device: str, steps: int) -> tuple[float, float]:
     """Wall time of harvest+train with ``stream: true`` vs building the cache and then training (1 thread)."""
     from sae_vision_ext.training.config import VisionSAETrainingConfig
@@ -145,6 +210,7 @@ def main() -> None:
     p.add_argument("--only", choices=["harvest", "ddp", "stream"], help="run one part")
     args = p.parse_args()
     torch.set_num_threads(1)
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = []
@@ -158,12 +224,19 @@ def main() -> None:
             one, two = ddp_steps_per_s(root, args.device, args.steps)
             rows.append(["data-parallel SAE training, 2 processes vs 1 (1 thread each, d_sae 4096, batch 4096)",
                          f"{two:.2f} steps/s", f"{one:.2f} steps/s", f"{two / one:.2f}x"])  # fmt: skip
+            t1, t2, reduce, mb = compute_ceiling(root, args.device, max(8, args.steps // 2))
+            rows.append(["compute-only SAE step (no communication), 2 processes at once on half the batch vs 1",
+                         f"{1 / t2:.2f} steps/s", f"{1 / t1:.2f} steps/s", f"{t1 / t2:.2f}x (ceiling)"])  # fmt: skip
+            rows.append([f"one all-reduce of the step's bucket ({mb:.1f} MB, gloo, 2 processes)",
+                         f"{reduce * 1e3:.1f} ms", f"{t2 * 1e3:.0f} ms compute step",
+                         f"{reduce / (reduce + t2):.0%} of a step"])  # fmt: skip
         if args.only in (None, "stream"):
             streamed, cached = stream_vs_cache(root, args.device, max(4, args.steps // 4))
             rows.append(["stream: true vs cache then train (3 hooks, 1 process)", f"{streamed:.1f} s",
                          f"{cached:.1f} s", f"{cached / streamed:.2f}x faster"])  # fmt: skip
-    load = os.getloadavg()[0]
-    print(f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}")
+    load = os.getloadavg()
+    print(f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start "
+          f"{load_at_start[0]:.1f}, at end {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)")  # fmt: skip
     print(markdown_table(["benchmark", "ours", "baseline (same run)", "ratio"], rows))
 
 

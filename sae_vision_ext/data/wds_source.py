@@ -1,13 +1,16 @@
 """``wds:<pattern>``: webdataset tar shards as an image source (the ``webdataset`` package).
 
-``pattern`` is brace-expanded (``/data/train-{000000..000127}.tar``, ``s3``/``http`` urls through
-webdataset's ``gopen``). Two views of the same shards, in the same order (shard by shard, members in
-tar order, one sample per key):
+``pattern`` is brace-expanded (``/data/train-{000000..000127}.tar``, ``file:`` urls, and streams that
+webdataset's ``gopen`` opens: ``pipe:<command>``, ``http(s)://``, ``s3://`` and the like). Two views of
+the same shards, in the same order (shard by shard, members in tar order, one sample per key):
 
 - :class:`WebDatasetImages`, a map-style ``Dataset`` (what the activation cache and ``image_batches``
   read): opening it reads every shard's tar headers once (``tarfile``) into an index of
   ``(shard, key, image member, label)``; ``dataset[i]`` seeks to the member's bytes. The cache then
   splits images across ranks by cache shard and a ``DataLoader`` splits them across workers.
+  It seeks into local shards only: with a streamed shard in the pattern (``pipe:``, a network url)
+  its map-style methods raise ``ValueError`` naming the shard and the fixes (local copies, or
+  ``stream: true``), and opening it reads nothing.
 - :meth:`WebDatasetImages.stream` (:class:`WebDatasetStream`), an ``IterableDataset`` built on
   ``webdataset.WebDataset`` for streaming: shard ``j`` goes to the global worker
   ``j mod (world_size × num_workers)`` (rank-major), so every image is read exactly once over all
@@ -88,7 +91,18 @@ def _undecodable(url: str, info: tarfile.TarInfo) -> str | None:
 
 
 def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file:")
+    """Read through webdataset's ``gopen`` as a stream: ``pipe:`` commands, urls of a scheme but ``file:``."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
+
+
+def _stream_only(pattern: str, url: str) -> ValueError:
+    return ValueError(
+        f"wds:{pattern}: shard {url!r} is read as a stream (a pipe: command or a network url, through webdataset's "
+        "gopen), but this map-style view (what the activation cache and evaluation read) seeks into each shard's "
+        "tar members, which a stream cannot do. Either copy the shards to local disk and pass their path (or "
+        "file:) pattern, or train with stream: true and cache_dir: null (`sae-vision train --stream`), which reads "
+        "remote shards in order through gopen."
+    )
 
 
 class WebDatasetImages(Dataset):
@@ -108,6 +122,9 @@ class WebDatasetImages(Dataset):
         self.skipped: list[tuple[str, str, str]] = []
         self.members: list[_Member] = []
         self.shard_sizes: list[int] = []
+        self.remote = next((u for u in self.urls if _is_remote(u)), None)
+        if self.remote is not None:  # only .stream() reads these; the map-style methods raise _stream_only
+            return
         for shard, url in enumerate(self.urls):
             found = self._index(shard, url)
             self.members += found
@@ -132,8 +149,6 @@ class WebDatasetImages(Dataset):
     def _index(self, shard: int, url: str) -> list[_Member]:
         """The samples of one shard from its tar headers (labels read from their small members)."""
         samples: dict[str, dict[str, Any]] = {}
-        if _is_remote(url):
-            raise ValueError(f"wds:{url}: the map-style view needs local shards; stream remote ones with .stream().")
         with _open_local(url) as fh:
             try:
                 with tarfile.open(fileobj=fh, mode="r:") as tar:
@@ -164,12 +179,18 @@ class WebDatasetImages(Dataset):
             )
         return out
 
+    def _require_local(self) -> None:
+        if self.remote is not None:
+            raise _stream_only(self.pattern, self.remote)
+
     def __len__(self) -> int:
+        self._require_local()
         return len(self.members)
 
     def __getitem__(self, i: int) -> Tensor:
         from PIL import Image
 
+        self._require_local()
         m = self.members[i]
         with _open_local(self.urls[m.shard]) as fh:
             fh.seek(m.offset)
@@ -184,6 +205,7 @@ class WebDatasetImages(Dataset):
 
     def labels(self, n: int | None = None) -> tuple[Tensor, list[str]]:
         """Labels of the first ``n`` samples (their ``.cls`` members) and class names ``"0".."max"``."""
+        self._require_local()
         ids = [m.label for m in self.members[: len(self) if n is None else n]]
         if any(v is None for v in ids):
             raise ValueError(f"wds:{self.pattern}: some samples have no label member ({', '.join(LABEL_EXTENSIONS)}).")
@@ -192,6 +214,7 @@ class WebDatasetImages(Dataset):
     @property
     def fingerprint(self) -> str:
         """Changes when a shard's name, size or member list changes."""
+        self._require_local()
         h = hashlib.sha256()
         for m in self.members:
             h.update(f"{self.urls[m.shard]}:{m.name}:{m.offset}:{m.size}".encode())

@@ -8,20 +8,23 @@ memory-mapped shards), so the ranks read disjoint slices of the cache's tokens; 
 without ``stream`` runs the model on every rank and keeps the rank's rows (:meth:`DataParallel.local_stream`).
 What makes ``W`` ranks equal one process with the same global batch (tested to 1e-5 with two gloo ranks):
 
-- gradients: each parameter's gradient is averaged over ranks (``all_reduce``) the moment backward
-  has accumulated it, so SAELens's gradient-norm clipping and Adam see the global batch's gradient
-  (every SAELens loss here is a mean over tokens). This is what ``DistributedDataParallel``'s reducer
-  does; its module wrapper is not used because SAELens's step calls ``training_forward_pass``, not
-  ``forward``, and the replicas stay identical because every rank applies the same update;
-- dead features and sparsity (the AuxK mask, ``num_dead_features``, ``sparsity.safetensors``): after
-  each step ``n_forward_passes_since_fired`` is the minimum over ranks (a feature fired if it fired on
-  any rank) and the firing counts are summed;
+- gradients: once backward has accumulated the last parameter's gradient, all of them are summed over
+  ranks in one flattened ``all_reduce`` and divided by ``W`` (:class:`_StepSync`), so SAELens's
+  gradient-norm clipping and Adam see the global batch's gradient (every SAELens loss here is a mean
+  over tokens). This is what ``DistributedDataParallel``'s reducer does with its buckets; its module
+  wrapper is not used because SAELens's step calls ``training_forward_pass``, not ``forward``, and the
+  replicas stay identical because every rank applies the same update;
+- dead features and sparsity (the AuxK mask, ``num_dead_features``, ``sparsity.safetensors``): the
+  step's firing counts ride in the same all-reduce (known before backward): they are summed, and
+  ``n_forward_passes_since_fired`` is reset wherever the sum is positive (a feature fired if it fired
+  on any rank);
 - the activation scaling factor (``expected_average_only_in``) comes from the mean norm over all
   ranks' tokens, and ``b_dec``'s data initialisation from the gathered global batches;
-- a stop request (SIGINT/SIGTERM on any rank) is agreed at the next batch boundary, so all ranks stop
-  at the same step; rank 0 alone writes checkpoints and the final SAEs; resuming needs the same world
-  size (``state_data_parallel_<W>.json``).
+- a stop request (SIGINT/SIGTERM on any rank) rides in the same all-reduce too and is agreed at the
+  next batch boundary, so all ranks stop at the same step; rank 0 alone writes checkpoints and the
+  final SAEs; resuming needs the same world size (``state_data_parallel_<W>.json``).
 
+So a step costs one collective per SAE and no host synchronisation (measured in docs/benchmarks.md).
 The backend is the process group's (gloo on CPU, NCCL on GPU: ``distributed.init_from_env``).
 Architectures that choose activations across the batch (``batchtopk``, ``matryoshka_batchtopk``) are
 refused: a rank sees only its slice.
@@ -89,43 +92,25 @@ class DataParallel:
         return ckpt
 
     def attach(self, trainer: MultiSAETrainer) -> None:
-        """Broadcast rank 0's SAEs, average gradients during backward, sync bookkeeping after each step."""
+        """Broadcast rank 0's SAEs; per step, one all-reduce of each SAE's gradients and bookkeeping."""
         if not self.active:
             return
-        dist = _dist()
         for name, t in trainer.trainers.items():
-            sae = trainer.saes[name]
-            for p in sae.parameters():
-                dist.broadcast(p.data, src=0)
-                p.register_post_accumulate_grad_hook(self._average_grad)
-            t.step = self._synced_step(t)
+            _StepSync(self, t, [p for p in trainer.saes[name].parameters() if p.requires_grad])
 
-    def _average_grad(self, p: torch.Tensor) -> None:
-        _dist().all_reduce(p.grad)
-        p.grad.div_(self.world)
+    def agree_stop(self, flag: StopFlag) -> bool:
+        """Whether every rank stops at this batch boundary: ``flag`` (this rank's signals) rides on each
+        step's all-reduce, so all ranks agree at the same boundary, the first after any rank's request
+        reached a step. On an accelerator the summed flag is read every 16th boundary (one host sync
+        per 16 steps); on CPU at each."""
+        self.local_stop, self.boundaries = flag, self.boundaries + 1
+        if self.stop_total is None or (self.stop_total.device.type != "cpu" and self.boundaries % 16):
+            return False
+        return bool(self.stop_total.item() > 0)
 
-    def _synced_step(self, t: Any) -> Any:
-        original = t.step
-        dist = _dist()
-
-        def step(batch: torch.Tensor) -> Any:
-            freq, n_frac = t.act_freq_scores.clone(), t.n_frac_active_samples
-            out = original(batch)
-            dist.all_reduce(t.n_forward_passes_since_fired, op=dist.ReduceOp.MIN)
-            delta = t.act_freq_scores - freq
-            dist.all_reduce(delta)
-            t.act_freq_scores = freq + delta
-            t.n_frac_active_samples = n_frac + (t.n_frac_active_samples - n_frac) * self.world
-            return out
-
-        return step
-
-    def agree_stop(self, flag: StopFlag) -> None:
-        """Every rank stops when any rank was asked to (called at each batch boundary)."""
-        if self.active:
-            asked = torch.tensor([1.0 if flag.requested else 0.0])
-            _dist().all_reduce(asked, op=_dist().ReduceOp.MAX)
-            flag.requested = bool(asked.item())
+    local_stop: StopFlag | None = None
+    stop_total: torch.Tensor | None = None  # the last step's summed stop flags
+    boundaries = 0
 
     @torch.no_grad()
     def sync_scalers(self, trainer: MultiSAETrainer) -> None:
@@ -154,6 +139,58 @@ class DataParallel:
 
     def global_samples(self, trainer: MultiSAETrainer) -> int:
         return trainer.n_training_samples * self.world
+
+
+class _StepSync:
+    """Everything one SAE's step shares across ranks, in one ``all_reduce`` (what DDP's reducer does with
+    its buckets, here a single one: a small SAE's gradients are a few MB): when backward has accumulated
+    the last parameter's gradient, the flattened gradients (then divided by the world size, before
+    SAELens clips them), this step's firing counts (``act_freq_scores`` delta: summed; a feature fired
+    if its sum is positive, so ``n_forward_passes_since_fired`` is reset where any rank saw it fire)
+    and the stop flag are summed together. No host sync or other collective runs per step."""
+
+    def __init__(self, dp: DataParallel, t: Any, params: list[torch.Tensor]) -> None:
+        self.dp, self.t, self.params = dp, t, params
+        self.seen, self.freq = 0, t.act_freq_scores
+        for p in params:
+            _dist().broadcast(p.data, src=0)
+            p.register_post_accumulate_grad_hook(self.on_grad)
+        original = t.step
+
+        def step(batch: torch.Tensor) -> Any:
+            self.seen, self.freq, n_frac = 0, t.act_freq_scores.clone(), t.n_frac_active_samples
+            out = original(batch)
+            if self.seen != len(self.params):
+                raise RuntimeError(
+                    f"data_parallel: {len(self.params) - self.seen} of the SAE's {len(self.params)} parameters got no "
+                    "gradient this step, so the ranks' gradients were not averaged; every trained parameter must "
+                    "take part in the loss (or set requires_grad=False on it)."
+                )
+            t.n_frac_active_samples = n_frac + (t.n_frac_active_samples - n_frac) * dp.world
+            return out
+
+        t.step = step
+
+    @torch.no_grad()
+    def on_grad(self, p: torch.Tensor) -> None:
+        self.seen += 1
+        if self.seen < len(self.params):
+            return
+        grads = [q.grad for q in self.params]
+        dtype = torch.promote_types(grads[0].dtype, torch.float32)  # counts stay exact
+        fired = self.t.act_freq_scores - self.freq  # this step's firing counts (updated before backward)
+        stop = float(self.dp.local_stop is not None and self.dp.local_stop.requested)
+        parts = [g.reshape(-1).to(dtype) for g in grads]
+        flat = torch.cat([*parts, fired.to(dtype), torch.tensor([stop], dtype=dtype, device=fired.device)])
+        _dist().all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g)).div_(self.dp.world)
+            offset += g.numel()
+        total = flat[offset : offset + fired.numel()].to(fired.dtype)
+        self.t.act_freq_scores = self.freq + total
+        self.t.n_forward_passes_since_fired.masked_fill_(total > 0, 0)
+        self.dp.stop_total = flat[-1:]  # read at the next batch boundary (agree_stop), not here
 
 
 class RankZeroCheckpoint(RunCheckpoint):

@@ -168,6 +168,10 @@ def activation_stream(
 
         rank, world = rank_and_world_size()
         return streamed_batches(cfg, model, dataset, read_hooks, rank=rank, world=world), per_image
+    if cfg.stream:  # a wds: source through its stream view (which reads pipe:/remote shards too)
+        from .stream import rank_images
+
+        dataset = rank_images(dataset, 0, 1)
     batches = image_batches(dataset, cfg.image_batch_size, cfg.num_workers, epochs=None)
     stream = harvest(
         model,
@@ -194,15 +198,17 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     Raises :class:`TrainingInterrupted` after saving a checkpoint if SIGINT/SIGTERM arrives;
     ``resume=True`` continues from it (the config must be the same, paths aside). The run holds
     ``output_dir``'s lock (:class:`~.checkpoints.RunLock`) throughout: a second run into the same folder is
-    refused. A full disk raises :class:`DiskFullError` saying what was kept to resume from.
+    refused. A full disk raises :class:`DiskFullError` saying what was kept to resume from. Transcoders
+    and CLTs (``architecture`` ``transcoder``, ``skip_transcoder``, ``clt``) train by :func:`~.pairs.train_pairs`.
     """
     from ..activations.disk import is_disk_full
     from ..distributed import rank_and_world_size
+    from .pairs import is_paired, train_pairs
 
     rank, world = rank_and_world_size()
     with RunLock(cfg.output_dir, rank, world):
         try:
-            return _train_saes(cfg, model, resume)
+            return train_pairs(cfg, model, resume) if is_paired(cfg) else _train_saes(cfg, model, resume)
         except DiskFullError:
             raise
         except Exception as e:
@@ -311,8 +317,8 @@ def _trainer(
     trainer_cfg = SAETrainerConfig(
         total_training_samples=dp.local_tokens(cfg.training_tokens) if dp else cfg.training_tokens,
         train_batch_size_samples=dp.local_batch if dp else cfg.train_batch_size,
-        lr=cfg.lr,
-        lr_end=cfg.effective_lr_end,
+        lr=cfg.lr_for(next(iter(saes.values())).cfg.d_sae),
+        lr_end=cfg.lr_end_for(next(iter(saes.values())).cfg.d_sae),
         lr_scheduler_name=cfg.lr_scheduler_name,
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         device=cfg.device,
@@ -325,6 +331,7 @@ def _trainer(
     trainer = vision_trainer_class()(
         cfg=trainer_cfg, saes=saes, hook_names={h: h for h in saes}, data_provider=provider
     )
+    trainer.set_learning_rates({h: (cfg.lr_for(s.cfg.d_sae), cfg.lr_end_for(s.cfg.d_sae)) for h, s in saes.items()})
     if dp is not None:
         trainer.dp = dp
         dp.attach(trainer)
@@ -351,10 +358,8 @@ def _fit(
         every = max(1, every // dp.world)
 
     def periodic() -> None:
-        if dp is not None:
-            dp.agree_stop(asked)
-            if asked.requested:
-                raise TrainingInterrupted("stop requested")
+        if dp is not None and dp.agree_stop(asked):
+            raise TrainingInterrupted("stop requested")
         if trainer.n_training_steps and run_ckpt.due(trainer.n_training_samples, every, cfg.checkpoint_every_seconds):
             logger.info(
                 "checkpoint at %d tokens: %s",

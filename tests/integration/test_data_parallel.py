@@ -53,18 +53,20 @@ def _record_reads(rank, folder):
 
 
 def _train_rank(rank, world, port, cfg_path, resume, kill_at, record=None):
-    """A rank of ``sae-vision train`` (``kill_at``: rank 1 SIGKILLs itself before that batch; ``record``:
-    a folder for the rank's record of cache reads)."""
+    """A rank of ``sae-vision train`` (``kill_at``: rank 1 SIGKILLs itself before that batch, or SIGTERMs
+    itself when negative; ``record``: a folder for the rank's record of cache reads)."""
     if record:
         _record_reads(rank, record)
     if kill_at and rank == 1:
+        import signal
+
         from sae_vision_ext.training import checkpoints
 
         original = checkpoints.CountingStream.__next__
 
         def next_or_die(self):
-            if self.count == kill_at:
-                os.kill(os.getpid(), 9)
+            if self.count == abs(kill_at):
+                os.kill(os.getpid(), 9 if kill_at > 0 else signal.SIGTERM)
             return original(self)
 
         checkpoints.CountingStream.__next__ = next_or_die
@@ -123,6 +125,20 @@ def test_sigkill_of_a_rank_then_resume_loses_at_most_one_interval(tmp_path):
     assert codes[1] == -9 and codes[0] != 0  # rank 0 fails at the next all-reduce
     state = json.loads((tmp_path / "dp" / "checkpoints" / "latest" / "state_data_parallel_2.json").read_text())
     assert 15 - state["batches_consumed"] <= every // 128 and state["n_training_steps"] > 0
+    assert _run(cfg, 2, resume=True) == [0, 0]
+    assert _run(_config(tmp_path, "one", cache), 1) == [0]
+    one, dp = _weights(tmp_path, "one"), _weights(tmp_path, "dp")
+    for key in one:
+        torch.testing.assert_close(dp[key], one[key], atol=1e-5, rtol=1e-5)
+
+
+def test_sigterm_on_one_rank_stops_both_at_one_step_then_resume_equals_one_rank(tmp_path):
+    """The stop request rides on the step's all-reduce: both ranks stop at the same batch boundary."""
+    cache = tmp_path / "cache"
+    cfg = _config(tmp_path, "dp", cache, data_parallel=True)
+    assert _run(cfg, 2, kill_at=-12) == [130, 130]  # both interrupted, checkpointed by rank 0
+    state = json.loads((tmp_path / "dp" / "checkpoints" / "latest" / "state_data_parallel_2.json").read_text())
+    assert 12 <= state["batches_consumed"] <= 13  # the step after the signal (its flag rides on that step)
     assert _run(cfg, 2, resume=True) == [0, 0]
     assert _run(_config(tmp_path, "one", cache), 1) == [0]
     one, dp = _weights(tmp_path, "one"), _weights(tmp_path, "dp")
