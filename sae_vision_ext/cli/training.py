@@ -56,7 +56,7 @@ _CONFIG_FLAGS: dict[str, Any] = {  # every scalar config field, settable by flag
     "k_aux": _or_none(int),
     "dead_feature_window_tokens": _or_none(int),
     "normalize_activations": str,
-    "lr": float,
+    "lr": _or_none(float),
     "lr_end": _or_none(float),
     "lr_scheduler_name": str,
     "lr_warm_up_steps": int,

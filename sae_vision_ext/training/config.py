@@ -14,6 +14,8 @@ from ..activations.harvest import TOKEN_SELECTIONS, TokenSelection
 Normalization = Literal["none", "expected_average_only_in", "layer_norm"]
 LrScheduler = Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"]
 BDecInit = Literal["zeros", "mean", "geometric_median"]
+TranscoderActivation = Literal["topk", "relu", "jumprelu"]
+TranscoderInput = Literal["ln2.hook_normalized", "hook_resid_mid"]
 PER_LAYER_KEYS = ("k", "d_sae", "expansion_factor", "l1_coefficient", "k_aux")
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu)(:\d+)?)$")
 _TOPK_LIKE = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -24,10 +26,17 @@ _POSITIVE = (
     "image_batch_size",
     "n_images",
     "b_dec_init_tokens",
-    "lr",
     "expansion_factor",
 )
-_POSITIVE_OR_NONE = ("d_sae", "k_aux", "checkpoint_every_tokens", "checkpoint_every_seconds", "patches_per_image")
+_POSITIVE_OR_NONE = (
+    "lr",
+    "decoder_init_norm",
+    "d_sae",
+    "k_aux",
+    "checkpoint_every_tokens",
+    "checkpoint_every_seconds",
+    "patches_per_image",
+)
 """The numeric fields checked at construction (after numeric strings are converted)."""
 
 
@@ -60,7 +69,15 @@ class VisionSAETrainingConfig(ConfigMixin):
     """Keep a random subset of this many patch tokens per image (``None``: all selected patches)."""
     architecture: str = "topk"
     """A SAELens training architecture (its registry: ``standard``, ``topk``, ``batchtopk``, ``jumprelu``,
-    ``matryoshka_batchtopk``, ``gated``, ... and any class registered with ``register_sae_training_class``)."""
+    ``matryoshka_batchtopk``, ``gated``, ... and any class registered with ``register_sae_training_class``);
+    ``transcoder`` / ``skip_transcoder`` (one per layer, ``transcoder_input`` -> ``hook_mlp_out``) or ``clt`` (a
+    cross-layer transcoder over every block) train on (input, output) pairs instead (``training/pairs.py``)."""
+    transcoder_activation: TranscoderActivation = "topk"
+    """Sparsity of ``transcoder``, ``skip_transcoder`` and ``clt``: ``topk`` (``k``; AuxK for transcoders),
+    ``relu`` (L1 weighted by decoder norms, ``l1_coefficient``) or ``jumprelu`` (L0, ``l1_coefficient``)."""
+    transcoder_input: TranscoderInput = "ln2.hook_normalized"
+    """What transcoders and CLTs read at each layer: ``blocks.{l}.<transcoder_input>`` (``ln2.hook_normalized``,
+    the MLP's own input, or ``hook_resid_mid``); they always predict ``blocks.{l}.hook_mlp_out``."""
     d_sae: int | None = None
     """SAE width; ``None`` uses ``expansion_factor * d_in``."""
     expansion_factor: float = 4.0
@@ -88,10 +105,11 @@ class VisionSAETrainingConfig(ConfigMixin):
     ``num_dead_features`` counts it). ``None``: a tenth of the run, between 1 and 1000 batches."""
     normalize_activations: Normalization = "expected_average_only_in"
     """SAELens input normalisation (``layer_norm``: per-token standardisation, as the seed paper)."""
-    lr: float = 4e-4
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate; ``None``: scaled by each SAE's width as dictionary_learning's TopK trainer scales
+    it, ``2e-4 * (2**14 / d_sae) ** 0.5`` (:func:`width_scaled_lr`: 1.1e-3 at ``d_sae`` 512, 2e-4 at 16384)."""
     lr_end: float | None = None
-    """Final learning rate for decaying schedules (``None``: ``lr / 10``). Always passed to SAELens."""
+    """Final learning rate for decaying schedules (``None``: a tenth of each SAE's ``lr``). Always passed to SAELens."""
     lr_scheduler_name: LrScheduler = "constant"
     """SAELens learning-rate schedule."""
     lr_warm_up_steps: int = 0
@@ -162,6 +180,8 @@ class VisionSAETrainingConfig(ConfigMixin):
             ("normalize_activations", self.normalize_activations, get_args(Normalization)),
             ("lr_scheduler_name", self.lr_scheduler_name, get_args(LrScheduler)),
             ("b_dec_init", self.b_dec_init, get_args(BDecInit)),
+            ("transcoder_activation", self.transcoder_activation, get_args(TranscoderActivation)),
+            ("transcoder_input", self.transcoder_input, get_args(TranscoderInput)),
         ):
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}.")
@@ -243,6 +263,15 @@ class VisionSAETrainingConfig(ConfigMixin):
         """``key`` for ``hook``: its per-layer override if any, else the run-wide value."""
         return self.per_layer.get(hook, {}).get(key, getattr(self, key))
 
-    @property
-    def effective_lr_end(self) -> float:
-        return self.lr / 10 if self.lr_end is None else self.lr_end
+    def lr_for(self, d_sae: int) -> float:
+        """The learning rate of an SAE of width ``d_sae``: ``lr``, or :func:`width_scaled_lr` when ``None``."""
+        return width_scaled_lr(d_sae) if self.lr is None else self.lr
+
+    def lr_end_for(self, d_sae: int) -> float:
+        """The final learning rate of an SAE of width ``d_sae``: ``lr_end``, or a tenth of its ``lr``."""
+        return self.lr_for(d_sae) / 10 if self.lr_end is None else self.lr_end
+
+
+def width_scaled_lr(d_sae: int) -> float:
+    """dictionary_learning's TopK learning rate for width ``d_sae``: ``2e-4 * (2**14 / d_sae) ** 0.5``."""
+    return 2e-4 * (2**14 / d_sae) ** 0.5

@@ -16,6 +16,8 @@ def initial_b_dec(trainer: MultiSAETrainer, sae: TrainingSAE, batches: list[torc
     """``b_dec`` at the mean or geometric median of ``batches`` in the SAE's input space (after the
     trainer's activation scaler and the SAE's run-time normalisation, where ``b_dec`` is subtracted)."""
     x = torch.cat([sae.run_time_activation_norm_fn_in(trainer.activation_scaler(b.to(sae.W_enc))) for b in batches])
+    if hasattr(sae, "decoder_targets"):  # a transcoder or CLT: b_dec lives in the target half of its batches
+        x = sae.decoder_targets(x)
     centre = x.mean(0)
     if method == "geometric_median":  # Weiszfeld iterations, started at the mean
         for _ in range(50):
@@ -37,6 +39,22 @@ def vision_trainer_class() -> type:
         b_dec_init: str = "zeros"
         b_dec_init_batches: int = 0
         dp: Any = None  # the run's ddp.DataParallel, if data-parallel
+
+        def set_learning_rates(self, rates: dict[str, tuple[float, float]]) -> None:
+            """Give each SAE its own ``(lr, lr_end)`` (e.g. scaled by its width): the per-SAE trainers whose
+            rates differ from the run's are rebuilt by SAELens's own ``SAETrainer`` with those rates (before
+            training starts: the optimiser and schedule are new)."""
+            from dataclasses import replace
+
+            from sae_lens.training.sae_trainer import SAETrainer
+
+            for name, (lr, lr_end) in rates.items():
+                old = self.trainers[name]
+                if (old.cfg.lr, old.cfg.lr_end) != (lr, lr_end):
+                    cfg = replace(old.cfg, lr=lr, lr_end=lr_end)
+                    self.trainers[name] = SAETrainer(
+                        cfg=cfg, sae=self.saes[name], data_provider=iter(()), evaluator=None, save_checkpoint_fn=None
+                    )
 
         def _estimate_scaling_factors(self) -> None:
             super()._estimate_scaling_factors()

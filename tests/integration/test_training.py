@@ -97,7 +97,7 @@ def test_config_round_trips_through_yaml_and_json(tmp_path):
     assert VisionSAETrainingConfig.from_file(tmp_path / "c.yaml") == cfg
     assert VisionSAETrainingConfig.from_file(tmp_path / "c.json") == cfg
     assert cfg.for_hook("blocks.2.hook_resid_post", "k") == 16 and cfg.for_hook("blocks.0.hook_resid_post", "k") == 8
-    assert cfg.effective_lr_end == pytest.approx(cfg.lr / 10)
+    assert cfg.lr_end_for(512) == pytest.approx(cfg.lr_for(512) / 10)
 
 
 @pytest.fixture(scope="module")
