@@ -3,7 +3,8 @@
     python -m benchmarks [--quick]
 
 Rows: hooked forward vs native timm ViT-B/16 (random weights); one-pass harvest of all 12 layers vs a
-plain forward and vs per-layer passes; cache write/read MB/s (float16); SAE training steps/s vs
+plain forward and vs per-layer passes; the same harvest on a NaFlex ViT-B with images of mixed sizes vs a
+fixed-size batch; cache write/read MB/s (float16); SAE training steps/s vs
 SAELens's SAETrainer on an in-memory tensor; the feature-statistics pass vs a forward with the SAEs
 spliced (sve:shapes-vit); attribution rows vs a per-target jacrev baseline; the harvest on 1 vs 2
 processes (`sae-vision cache` through ``sae_vision_ext.launch.launch_local``, gloo). The
@@ -58,6 +59,15 @@ def harvest(quick: bool) -> list[list[object]]:
         ["SAE training steps/s, our provider (TopK, d_sae 3072)", f"{b:.1f}", f"{a:.1f} SAELens in-memory",
          f"{b / a:.2f}x"],
     ]  # fmt: skip
+
+
+def naflex_harvest(quick: bool) -> list[list[object]]:
+    from benchmarks.bench_harvest import NAFLEX_SIZES, build_naflex_base, naflex_harvest_times
+
+    t = naflex_harvest_times(build_naflex_base(), repeats=2 if quick else 3)
+    mixed, fixed = t["tokens_mixed"] / t["mixed"], t["tokens_fixed"] / t["fixed"]
+    name = f"harvest 12 layers, NaFlex ViT-B, {len(NAFLEX_SIZES)} images of mixed sizes (padding dropped)"
+    return [[name, f"{mixed:.0f} real tok/s", f"{fixed:.0f} tok/s fixed 224 px", f"{mixed / fixed:.2f}x throughput"]]
 
 
 def stats_pass(quick: bool) -> list[list[object]]:
@@ -116,7 +126,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
     args = p.parse_args()
     rows = []
-    for part in (hooked_forward, harvest, stats_pass, attribution, processes):
+    for part in (hooked_forward, harvest, naflex_harvest, stats_pass, attribution, processes):
         rows += part(args.quick)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}\n")  # fmt: skip

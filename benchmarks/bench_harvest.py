@@ -5,6 +5,9 @@
 1. Tokens/s harvesting every layer's ``hook_resid_post`` in one pass, vs a plain forward (no hooks),
    vs one pass per layer (a) running the full model each time and (b) stopping after that layer.
    Goals: one pass >= 0.9x plain-forward throughput, >= 8x faster than per-layer passes.
+   NaFlex (``--naflex``): a batch of images of mixed sizes and aspect ratios (timm NaFlexVit at ViT-B
+   size, each image at most 196 patches, padded to the longest) vs a fixed-size 224 px batch of the
+   same model, and vs the native NaFlex forward on the same mixed batch; real (non-padding) tokens/s.
 2. Cache write and read MB/s and bytes per token for float32, float16, bfloat16.
 3. SAE training steps/s fed by our cache reader vs SAELens's ``SAETrainer`` fed an in-memory tensor.
 """
@@ -44,6 +47,41 @@ def harvest_times(model: HookedViT, batch: int, repeats: int) -> dict[str, float
         warmup=1,
     )
     return t
+
+
+NAFLEX_SIZES = [(224, 224), (160, 304), (304, 160), (128, 384), (384, 128), (192, 256), (256, 192), (112, 448)]
+"""Eight (height, width) at most 196 patches of 16 px each (NaFlex's budget for a 224 px model)."""
+
+
+@torch.no_grad()
+def naflex_harvest_times(model: HookedViT, repeats: int) -> dict[str, float]:
+    """Median seconds per batch of ``len(NAFLEX_SIZES)`` images: the one-pass harvest of every layer's
+    ``hook_resid_post`` on the mixed sizes, on a fixed 224 px batch, and the native forward (timm's
+    NaFlex inputs) on the mixed sizes. Also the real tokens of each batch (``tokens_mixed``, ``tokens_fixed``)."""
+    images = [torch.randn(3, h, w) for h, w in NAFLEX_SIZES]
+    fixed = torch.randn(len(images), 3, 224, 224)
+    hooks = resolve_hook_names("all_resid_post", model.cfg.n_layers)
+    native_inputs = model.adapter.native_inputs(images)
+    t = interleaved_medians(
+        {
+            "mixed": lambda: next(harvest(model, [images], hooks)),
+            "fixed": lambda: next(harvest(model, [fixed], hooks)),
+            "native_mixed": lambda: model.wrapped(**native_inputs),
+        },
+        repeats=repeats,
+        warmup=1,
+    )
+    p, n_prefix = model.cfg.patch_size, model.cfg.n_prefix_tokens
+    t["tokens_mixed"] = sum(n_prefix + (h // p) * (w // p) for h, w in NAFLEX_SIZES)
+    t["tokens_fixed"] = len(images) * (n_prefix + (224 // p) ** 2)
+    return t
+
+
+def build_naflex_base() -> HookedViT:
+    """timm ``naflexvit_base_patch16_gap`` (ViT-B/16, CLS + 3 registers, avg pool) with random weights."""
+    import timm
+
+    return HookedViT.from_model(timm.create_model("naflexvit_base_patch16_gap", pretrained=False)).eval()
 
 
 def harvest_table(model: HookedViT, batch: int, repeats: int) -> str:
@@ -143,7 +181,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-images", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--naflex", action="store_true", help="only the NaFlex mixed-size harvest (timm NaFlexVit ViT-B)")
     args = p.parse_args()
+    if args.naflex:
+        t = naflex_harvest_times(build_naflex_base(), args.repeats)
+        mixed, fixed = t["tokens_mixed"] / t["mixed"], t["tokens_fixed"] / t["fixed"]
+        rows = [["one pass, mixed sizes", f"{t['mixed'] * 1e3:.0f}", f"{mixed:.0f}", f"{mixed / fixed:.2f}x"],
+                ["one pass, fixed 224 px", f"{t['fixed'] * 1e3:.0f}", f"{fixed:.0f}", "1.00x"],
+                ["native NaFlex forward, mixed sizes", f"{t['native_mixed'] * 1e3:.0f}",
+                 f"{t['tokens_mixed'] / t['native_mixed']:.0f}", "-"]]  # fmt: skip
+        header = ["harvest (12 layers, 8 images)", "ms / batch", "real tokens/s", "vs fixed size"]
+        print(markdown_table(header, rows))
+        return
     model = HookedViT.from_pretrained(args.model, pretrained=False).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} (random weights)\n")
     print("## Harvest\n\n" + harvest_table(model, args.batch, args.repeats) + "\n")
