@@ -140,7 +140,7 @@ def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: 
     init_from_env()
     config = VisionSAETrainingConfig(**cfg)
     sae = build_training_sae(config, HOOKS[1], 128, {}).to(config.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(sae.parameters(), lr=config.lr_for(sae.cfg.d_sae))
     x = torch.randn(config.train_batch_size // world, 128, generator=torch.Generator().manual_seed(rank))
     x, dead = x.to(config.device), torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=config.device)
     times = []
@@ -157,22 +157,32 @@ def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     barrier()
-    reduce = []
+    reduce, before = [], []  # one bucket per step; before it: one per parameter, 2 bookkeeping, the stop flag
     if world > 1:
         bucket = torch.zeros(sum(p.numel() for p in sae.parameters()) + sae.cfg.d_sae + 1, device=config.device)
+        separate = [torch.zeros_like(p) for p in sae.parameters()] + [torch.zeros(sae.cfg.d_sae)] * 2
         for _ in range(10):
             t0 = time.perf_counter()
             dist.all_reduce(bucket)
             reduce.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for t in separate:
+                dist.all_reduce(t)
+            flag = torch.zeros(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag.item()
+            before.append(time.perf_counter() - t0)
     if rank == 0:
         median = sorted(times[2:])[len(times[2:]) // 2]
         mb = sum(p.numel() for p in sae.parameters()) * 4 / 2**20
-        Path(out).write_text(json.dumps({"step": median, "all_reduce": sorted(reduce)[5] if reduce else 0.0, "mb": mb}))
+        med = {"all_reduce": sorted(reduce)[5] if reduce else 0.0, "before": sorted(before)[5] if before else 0.0}
+        Path(out).write_text(json.dumps({"step": median, "mb": mb, **med}))
 
 
-def compute_ceiling(root: Path, device: str, steps: int) -> tuple[float, float, float, float]:
+def compute_ceiling(root: Path, device: str, steps: int) -> tuple[float, float, float, float, float]:
     """Seconds per compute-only step on 1 process (full batch) and on each of 2 at once (half batch),
-    the seconds of one bucket all-reduce on 2 processes, and the bucket's size in MB."""
+    the seconds of one bucket all-reduce on 2 processes, the bucket's size in MB, and the seconds of the
+    per-step collectives before the bucket (7: one per parameter, two of bookkeeping, the stop flag)."""
     from sae_vision_ext.launch import spawn_ranks
 
     out = []
@@ -183,7 +193,7 @@ def compute_ceiling(root: Path, device: str, steps: int) -> tuple[float, float, 
             == [0] * world
         )
         out.append(json.loads(path.read_text()))
-    return out[0]["step"], out[1]["step"], out[1]["all_reduce"], out[1]["mb"]
+    return out[0]["step"], out[1]["step"], out[1]["all_reduce"], out[1]["mb"], out[1]["before"]
 
 
 def stream_vs_cache(root: Path, device: str, steps: int) -> tuple[float, float]:
@@ -224,12 +234,15 @@ def main() -> None:
             one, two = ddp_steps_per_s(root, args.device, args.steps)
             rows.append(["data-parallel SAE training, 2 processes vs 1 (1 thread each, d_sae 4096, batch 4096)",
                          f"{two:.2f} steps/s", f"{one:.2f} steps/s", f"{two / one:.2f}x"])  # fmt: skip
-            t1, t2, reduce, mb = compute_ceiling(root, args.device, max(8, args.steps // 2))
+            t1, t2, reduce, mb, before = compute_ceiling(root, args.device, max(8, args.steps // 2))
             rows.append(["compute-only SAE step (no communication), 2 processes at once on half the batch vs 1",
                          f"{1 / t2:.2f} steps/s", f"{1 / t1:.2f} steps/s", f"{t1 / t2:.2f}x (ceiling)"])  # fmt: skip
             rows.append([f"one all-reduce of the step's bucket ({mb:.1f} MB, gloo, 2 processes)",
                          f"{reduce * 1e3:.1f} ms", f"{t2 * 1e3:.0f} ms compute step",
-                         f"{reduce / (reduce + t2):.0%} of a step"])  # fmt: skip
+                         f"{reduce / (reduce + t2):.1%} of a step"])  # fmt: skip
+            rows.append(["the step's collectives before (7: per parameter, 2 bookkeeping, stop + .item())",
+                         f"{reduce * 1e3:.1f} ms (1 bucket)", f"{before * 1e3:.1f} ms",
+                         f"{before / reduce:.1f}x"])  # fmt: skip
         if args.only in (None, "stream"):
             streamed, cached = stream_vs_cache(root, args.device, max(4, args.steps // 4))
             rows.append(["stream: true vs cache then train (3 hooks, 1 process)", f"{streamed:.1f} s",
