@@ -198,3 +198,25 @@ def test_feature_stats_heatmaps_and_dashboard_use_each_images_own_grid(tmp_path)
 
     index = build_dashboard(model, [sae], images, tmp_path, n_feature_pages=2, n_image_pages=2, progress=False)
     assert index.exists() and len(list((tmp_path / "images").glob("img*.png"))) == 2
+
+
+@pytest.mark.parametrize("variant", ["timm_naflex_gap", "hf_siglip2_mean"])
+def test_traced_image_at_its_own_size_is_exact_and_graph_uses_its_grid(variant):
+    """A 16x40 image (grid 2x5, not the model's 4x4): sum rule and frozen interventions hold, and the
+    graph's grid, position labels and circuit-tracer prompt tokens are the image's own."""
+    from helpers import check_exact, rrm_for
+
+    from sae_vision_ext.circuits.graph.export import thinned_labels
+    from sae_vision_ext.circuits.graph.nodes import position_labels
+
+    rrm = rrm_for(variant)
+    x = torch.randn(1, 3, 16, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert check_exact(rrm, x) > 20
+    from helpers import Attributor
+
+    graph = Attributor(rrm, batch_size=8).attribute(x, progress=False)
+    n_prefix = rrm.model.cfg.n_prefix_tokens
+    assert graph.grid == (2, 5)
+    labels = position_labels(graph)
+    assert len(labels) == n_prefix + 10 and labels[n_prefix + 5] == "p(1,0)" and labels[-1] == "p(1,4)"
+    assert [t for t in thinned_labels(graph)[n_prefix:] if t != "·"] == ["p(0,0)", "p(1,0)"]

@@ -216,6 +216,7 @@ class Attributor:
         if max_feature_nodes is not None and max_feature_nodes < 0:
             raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
         rec = self._record(pixels)
+        grid = tuple(self.model.grid_sizes[0])  # the traced image's own (rows, cols): any size, NaFlex
         targets, target_names, target_classes = resolve_targets(
             self.model.cfg.class_names, rec.clean_out, targets, target_names
         )
@@ -276,7 +277,7 @@ class Attributor:
             target_classes=target_classes,
             n_prefix=self.model.cfg.n_prefix_tokens,
             has_cls=self.model.cfg.has_cls_token,
-            grid=self.model.cfg.grid_size,
+            grid=grid,
             weights=weights,
             target_probs=target_probs(target_classes, len(targets), rec.clean_out),
         )
