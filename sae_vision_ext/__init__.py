@@ -41,6 +41,8 @@ _LAZY: dict[str, str] = {
     "FeatureAnalysis": "sae_vision_ext.vis.analysis",
     "shapes_attributes": "sae_vision_ext.vis.analysis",
     "ResidualReplacementModel": "sae_vision_ext.circuits.models",
+    "TranscoderReplacementModel": "sae_vision_ext.circuits.models",
+    "TranscoderRecord": "sae_vision_ext.circuits.replacement.transcoder",
     "render_graph_html": "sae_vision_ext.circuits.graph.viewer",
     "write_circuit_tracer": "sae_vision_ext.circuits.graph.export",
     "logit_lens": "sae_vision_ext.circuits.evaluate.logit_lens",
@@ -74,7 +76,8 @@ if TYPE_CHECKING:
     from .circuits.graph.graph import AttributionGraph
     from .circuits.graph.supernodes import Supernode, group_nodes, supernode_graph
     from .circuits.graph.viewer import render_graph_html
-    from .circuits.models import ResidualReplacementModel
+    from .circuits.models import ResidualReplacementModel, TranscoderReplacementModel
+    from .circuits.replacement.transcoder import TranscoderRecord
     from .data.shapes import SHAPES, make_shapes
     from .models import (
         HookedViT,
@@ -127,6 +130,8 @@ __all__ = [
     "SpuriousFeatures",
     "Supernode",
     "TrainingInterrupted",
+    "TranscoderRecord",
+    "TranscoderReplacementModel",
     "ViTAdapter",
     "VisionSAETrainingConfig",
     "__version__",

@@ -82,7 +82,8 @@ def check_linearisable(sae: SAE, where: str = "attribution") -> None:
     if getattr(cfg.metadata, "hook_name_out", None) or "transcoder" in arch:
         raise ValueError(
             f"{where}: the SAE at {hook!r} is a transcoder ({arch!r}); the residual replacement model "
-            "needs SAEs that reconstruct their own hook."
+            "needs SAEs that reconstruct their own hook. Trace transcoders with "
+            "sve.TranscoderReplacementModel(model, transcoders)."
         )
     if arch not in LINEAR_ARCHITECTURES:
         raise ValueError(

@@ -346,27 +346,34 @@ class Attributor:
     def _explore(
         self, run: Callable[[int, Tensor], None], store: RowStore, node_ids: list[Tensor], n: int, budget: int
     ) -> None:
-        """circuit-tracer's exploration: rows of the ``budget`` features of most influence on the
-        targets through the rows computed so far, ``batch_size * update_interval`` at a time."""
-        dev = node_ids[0].device
-        layer_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-        index_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-        for layer, ids in enumerate(node_ids):
-            layer_of[ids] = layer
-            index_of[ids] = torch.arange(len(ids), device=dev)
-        open_ = layer_of >= 0  # feature nodes without a row yet
-        n_done = 0
-        while n_done < budget:
-            infl = store.influence()
-            score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
-            k = min(self.batch_size * self.update_interval, budget - n_done, int(torch.isfinite(score).sum()))
-            if k == 0:
-                break
-            order = score.topk(k).indices
-            open_[order] = False
-            n_done += k
-            for layer in layer_of[order].unique().flip(0).tolist():
-                run(layer, index_of[order[layer_of[order] == layer]])
+        explore(run, store, node_ids, n, budget, chunk=self.batch_size * self.update_interval)
+
+
+def explore(
+    run: Callable[[int, Tensor], None], store: RowStore, node_ids: list[Tensor], n: int, budget: int, *, chunk: int
+) -> None:
+    """circuit-tracer's exploration: rows of the ``budget`` features of most influence on the targets
+    through the rows computed so far, ``chunk`` at a time (``node_ids[level]``: the feature nodes of a
+    row level; ``run(level, index into node_ids[level])`` computes rows)."""
+    dev = node_ids[0].device
+    layer_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    index_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    for layer, ids in enumerate(node_ids):
+        layer_of[ids] = layer
+        index_of[ids] = torch.arange(len(ids), device=dev)
+    open_ = layer_of >= 0  # feature nodes without a row yet
+    n_done = 0
+    while n_done < budget:
+        infl = store.influence()
+        score = infl.masked_fill(~open_ | ~(infl > 0), float("-inf"))
+        k = min(chunk, budget - n_done, int(torch.isfinite(score).sum()))
+        if k == 0:
+            break
+        order = score.topk(k).indices
+        open_[order] = False
+        n_done += k
+        for layer in layer_of[order].unique().flip(0).tolist():
+            run(layer, index_of[order[layer_of[order] == layer]])
 
 
 class _Recorded(NamedTuple):

@@ -4,7 +4,9 @@ export and token-aggregated view (the algorithms live in ``graph/ops.py``, the c
 
 Node order (rows and columns of ``adjacency``): inputs (one per position), then per SAE layer (its
 block number in ``node_layer``) the MLP leaves (MLP-leaf mode), active features sorted by position
-then feature, and one error node per position; then the targets.
+then feature, and one error node per position; then the targets. Transcoder graphs
+(``engine/transcoder_attribution.py``) have the same order with a layer per block (features of the
+block's transcoder, then its MLP error nodes).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class AttributionGraph:
     """After ``prune``: each node's cumulative influence share (circuit-tracer's exported ``influence``)."""
     pruning: tuple[float, float] | None = None
     """``(node_threshold, edge_threshold)`` of ``prune``."""
+    transcoder_list: list[str] = field(default_factory=list)
+    """circuit-tracer's ``metadata.transcoder_list``: a transcoder graph's transcoder input hooks; empty for
+    a residual graph (the export names ``blocks.L.hook_resid_post`` of its SAE layers)."""
 
     @property
     def n_nodes(self) -> int:
