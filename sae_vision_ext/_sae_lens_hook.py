@@ -1,7 +1,8 @@
 """Register this package's SAELens classes whenever SAELens is (or gets) imported.
 
-A folder saved from a converted saev TopK SAE names the architecture ``signed_topk``; plain
-``SAE.load_from_disk`` finds it once ``import sae_vision_ext`` has run, in either import order. The
+A folder saved from a converted saev TopK SAE names the architecture ``signed_topk``, a TopK
+transcoder ``topk_transcoder`` / ``topk_skip_transcoder``; plain ``SAE.load_from_disk`` finds them once
+``import sae_vision_ext`` has run, in either import order. The
 hook costs nothing at import: it imports neither torch nor SAELens; it registers right away when
 SAELens is already loaded, otherwise right after SAELens finishes loading (a one-shot meta-path
 finder that removes itself).
@@ -17,9 +18,13 @@ from typing import Any
 
 
 def _register() -> None:
-    from .saes.signed_topk import ensure_registered
+    from .saes import signed_topk, transcoders
 
-    ensure_registered()
+    signed_topk.ensure_registered()
+    transcoders.ensure_registered()
+    from .training.transcoders import ensure_training_registered  # transcoder, skip_transcoder, clt, ...
+
+    ensure_training_registered()
 
 
 class _AfterSAELensImport(importlib.abc.MetaPathFinder):

@@ -8,7 +8,8 @@ The rules (listed in ``docs/saes.md``, "What load_sae checks"):
 - ``architecture`` is present and a registered SAELens class (close names suggested);
 - ``d_in`` and ``d_sae`` are present, positive integers, and equal the weights' shapes
   (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, ·]``);
-- classes with a ``k`` (``topk``, ``abstopk``, ``signed_topk``) have one, an integer in ``1..d_sae``.
+- classes with a ``k`` (``topk``, ``abstopk``, ``signed_topk``, ``topk_transcoder``) have one, an integer
+  in ``1..d_sae``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def sae_architectures() -> dict[str, Any]:
     """SAELens's registered inference architectures (``signed_topk`` included) -> config class."""
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
-    from .signed_topk import ensure_registered
+    from . import signed_topk, transcoders
 
-    ensure_registered()
+    signed_topk.ensure_registered()
+    transcoders.ensure_registered()
     return {name: config_cls for name, (_, config_cls) in SAE_CLASS_REGISTRY.items()}
 
 

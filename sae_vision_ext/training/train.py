@@ -203,12 +203,14 @@ def train_saes(cfg: VisionSAETrainingConfig, model: HookedViT | None = None, res
     """
     from ..activations.disk import is_disk_full
     from ..distributed import rank_and_world_size
-    from .pairs import is_paired, train_pairs
+    from .pairs import RunSteps, is_paired, train_pairs
 
     rank, world = rank_and_world_size()
     with RunLock(cfg.output_dir, rank, world):
         try:
-            return train_pairs(cfg, model, resume) if is_paired(cfg) else _train_saes(cfg, model, resume)
+            if is_paired(cfg):
+                return train_pairs(cfg, model, resume, RunSteps(activation_stream, _trainer, _fit, sae_metadata))
+            return _train_saes(cfg, model, resume)
         except DiskFullError:
             raise
         except Exception as e:
