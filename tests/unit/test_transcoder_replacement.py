@@ -262,3 +262,27 @@ def test_a_clt_alone_and_on_every_block():
         TranscoderReplacementModel(model, [clt, make_transcoder("transcoder", 0, "hook_resid_mid")])
     with pytest.raises(ValueError, match="spans every block"):
         TranscoderReplacementModel(model_for(depth=2), clt)
+
+
+def test_evaluate_circuit_on_transcoders_ends_at_the_model_and_at_the_all_reference_model():
+    from sae_vision_ext import evaluate_circuit
+
+    model = model_for(depth=2)
+    tm = TranscoderReplacementModel(model, [make_transcoder("skip_transcoder", i, HOOKS[i]) for i in range(2)])
+    x = images(2, seed=4).double()
+    ev = evaluate_circuit(tm, x, fractions=[0.0, 0.5, 1.0], reference="zero", n_ablations=2, progress=False)
+    with torch.no_grad():
+        out = model(x)
+    target = out.argmax(-1)
+    demeaned = (out.gather(1, target[:, None])[:, 0] - out.mean(-1)).mean()
+    curves = ev.curves["influence"]
+    assert curves["deletion"]["demeaned_logit"][0] == pytest.approx(float(demeaned), abs=1e-9)
+    assert curves["insertion"]["demeaned_logit"][-1] == pytest.approx(float(demeaned), abs=1e-9)
+    # every feature at zero: the spliced model with all features off (errors kept)
+    with torch.no_grad(), tm.spliced(keep_errors=True, edit=lambda layer, acts: torch.zeros_like(acts)):
+        off = model(x)
+    off_demeaned = (off.gather(1, target[:, None])[:, 0] - off.mean(-1)).mean()
+    assert curves["insertion"]["demeaned_logit"][0] == pytest.approx(float(off_demeaned), abs=1e-9)
+    assert abs(float(off_demeaned - demeaned)) > 1e-3
+    with pytest.raises(ValueError, match="protocol='ours'"):
+        evaluate_circuit(tm, x, protocol="seed", progress=False)

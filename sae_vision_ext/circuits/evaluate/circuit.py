@@ -31,7 +31,6 @@ the original model's):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -40,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..._hooks import resid_post, sae_acts
+from ..._hooks import resid_post
 from ..graph.ops import node_influence
 from ..replacement.base import Reference, ReplacementModelBase, reduce_reference
 from .curves import FRACTIONS, CircuitEvaluation, auc, output_metrics
@@ -69,14 +68,11 @@ class _Patcher:
             mask ^= inv[:, None, None]
             return torch.where(mask, refs[slot].to(acts.dtype).expand_as(acts), acts)
 
-        def name(layer: int) -> str:
-            return resid_post(layer) if neurons else sae_acts(resid_post(layer))
-
-        hooks = [(name(layer), lambda a, hook, i=i: edit(a, hook, i)) for i, layer in enumerate(rrm.layers)]
-        with contextlib.ExitStack() as stack:
-            if not neurons:
-                stack.enter_context(rrm.spliced(keep_errors=True))
-            stack.enter_context(rrm.model.hooks(fwd_hooks=hooks))
+        if not neurons:  # features: each replacement kind splices and edits its own
+            with rrm.editing(lambda slot, acts: edit(acts, None, slot)):
+                return rrm.model(x)
+        hooks = [(resid_post(layer), lambda a, hook, i=i: edit(a, hook, i)) for i, layer in enumerate(rrm.layers)]
+        with rrm.model.hooks(fwd_hooks=hooks):
             return rrm.model(x)
 
 
@@ -157,6 +153,11 @@ def evaluate_circuit(  # noqa: PLR0913 (keyword-only options of two protocols, e
     if protocol not in ("ours", "seed"):
         raise ValueError(f"protocol must be 'ours' or 'seed'; got {protocol!r}.")
     labels = _check_images(pixels, labels, reference_pixels)
+    if protocol == "seed" and not hasattr(rrm, "attribute_aggregated"):
+        raise ValueError(
+            f"protocol='seed' runs on the residual model's token-aggregated graph (attribute_aggregated); "
+            f"{type(rrm).__name__} has none. Use protocol='ours'."
+        )
     if protocol == "seed":
         from .seed_protocol import evaluate_seed_protocol
 

@@ -24,7 +24,7 @@ Contracts:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -138,6 +138,15 @@ class ReplacementModelBase:
                 yield self.model
         finally:
             self.model.reset_saes([self.sae_at(layer).cfg.metadata.hook_name for layer in layers])
+
+    @contextlib.contextmanager
+    def editing(self, edit: Callable[[int, Tensor], Tensor]) -> Iterator[HookedViT]:
+        """Context with every SAE spliced, error terms kept, and each layer's feature activations
+        ``[batch, pos, d_sae]`` passed through ``edit(slot, acts)`` (``slot``: index in ``layers``): what
+        circuit evaluation patches. Every replacement kind implements it."""
+        hooks = [(sae_acts(resid_post(layer)), lambda a, hook, i=i: edit(i, a)) for i, layer in enumerate(self.layers)]
+        with self.spliced(keep_errors=True), self.model.hooks(fwd_hooks=hooks):
+            yield self.model
 
     @torch.no_grad()
     def frozen_state(self, pixels: Float[Tensor, "1 chan h w"]) -> tuple[dict[str, Tensor], list[FrozenNorm]]:

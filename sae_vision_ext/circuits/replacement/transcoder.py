@@ -19,7 +19,7 @@ Contracts (besides ``transcoder_set.py``'s):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +107,13 @@ class TranscoderReplacementBase(ReplacementModelBase):
         keep = set(layers) if keep_errors is True else set() if keep_errors is False else set(keep_errors)
         errors: dict[int, Tensor | bool] = {j: j in keep for j in layers} | error_values
         with self.model.hooks(fwd_hooks=splice_hooks(tcs, layers=layers, errors=errors, edit=edit)):
+            yield self.model
+
+    @contextlib.contextmanager
+    def editing(self, edit: Callable[[int, Tensor], Tensor]) -> Iterator[HookedViT]:
+        """Context with every transcoder spliced, error terms kept (each forward's own), and each encoder
+        block's features passed through ``edit(slot, acts)`` (``slot``: index in ``layers``)."""
+        with self.spliced(keep_errors=True, edit=lambda layer, acts: edit(self.slot(layer), acts)):
             yield self.model
 
     @torch.no_grad()
