@@ -205,6 +205,7 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
             action="store_true",
             help="require torchrun's environment (under torchrun the group is joined anyway)",
         )
+        p.add_argument("--random-weights", action="store_true", help=_RANDOM_HELP)
         for key, typ in _CONFIG_FLAGS.items():  # help: the field's docstring (_HelpFormatter)
             flag = "--model" if key == "model_name" else f"--{key.replace('_', '-')}"  # --model, as elsewhere
             kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}

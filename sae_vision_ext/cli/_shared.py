@@ -131,7 +131,12 @@ def _check_class_id(model: Any, target: int | None) -> None:
     )
 
 
-def load_model(model_id: str, random_weights: bool = False) -> HookedViT:
+RANDOM_WEIGHTS_TAG = "@random-weights-seed0"
+"""Appended to the model name of a cache harvested from ``--random-weights`` (its key then differs from the
+pretrained model's, so neither cache is ever read for the other)."""
+
+
+def load_model(model_id: str, random_weights: bool = False, device: str | None = None) -> HookedViT:
     """``HookedViT.from_pretrained(model_id)``; with ``random_weights`` the architecture with random weights
     (``pretrained=False``, seeded with 0 so every run builds the same model), downloading nothing."""
     import torch
@@ -139,9 +144,9 @@ def load_model(model_id: str, random_weights: bool = False) -> HookedViT:
     from ..models import HookedViT
 
     if not random_weights:
-        return HookedViT.from_pretrained(model_id)
+        return HookedViT.from_pretrained(model_id, device=device)
     torch.manual_seed(0)
-    return HookedViT.from_pretrained(model_id, pretrained=False)
+    return HookedViT.from_pretrained(model_id, pretrained=False, device=device)
 
 
 def _rrm(args: argparse.Namespace):

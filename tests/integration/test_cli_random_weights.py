@@ -40,3 +40,21 @@ def test_trace_a_random_eva02(tmp_path, capsys):
     kinds = {n["feature_type"] for n in graph["nodes"]}
     assert {"cross layer transcoder", "logit", "embedding"} <= kinds  # features of the L11 SAE, a logit target
     assert (tmp_path / "out" / "graph.html").exists()
+
+
+def test_cache_and_train_a_random_model_by_id(tmp_path, capsys):
+    """``cache`` and ``train`` take --random-weights: a random timm EVA-02, nothing downloaded; the cache is
+    keyed apart from the pretrained model's, and train refuses to share a cache."""
+    common = ["--model", "timm:eva02_tiny_patch14_224", "--random-weights", "--dataset", "sve:shapes",
+              "--n-images", "4", "--hook-names", "blocks.0.hook_resid_post", "--image-batch-size", "2"]  # fmt: skip
+    assert main(["cache", *common, "--cache-dir", str(tmp_path / "cache"), "--images-per-shard", "2"]) == 0
+    (meta,) = (tmp_path / "cache").rglob("metadata.json")
+    meta = json.loads(meta.read_text())
+    assert meta["complete"] and meta["n_tokens"] == 4 * 257
+    assert meta["settings"]["model_name"] == "timm:eva02_tiny_patch14_224@random-weights-seed0"
+    train = ["train", *common, "--training-tokens", "1024", "--train-batch-size", "256", "--expansion-factor", "2",
+             "--output-dir", str(tmp_path / "run"), "--yes"]  # fmt: skip
+    assert main([*train, "--cache-dir", str(tmp_path / "cache")]) != 0
+    assert "must not share the pretrained model's cache key" in capsys.readouterr().err
+    assert main(train) == 0
+    assert (tmp_path / "run" / "blocks.0.hook_resid_post" / "cfg.json").exists()
