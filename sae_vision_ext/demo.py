@@ -141,7 +141,14 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
 
     ref = pixels[1:257]  # reference images: density, percentiles, histogram and top examples of each feature
     stats = collect_feature_stats(model, saes, ref, top_k=4, progress=False)
-    pruned.to_json(path, rrm=rrm, stats=stats, stats_pixels=ref, pixels=pixels[:1])
+    from .circuits.engine.attention_report import attention_report
+    from .circuits.graph.supernodes import exported_supernodes
+
+    groups = exported_supernodes(pruned, "feature")  # each feature's positions: qParams.supernodes
+    attention = attention_report(rrm, pixels[:1], pruned)  # heads of the 50 strongest edges, 20 QK entries
+    pruned.to_json(
+        path, rrm=rrm, stats=stats, stats_pixels=ref, pixels=pixels[:1], supernodes=groups, attention=attention
+    )
     s = pruned.scores()
     label = SHAPES[int(labels[0])]
     print(
@@ -152,6 +159,10 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
         f"scores: replacement {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), "
         f"completeness {s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
     )
+    print(
+        f"{len(groups)} supernodes (by feature) in qParams.supernodes; {len(attention['edges'])} edges split over "
+        f"heads and {len(attention['entries'])} attention entries in {path.stem}.attention.json"
+    )
     print(f"circuit-tracer files: {path.parent.resolve()}")
     print(f"  open them in its frontend: {serve_command(path.parent)}, then http://localhost:8032")
     return rrm, pruned
@@ -161,12 +172,15 @@ def viewer_stage(
     rrm: ResidualReplacementModel, pruned: AttributionGraph, pixels: Tensor, labels: Tensor, out_dir: str
 ) -> None:
     """Stage 5: the graph viewer, linked to the dashboard pages of the circuit's features."""
+    import json
     from pathlib import Path
 
+    from .circuits.graph.supernodes import exported_supernodes
     from .circuits.graph.viewer import render_graph_html
     from .data.shapes import SHAPES
     from .vis.stats import collect_feature_stats
 
+    attention = Path(out_dir) / "circuit-tracer" / "shapes-demo.attention.json"  # written by circuit_stage
     ref = pixels[1:257]
     stats = collect_feature_stats(rrm.model, rrm.saes, ref, top_k=4, progress=False)
     viewer = render_graph_html(
@@ -179,6 +193,8 @@ def viewer_stage(
         stats=stats,
         stats_pixels=ref,
         aggregated=rrm.attribute_aggregated(pixels[:1], target=pruned.target_classes[0]),
+        supernodes=exported_supernodes(pruned, "feature"),
+        attention=json.loads(attention.read_text()) if attention.exists() else None,
     )
     print(f"graph viewer (open from disk): {viewer.resolve()}")
 

@@ -319,6 +319,25 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
         help="shapes images for the viewer's top patches per feature (0: none)",
     )
     p.add_argument("--labels", default=None, help="labels.json of `sae-vision analyse` (node labels)")
+    p.add_argument(
+        "--supernodes",
+        choices=("feature", "spatial", "none"),
+        default="feature",
+        help="supernodes written to circuit-tracer's qParams.supernodes and the viewer: each feature's positions "
+        "('feature'), its connected patch regions ('spatial'), or none",
+    )
+    p.add_argument(
+        "--attention-edges",
+        type=_count(0, "edges; 0 for none"),
+        default=50,
+        help="strongest edges through attention split over heads, into <slug>.attention.json and the viewer (0: none)",
+    )
+    p.add_argument(
+        "--attention-entries",
+        type=_count(0, "attention entries; 0 for none"),
+        default=20,
+        help="strongest attention entries (block, head, query, key) split into query x key feature pairs",
+    )
     p.add_argument("--out", required=True, help="folder for circuit-tracer's files, graph.html and summary.json")
 
 

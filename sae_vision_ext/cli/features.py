@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .._hooks import layer_of
 from ._shared import _check_out_dir, _load_images, _read_labels, _rrm, _sae_refs, _step
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..circuits.graph.graph import AttributionGraph
+    from ..circuits.replacement.base import ReplacementModelBase
 
 
 def _cmd_analyse(args: argparse.Namespace) -> int:
@@ -116,6 +123,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     slug = Path(args.image).stem if args.image else f"shapes-{args.shapes_index}"
     _step("writing circuit-tracer's files and the viewer")
     labels = {(layer_of(h), f): v for h, fs in (_read_labels(args.labels) or {}).items() for f, v in fs.items()}
+    groups, attention = _supernodes_and_attention(args, rrm, pixels, pruned)
     exported = pruned.to_json(
         out / "circuit-tracer" / f"{slug}.json",
         rrm=rrm,
@@ -123,6 +131,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         stats_pixels=ref,
         feature_labels=labels,
         pixels=pixels,
+        supernodes=groups,
+        attention=attention,
     )
     aggregated = None if args.mlp_leaves else rrm.attribute_aggregated(pixels, target=graph.target_classes[0])
     render_graph_html(
@@ -134,6 +144,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         stats_pixels=ref,
         feature_labels=labels,
         aggregated=aggregated,
+        supernodes=groups,
+        attention=attention,
     )
     from ..circuits.graph.ops import node_influence
 
@@ -180,7 +192,33 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from ..circuits.graph.export import serve_command
 
     ct_dir = (out / "circuit-tracer").resolve()
+    if groups:
+        print(f"supernodes ({args.supernodes}): {len(groups)} in qParams.supernodes and the viewer")
+    if attention is not None:
+        n_blocks = sum(len(e["blocks"]) for e in attention["edges"])
+        print(
+            f"attention: {len(attention['edges'])} edges split over heads ({n_blocks} blocks), "
+            f"{len(attention['entries'])} QK entries -> {slug}.attention.json"
+        )
     print(f"circuit-tracer files: {ct_dir}")
     print(f"  open them in its frontend: {serve_command(ct_dir)}, then http://localhost:8032")
     print(f"viewer (open from disk): {(out / 'graph.html').resolve()}")
     return 0
+
+
+def _supernodes_and_attention(
+    args: argparse.Namespace, rrm: ReplacementModelBase, pixels: Tensor, pruned: AttributionGraph
+) -> tuple[list[list[str]], dict[str, Any] | None]:
+    """``trace``'s supernodes (``--supernodes``) and attention report (``--attention-edges/-entries``; none
+    for ``--mlp-leaves`` graphs, whose edges leave out the MLP paths head loadings include)."""
+    from ..circuits.graph.supernodes import exported_supernodes
+
+    groups = [] if args.supernodes == "none" else exported_supernodes(pruned, args.supernodes)
+    attention = None
+    if args.attention_edges > 0 and not args.mlp_leaves:
+        from ..circuits.engine.attention_report import AttentionExport, attention_report
+
+        _step(f"attention: the {args.attention_edges} strongest edges over heads, {args.attention_entries} QK entries")
+        config = AttentionExport(max_edges=args.attention_edges, max_entries=args.attention_entries)
+        attention = attention_report(rrm, pixels, pruned, config)
+    return groups, attention

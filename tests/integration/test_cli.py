@@ -144,6 +144,17 @@ def test_faithfulness_and_trace_commands(capsys, tmp_path):
     assert data["tops"] and set(data["tops"]) == features and set(data["maps"]) == features
     assert data["aggregated"]["cards"]  # the token-aggregated tab is filled from the CLI too
     assert {f.stem for f in (tmp_path / "circuit-tracer" / "features").glob("*.png")} == {str(c) for c in codes}
+    # by default: supernodes (each feature's positions) in qParams, valid for circuit-tracer's own models,
+    # and the attention report beside the graph, also in the viewer
+    from helpers import _circuit_tracer
+
+    model = _circuit_tracer()[0].Model.model_validate(graph)
+    groups = graph["qParams"]["supernodes"]
+    assert groups and model.qParams.supernodes == groups and data["supernodes"] == groups
+    assert all(len({tuple(i.split("_")[:2]) for i in g[1:]}) == 1 < len(g) - 1 for g in groups)
+    att = json.loads((tmp_path / "circuit-tracer" / "shapes-3.attention.json").read_text())
+    assert len(att["edges"]) == 50 and len(att["entries"]) == 20 and data["attention"]["edges"] == att["edges"]
+    assert any(x.startswith("attention: 50 edges split over heads") for x in printed)
 
 
 def test_trace_with_budget_and_mlp_leaves(tmp_path, capsys):
@@ -159,6 +170,7 @@ def test_trace_with_budget_and_mlp_leaves(tmp_path, capsys):
     assert "mlp output" in kinds and "cross layer transcoder" in kinds
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["scores"]["mlp_share"] < 1
+    assert not (tmp_path / "circuit-tracer" / "shapes-0.attention.json").exists()  # MLP leaves: no head split
 
 
 def test_train_without_a_config_shows_the_defaults_and_asks_for_yes(capsys):

@@ -23,6 +23,8 @@ residual stream.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -133,16 +135,19 @@ def head_loadings(
     """Split the edge ``source -> target`` over the heads of ``block`` (default: the block right after the
     source's SAE layer). ``target`` is a feature of the next SAE layer or ``("output", class)``; ``source``'s
     feature must be active on the image (an inactive feature has no edge)."""
-    _one_image(pixels, "head_loadings")
+    return head_loadings_many(rrm, pixels, [(source, target, block)])[0]
+
+
+def _check_edge(rrm: ReplacementModelBase, source: Node, target: Node | tuple[str, int], block: int | None) -> int:
+    """The block of ``head_loadings(source, target, block)`` after checking the edge exists; ``ValueError`` if not."""
     model, layers = rrm.model, rrm.layers
-    s_layer, s_pos, s_feat = source
+    s_layer, s_pos, _ = source
     if s_layer not in layers:
         raise ValueError(f"source layer {s_layer} has no SAE; the SAE layers are {layers}.")
     _check_position(rrm, s_pos, "source position")
     after = layers[layers.index(s_layer) + 1] if s_layer != layers[-1] else model.cfg.n_layers
-    to_output = target[0] == "output"
-    if not to_output:
-        t_layer, t_pos, t_feat = target
+    if target[0] != "output":
+        t_layer, t_pos, _ = target
         if t_layer != after:
             raise ValueError(
                 f"target layer {t_layer}: edges from SAE layer {s_layer} go to the next SAE layer ({after}) "
@@ -157,60 +162,113 @@ def head_loadings(
             f"block={block}: the edge from layer {s_layer} passes through blocks {s_layer + 1}..{after} "
             f"(those below {model.cfg.n_layers})."
         )
-    acts = rrm.feature_acts(pixels)[rrm.slot(s_layer)]
-    if float(acts[0, s_pos, s_feat]) == 0:
-        raise ValueError(f"source {source} is not active on this image (activation 0): it has no edges.")
-    n_heads = model.blocks[block].parts.n_heads
-    # one frozen forward of a batch: row 0 clean, then the source removed with every head open (the edge),
-    # with every head held at its clean z (the direct part), and with one head open each
-    masks = torch.cat([torch.ones(2, n_heads), torch.zeros(1, n_heads), torch.eye(n_heads)])
-    out, pre = _frozen_batch(rrm, pixels, source, block, masks, t_layer=None if to_output else t_layer)
-    if to_output:
-        direction = -torch.full_like(out[0], 1.0 / out.shape[-1])
-        direction[int(target[1])] += 1.0
-        values = (out[:1] - out) @ direction
-    else:
-        values = pre[:1, t_pos, t_feat] - pre[:, t_pos, t_feat]
-    values = values.double()
-    edge, direct = float(values[1]), float(values[2])
-    return HeadLoadings(tuple(source), tuple(target), block, edge, direct, values[3:] - values[2])
+    return block
 
 
-def _frozen_batch(
-    rrm: ReplacementModelBase, pixels: Tensor, source: Node, block: int, masks: Tensor, *, t_layer: int | None
-) -> tuple[Tensor, Tensor | None]:
-    """``rrm.intervene(freeze=True)``'s forward for a batch of copies of the image: every row but the first
-    has ``source`` set to 0, and row ``b`` gates ``block``'s heads by ``masks[b]`` (a closed head keeps the
-    first row's clean ``hook_z``). Returns the outputs and the pre-activations of layer ``t_layer``'s SAE."""
+@torch.no_grad()
+def head_loadings_many(
+    rrm: ReplacementModelBase,
+    pixels: Float[Tensor, "1 chan h w"],
+    edges: Sequence[tuple[Node, Node | tuple[str, int], int | None]],
+    *,
+    max_rows: int = 96,
+) -> list[HeadLoadings]:
+    """:func:`head_loadings` of each ``(source, target, block)``, in order, from batched frozen forwards:
+    the edges of one ``(source, block)`` share their rows (``n_heads + 2`` of them), at most ``max_rows`` rows
+    (plus the clean one) per forward."""
+    _one_image(pixels, "head_loadings")
+    checked = [(tuple(s), tuple(t), _check_edge(rrm, s, t, b)) for s, t, b in edges]
+    acts = rrm.feature_acts(pixels)
+    for s, _, _ in checked:
+        if float(acts[rrm.slot(s[0])][0, s[1], s[2]]) == 0:
+            raise ValueError(f"source {s} is not active on this image (activation 0): it has no edges.")
+    groups: dict[tuple[Node, int], list[int]] = {}
+    for i, (s, _, b) in enumerate(checked):
+        groups.setdefault((s, b), []).append(i)
+    keys, results = list(groups), [None] * len(checked)
+    frozen = rrm.frozen_state(pixels)
+    n_heads = {b: rrm.model.blocks[b].parts.n_heads for _, b in keys}
+    chunk: list[tuple[Node, int]] = []
+    for k, key in enumerate(keys):
+        chunk.append(key)
+        rows = sum(n_heads[b] + 2 for _, b in chunk)
+        if k + 1 == len(keys) or rows + n_heads[keys[k + 1][1]] + 2 > max_rows:
+            values = _frozen_rows(rrm, pixels, frozen, chunk, [checked[i] for key in chunk for i in groups[key]])
+            for key in chunk:  # one [n_heads + 2] row per edge of the group: edge, direct, then each head
+                for i in groups[key]:
+                    s, t, b = checked[i]
+                    v = values.pop(0)
+                    results[i] = HeadLoadings(s, t, b, float(v[0]), float(v[1]), v[2:] - v[1])
+            chunk = []
+    return results
+
+
+def _frozen_rows(
+    rrm: ReplacementModelBase,
+    pixels: Tensor,
+    frozen: tuple[dict[str, Tensor], list[Any]],
+    groups: list[tuple[Node, int]],
+    edges: list[tuple[Node, Node | tuple[str, int], int]],
+) -> list[Tensor]:
+    """``rrm.intervene(freeze=True)``'s forward for a batch of copies of the image: row 0 clean, then per
+    ``(source, block)`` group ``n_heads + 2`` rows with the source set to 0: every head open (the edge), every
+    head of ``block`` holding row 0's clean ``hook_z`` (the direct part), then one head open each. Returns,
+    per edge of ``edges`` (in the groups' order), its target's change per row: ``[n_heads + 2]`` float64."""
     from ..replacement.linearise import frozen_hooks, pre_capture_hooks
 
     model = rrm.model
-    s_layer, s_pos, s_feat = source
-    frozen, norms = rrm.frozen_state(pixels)
-    batch = pixels.expand(len(masks), -1, -1, -1)
-    gate = masks.to(device=pixels.device, dtype=pixels.dtype)[:, None, :, None]
+    starts: dict[tuple[Node, int], int] = {}
+    rows = 1
+    removals: dict[int, list[tuple[int, int, int]]] = {}  # SAE layer -> (row, pos, feature)
+    gates: dict[int, list[tuple[int, Tensor]]] = {}
+    for source, block in groups:
+        n = model.blocks[block].parts.n_heads
+        starts[(source, block)] = rows
+        removals.setdefault(source[0], []).extend((r, source[1], source[2]) for r in range(rows, rows + n + 2))
+        gates.setdefault(block, []).append((rows, torch.cat([torch.ones(1, n), torch.zeros(1, n), torch.eye(n)])))
+        rows += n + 2
+    batch = pixels.expand(rows, -1, -1, -1)
 
-    def remove_source(a: Tensor, hook: Any) -> Tensor:
+    def remove(a: Tensor, hook: Any, idx: Tensor) -> Tensor:
         a = a.clone()
-        a[1:, s_pos, s_feat] = 0
+        a[idx[:, 0], idx[:, 1], idx[:, 2]] = 0
         return a
 
-    def gate_heads(z: Tensor, hook: Any) -> Tensor:
-        return z[:1] + gate.to(z.dtype) * (z - z[:1])
+    def gate_heads(z: Tensor, hook: Any, gate: Tensor) -> Tensor:
+        return z[:1] + gate.to(z.dtype)[:, None, :, None] * (z - z[:1])
 
-    hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen)
-    hooks += [(sae_acts(resid_post(s_layer)), remove_source), (f"blocks.{block}.attn.hook_z", gate_heads)]
-    t_input = None if t_layer is None else f"{rrm.sae_at(t_layer).cfg.metadata.hook_name}.hook_sae_input"
+    hooks = pre_capture_hooks(model) + frozen_hooks(model, frozen[0])
+    for layer, idx in removals.items():
+        hook = functools.partial(remove, idx=torch.tensor(idx, device=pixels.device))
+        hooks.append((sae_acts(resid_post(layer)), hook))
+    for block, parts in gates.items():
+        gate = torch.ones(rows, model.blocks[block].parts.n_heads, device=pixels.device, dtype=pixels.dtype)
+        for start, mask in parts:
+            gate[start : start + len(mask)] = mask.to(gate)
+        hooks.append((f"blocks.{block}.attn.hook_z", functools.partial(gate_heads, gate=gate)))
+    t_layers = sorted({t[0] for _, t, _ in edges if t[0] != "output"})
+    t_inputs = {layer: f"{rrm.sae_at(layer).cfg.metadata.hook_name}.hook_sae_input" for layer in t_layers}
     with contextlib.ExitStack() as stack:
-        for sae, norm in zip(rrm.saes, norms, strict=True):
+        for sae, norm in zip(rrm.saes, frozen[1], strict=True):
             stack.enter_context(affine.frozen_normalisation(sae, norm))
         stack.enter_context(rrm.spliced(keep_errors=True))
         stack.enter_context(model.hooks(fwd_hooks=hooks))
-        out, cache = model.run_with_cache(batch, names_filter=t_input or "hook_out", return_cache_object=False)
-    if t_input is None:
-        return out, None
-    slot = rrm.slot(t_layer)
-    return out, affine.pre_acts(rrm.saes[slot], cache[t_input], norms[slot])
+        names = set(t_inputs.values()) | {"hook_out"}  # never an empty filter
+        out, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, return_cache_object=False)
+    pre = {layer: affine.pre_acts(rrm.sae_at(layer), cache[name], frozen[1][rrm.slot(layer)])
+           for layer, name in t_inputs.items()}  # fmt: skip
+    values = []
+    for source, target, block in edges:
+        sel = slice(starts[(source, block)], starts[(source, block)] + model.blocks[block].parts.n_heads + 2)
+        if target[0] == "output":
+            direction = -torch.full_like(out[0], 1.0 / out.shape[-1])
+            direction[int(target[1])] += 1.0
+            v = (out[:1] - out[sel]) @ direction
+        else:
+            p = pre[target[0]]
+            v = p[0, target[1], target[2]] - p[sel, target[1], target[2]]
+        values.append(v.double())
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- QK attribution
@@ -229,31 +287,70 @@ def qk_attribution(
     terms (module docstring); the SAE of layer ``block - 1`` must be in ``rrm``. ``atol``: the largest
     allowed gap between the pairs' sum and the model's score (default ``1e-9`` in float64, else ``1e-4``
     × the score's scale); a larger gap raises ``ValueError`` (the block is not what this decomposes)."""
-    _one_image(pixels, "qk_attribution")
-    model = rrm.model
+    return qk_attribution_many(rrm, pixels, [(block, head, query, key)], atol=atol)[0]
+
+
+def qk_refusal(rrm: ReplacementModelBase, block: int) -> str | None:
+    """Why ``block``'s scores cannot be split into feature pairs here (``None``: they can)."""
     if block - 1 not in rrm.layers:
-        raise ValueError(
+        return (
             f"block={block} reads the residual after block {block - 1}, which has no SAE here (SAE layers "
             f"{rrm.layers}); pick a block right after an SAE layer."
         )
-    parts = model.blocks[block].parts
-    if parts.q_norm is not None or f"blocks.{block}.attn.hook_rot_q" in model.hook_dict:
-        raise ValueError(
+    if rrm.model.blocks[block].parts.q_norm is not None or f"blocks.{block}.attn.hook_rot_q" in rrm.model.hook_dict:
+        return (
             f"block {block} applies a per-head q/k norm or rotary embeddings: its scores are not bilinear in the "
             "residual stream, so they cannot be split into feature pairs."
         )
-    if not 0 <= head < parts.n_heads:
-        n = parts.n_heads
-        raise ValueError(f"head={head} is out of range: block {block} has {n} heads (0..{n - 1}).")
-    _check_position(rrm, query, "query")
-    _check_position(rrm, key, "key")
-    sae = rrm.sae_at(block - 1)
-    x_name, scale_name = f"{sae.cfg.metadata.hook_name}.hook_sae_input", f"blocks.{block}.ln1.hook_scale"
-    score_name = f"blocks.{block}.attn.hook_attn_scores"
+    return None
+
+
+@torch.no_grad()
+def qk_attribution_many(
+    rrm: ReplacementModelBase,
+    pixels: Float[Tensor, "1 chan h w"],
+    entries: Sequence[tuple[int, int, int, int]],
+    *,
+    atol: float | None = None,
+) -> list[QKAttribution]:
+    """:func:`qk_attribution` of each ``(block, head, query, key)``, in order, from one recorded forward."""
+    _one_image(pixels, "qk_attribution")
+    model = rrm.model
+    for block, head, query, key in entries:
+        reason = qk_refusal(rrm, block)
+        if reason is not None:
+            raise ValueError(reason)
+        n = model.blocks[block].parts.n_heads
+        if not 0 <= head < n:
+            raise ValueError(f"head={head} is out of range: block {block} has {n} heads (0..{n - 1}).")
+        _check_position(rrm, query, "query")
+        _check_position(rrm, key, "key")
+    blocks = sorted({e[0] for e in entries})
+    x_names = {b: f"{rrm.sae_at(b - 1).cfg.metadata.hook_name}.hook_sae_input" for b in blocks}
+    score_names = {b: f"blocks.{b}.attn.hook_attn_scores" for b in blocks}
     # the values the rest of the linearisation freezes (every norm's scale hooked, as in rrm.intervene)
-    frozen, _, _, cache = rrm.recorded_forward(pixels, [x_name, score_name])
-    x, ln_scale = cache[x_name][0], frozen[scale_name][0]  # [pos, d_model], [pos, 1]
-    score = float(cache[score_name][0, head, query, key])
+    frozen, _, _, cache = rrm.recorded_forward(pixels, sorted(set(x_names.values()) | set(score_names.values())))
+    out = []
+    for e in entries:
+        x, scale = cache[x_names[e[0]]][0], frozen[f"blocks.{e[0]}.ln1.hook_scale"][0]
+        out.append(_qk(rrm, e, x, scale, cache[score_names[e[0]]], atol=atol))
+    return out
+
+
+def _qk(
+    rrm: ReplacementModelBase,
+    entry: tuple[int, int, int, int],
+    x: Float[Tensor, "pos d_model"],
+    ln_scale: Float[Tensor, "pos 1"],
+    scores: Tensor,
+    *,
+    atol: float | None,
+) -> QKAttribution:
+    """One entry's split from the recorded SAE input ``x`` of layer ``block - 1`` and ``block``'s ln1 scale."""
+    block, head, query, key = entry
+    model, sae = rrm.model, rrm.sae_at(block - 1)
+    parts = model.blocks[block].parts
+    score = float(scores[0, head, query, key])
     norm = affine.frozen_norm(sae, x)
     acts = sae.encode(x)
     recon = affine.decode(sae, acts, norm)
@@ -295,4 +392,12 @@ def _project(
     return out.reshape(len(vectors), parts.n_heads, parts.d_head)[:, head]
 
 
-__all__ = ["HeadLoadings", "QKAttribution", "head_loadings", "qk_attribution"]
+__all__ = [
+    "HeadLoadings",
+    "QKAttribution",
+    "head_loadings",
+    "head_loadings_many",
+    "qk_attribution",
+    "qk_attribution_many",
+    "qk_refusal",
+]

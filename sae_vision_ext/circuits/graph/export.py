@@ -16,6 +16,9 @@
   histogram from ``stats``), and ``features/<code>.png``, the feature's thumbnail (the traced
   image ``pixels`` under its activation map and its top images), which the node's ``vis_link``
   points at: the feature's title in circuit-tracer's panel opens it.
+- ``<slug>.attention.json`` (``attention=``): head loadings of the strongest edges and QK attributions of
+  the strongest attention entries (``circuits/engine/attention_report.py`` documents the schema);
+  circuit-tracer's server serves it, its frontend does not read it, our viewer shows it.
 
 ``prompt_tokens`` (the labels under circuit-tracer's graph) are thinned so that they do not overlap:
 prefix tokens and the first patch of each row keep their label (``CLS``, ``p(3,0)``), the other
@@ -200,12 +203,14 @@ def write_circuit_tracer(  # noqa: PLR0913 (keyword-only export options, each do
     prompt: str | None = None,
     supernodes: Sequence[Sequence[str]] | None = None,
     pixels: Tensor | None = None,
+    attention: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``<slug>.json``, ``graph-metadata.json`` and (``features``) ``features/<code>.json`` into
     ``out_dir`` (see the module docstring); returns the graph JSON. ``feature_labels`` add a label to
     feature clerps; ``logit_effects`` fill the feature files' ``top_logits``/``bottom_logits``;
     ``supernodes`` (``[[name, node_id, ...]]``, e.g. our viewer's downloaded groups) go to ``qParams``;
-    ``pixels`` (the traced image ``[1, chan, h, w]``, with ``rrm``) goes under the thumbnails' maps."""
+    ``pixels`` (the traced image ``[1, chan, h, w]``, with ``rrm``) goes under the thumbnails' maps;
+    ``attention`` (``engine/attention_report.attention_report``) is written to ``<slug>.attention.json``."""
     if not slug or "/" in slug or slug.startswith("."):
         raise ValueError(f"slug must be a plain file stem; got {slug!r}.")
     out = Path(out_dir)
@@ -231,6 +236,8 @@ def write_circuit_tracer(  # noqa: PLR0913 (keyword-only export options, each do
         for code, record in records.items():
             atomic_write_text(folder / f"{code}.json", json.dumps(record))
     atomic_write_text(out / f"{slug}.json", json.dumps(exported))
+    if attention is not None:  # head loadings and QK attributions beside the graph (its own schema)
+        atomic_write_text(out / f"{slug}.attention.json", json.dumps({**attention, "graph": f"{slug}.json"}))
     add_graph_metadata(out, exported["metadata"])
     return exported
 

@@ -14,7 +14,9 @@ one group; errors, embeddings and targets stay single):
 token-aggregated view of the graph, exact in the sense that each group's incoming edges plus its members'
 constants still sum to the members' summed values. :func:`influence_coverage` counts the nodes (or groups)
 needed for a share of the feature influence; :func:`to_circuit_tracer` writes groups as circuit-tracer's
-``qParams.supernodes`` (``[[name, node_id, ...]]``), which ``write_circuit_tracer(..., supernodes=...)`` takes.
+``qParams.supernodes`` (``[[name, node_id, ...]]``), which ``write_circuit_tracer(..., supernodes=...)`` takes;
+:func:`exported_supernodes` does both for what the export writes (``sae-vision trace`` and the demo, by
+feature: the grouping that needs the fewest nodes for 80% of the influence, docs/circuits.md).
 """
 
 from __future__ import annotations
@@ -139,6 +141,20 @@ def supernode_graph(graph: AttributionGraph, groups: list[Supernode]) -> tuple[l
     return names, P @ A @ P.T, P @ torch.nan_to_num(graph.value.to(P.dtype))
 
 
+def group_edges(graph: AttributionGraph, groups: list[Supernode]) -> Tensor:
+    """``[len(groups), len(groups)]``: the rows of ``supernode_graph``'s edges between the groups themselves
+    (targets by sources), summed from the sparse adjacency (no dense ``n_nodes x n_nodes`` matrix)."""
+    from .ops import edges
+
+    owner = torch.full((graph.n_nodes,), -1, dtype=torch.long)
+    for g, group in enumerate(groups):
+        owner[torch.tensor(group.nodes, dtype=torch.long)] = g
+    dst, src, vals = edges(graph.adjacency)
+    both = (owner[dst] >= 0) & (owner[src] >= 0)
+    out = torch.zeros(len(groups), len(groups), dtype=vals.dtype)
+    return out.index_put_((owner[dst[both]], owner[src[both]]), vals[both], accumulate=True)
+
+
 def influence_coverage(graph: AttributionGraph, groups: list[Supernode] | None = None, share: float = 0.8) -> int:
     """How many feature nodes (``groups=None``) or groups are needed, strongest first, to hold ``share`` of
     the feature nodes' total influence (groups: their members' summed influence)."""
@@ -163,3 +179,13 @@ def to_circuit_tracer(graph: AttributionGraph, groups: list[Supernode], min_size
     from .nodes import node_ids
 
     return [[g.name, *node_ids(graph, g.nodes)] for g in groups if len(g.nodes) >= min_size]
+
+
+def exported_supernodes(
+    graph: AttributionGraph, by: GroupBy = "feature", labels: Mapping[tuple[int, int], str] | None = None
+) -> list[list[str]]:
+    """``qParams.supernodes`` for ``graph``'s circuit-tracer export: :func:`group_nodes` over the nodes
+    ``export.write_circuit_tracer`` writes (groups of two or more), as ``sae-vision trace`` and the demo write them."""
+    from .export import exported_masks
+
+    return to_circuit_tracer(graph, group_nodes(graph, by, labels, nodes=exported_masks(graph)[0]))

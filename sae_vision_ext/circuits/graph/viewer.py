@@ -10,7 +10,11 @@ set (``stats`` and ``stats_pixels``), and a link to its dashboard page when that
 a node's label; a slider hides nodes beyond a cumulative-influence share (circuit-tracer's
 ``influence``); shift-click selects several nodes and "group" makes them a supernode, kept in the
 browser and downloadable as circuit-tracer's ``qParams.supernodes``. With ``aggregated`` (from
-``rrm.attribute_aggregated``) a second tab draws the paper's token-aggregated circuit as cards.
+``rrm.attribute_aggregated``) a second tab draws the paper's token-aggregated circuit as cards; without
+it, given ``supernodes``, that tab draws the supernodes as cards (summed influence and edges).
+With ``attention`` (``engine/attention_report.attention_report``) a drawn edge can be clicked: the panel
+lists its split over the heads of every block it crosses (the parts and their sum, which is the edge),
+and a head with a QK attribution lists that attention entry's strongest query x key feature pairs.
 
 Node ids, labels and feature codes come from ``graph/nodes.py``; a pruned graph shows what
 ``export.write_circuit_tracer`` exports; an unpruned graph shows every node with each node's
@@ -80,7 +84,7 @@ def strongest_edges(graph: AttributionGraph, per_node: int) -> Tensor:
 
 
 @renamed_kwargs(images="stats_pixels")
-def viewer_data(
+def viewer_data(  # noqa: PLR0913 (keyword-only display options, as render_graph_html's)
     graph: AttributionGraph,
     rrm: ReplacementModelBase | None = None,
     pixels: Tensor | None = None,
@@ -94,6 +98,7 @@ def viewer_data(
     max_edges_per_node: int = 40,
     supernodes: Sequence[Sequence[str]] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
+    attention: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the viewer page embeds (see the module docstring)."""
     if graph.node_mask is not None:
@@ -125,7 +130,10 @@ def viewer_data(
         "pages": _dashboard_pages(shown_feats, dashboard_dir, base_dir) if dashboard_dir is not None else {},
         "supernodes": [list(s) for s in supernodes or []],
         "aggregated": _aggregated_cards(aggregated) if aggregated is not None else None,
+        "attention": dict(attention) if attention is not None else None,
     }
+    if aggregated is None and supernodes:  # the token-aggregated tab from the supernodes
+        data["aggregated"] = _supernode_cards(graph, supernodes, nodes)
     if stats is not None and stats_pixels is not None and rrm is not None:
         data["tops"] = _top_patches(shown_feats, stats, n_top)
         used = sorted({img for tops in data["tops"].values() for _, img, _ in tops})
@@ -237,6 +245,43 @@ def _aggregated_cards(agg: AggregatedGraph, per_layer: int = 6) -> dict[str, Any
     return {"cards": cards, "links": links, "target": float(agg.target_value)}
 
 
+def _supernode_cards(
+    graph: AttributionGraph, supernodes: Sequence[Sequence[str]], shown: list[dict[str, Any]], per_layer: int = 6
+) -> dict[str, Any]:
+    """The aggregated tab from supernodes (``[name, node_id, ...]``): per layer the ``per_layer`` groups of
+    largest summed influence, and the summed edges among them (``supernodes.group_edges``, all edges of the
+    graph, pruned or not)."""
+    from .supernodes import Supernode, group_edges
+
+    index = {nid: i for i, nid in enumerate(node_ids(graph))}
+    on_page = {n["id"] for n in shown}
+    infl = node_influence(graph)
+    by_layer: dict[int, list[tuple[float, Supernode]]] = {}
+    for name, *ids in supernodes:
+        members = [index[i] for i in ids if i in index and i in on_page]
+        if members:
+            layer = int(graph.node_layer[members[0]])
+            by_layer.setdefault(layer, []).append((float(infl[members].sum()), Supernode(name, layer, members)))
+    chosen = [g for layer in sorted(by_layer) for _, g in sorted(by_layer[layer], key=lambda t: -t[0])[:per_layer]]
+    ids = node_ids(graph)
+    cards = [
+        {
+            "id": f"g{k}",
+            "layer": g.layer,
+            "feature": int(graph.node_feature[g.nodes[0]]),
+            "relevance": float(infl[g.nodes].sum()),
+            "label": g.name,
+            "members": [ids[i] for i in g.nodes],
+        }
+        for k, g in enumerate(chosen)
+    ]
+    weights = group_edges(graph, chosen)
+    dst, src = weights.nonzero(as_tuple=True)
+    links = [[f"g{s}", f"g{d}", float(weights[d, s])] for d, s in zip(dst.tolist(), src.tolist(), strict=True)]
+    target = float(torch.nan_to_num(graph.value[[k == "target" for k in graph.node_kind]]).sum())
+    return {"cards": cards, "links": links, "target": target, "source": "supernodes", "measure": "influence"}
+
+
 @renamed_kwargs(images="stats_pixels")
 def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each documented)
     graph: AttributionGraph,
@@ -253,11 +298,13 @@ def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each docu
     max_edges_per_node: int = 40,
     supernodes: Sequence[Sequence[str]] | None = None,
     feature_labels: Mapping[tuple[int, int], str] | None = None,
+    attention: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the viewer for ``graph`` to ``path`` (see the module docstring). ``rrm`` and the traced
     ``pixels`` ``[1, chan, h, w]`` draw the image under the grid; top patches need ``stats``
     (``{hook_name: FeatureStats}``), the preprocessed ``stats_pixels`` they were collected on and ``rrm``;
-    ``dashboard_dir`` is relative to ``path``'s folder (only existing pages are linked)."""
+    ``dashboard_dir`` is relative to ``path``'s folder (only existing pages are linked); ``attention``
+    (``engine/attention_report.attention_report``) lists a clicked edge's heads and an entry's QK pairs."""
     import markupsafe
 
     from ...vis.html import template_env
@@ -276,6 +323,7 @@ def render_graph_html(  # noqa: PLR0913 (keyword-only display options, each docu
         max_edges_per_node=max_edges_per_node,
         supernodes=supernodes,
         feature_labels=feature_labels,
+        attention=attention,
     )
     n_feat = sum(n["k"] == "feature" for n in data["nodes"])
     subtitle = f"{len(data['nodes'])} nodes ({n_feat} features), {len(data['links'])} edges"
