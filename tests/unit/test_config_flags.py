@@ -21,6 +21,8 @@ GIVEN = {  # a valid non-default value of every flag, all together one consisten
     "token_selection": ("patches", "patches"),
     "patches_per_image": ("5", 5),
     "architecture": ("standard", "standard"),
+    "transcoder_activation": ("relu", "relu"),
+    "transcoder_input": ("hook_resid_mid", "hook_resid_mid"),
     "d_sae": ("96", 96),
     "expansion_factor": ("2.5", 2.5),
     "k": ("7", 7),
