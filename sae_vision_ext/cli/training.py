@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._shared import _load_images, _sae_refs
+from ._shared import RANDOM_WEIGHTS_TAG, _load_images, _sae_refs, load_model
 
 
 class _NoneGiven:
@@ -112,17 +113,18 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from ..activations.disk import estimate_cache_bytes, free_bytes, human_bytes, tokens_per_image
     from ..activations.harvest import resolve_hook_names
     from ..data.sources import open_image_source
-    from ..models import HookedViT
     from ..training.train import cache_settings
 
     cfg = _training_config(args)
     if cfg.cache_dir is None:
         raise ValueError("Give --cache-dir (or cache_dir in the config) for `sae-vision cache`.")
     rank, _ = _join_process_group(args)
-    model = HookedViT.from_pretrained(cfg.model_name, device=cfg.device)
+    model = load_model(cfg.model_name, random_weights=args.random_weights, device=cfg.device)
     dataset = open_image_source(cfg.dataset, model.preprocess, cfg.n_images, cfg.seed)
     hooks = resolve_hook_names(cfg.hook_names, model.cfg.n_layers, cfg.layers)
     settings = cache_settings(cfg, hooks, len(dataset))
+    if args.random_weights:  # keyed apart from the pretrained model's cache
+        settings = dataclasses.replace(settings, model_name=settings.model_name + RANDOM_WEIGHTS_TAG)
     root = cache_root(cfg.cache_dir, settings)
     folder = root / settings.key
     needed, free = estimate_cache_bytes(model, settings), free_bytes(folder)
@@ -168,7 +170,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("Run them with `sae-vision train --yes`, or pass --config FILE.yaml and/or flags (see --help).")
         return 2
     rank, _ = _join_process_group(args)
-    saes = train_saes(cfg, resume=args.resume)
+    model = None
+    if args.random_weights:
+        if cfg.cache_dir is not None:
+            raise ValueError(
+                f"--random-weights with cache_dir={cfg.cache_dir!r}: a random model's activations must not share "
+                "the pretrained model's cache key. Train without a cache (drop --cache-dir / cache_dir), or build "
+                "one with `sae-vision cache --random-weights` to inspect it."
+            )
+        model = load_model(cfg.model_name, random_weights=True, device=cfg.device)
+    saes = train_saes(cfg, model=model, resume=args.resume)
     if rank == 0:
         for hook in saes:
             print(f"saved {hook} -> {cfg.output_dir}/{hook}")
