@@ -31,6 +31,8 @@ _LAZY: dict[str, str] = {
     "TrainingInterrupted": "sae_vision_ext._errors",
     "load_sae": "sae_vision_ext.saes.loading",
     "evaluate_sae": "sae_vision_ext.saes.evaluate",
+    "evaluate_transcoders": "sae_vision_ext.saes.evaluate_transcoders",
+    "CrossLayerTranscoder": "sae_vision_ext.saes.clt",
     "benchmark_sae": "sae_vision_ext.saes.benchmark",
     "collect_feature_stats": "sae_vision_ext.vis.stats",
     "FeatureStats": "sae_vision_ext.vis.stats",
@@ -90,7 +92,9 @@ if TYPE_CHECKING:
     )
     from .saes.affine import FrozenNorm
     from .saes.benchmark import benchmark_sae
+    from .saes.clt import CrossLayerTranscoder
     from .saes.evaluate import evaluate_sae
+    from .saes.evaluate_transcoders import evaluate_transcoders
     from .saes.loading import load_sae
     from .training.config import VisionSAETrainingConfig
     from .training.train import train_saes
@@ -119,6 +123,7 @@ __all__ = [
     "Attribute",
     "AttributionGraph",
     "CircuitEvaluation",
+    "CrossLayerTranscoder",
     "FeatureAnalysis",
     "FeatureStats",
     "FrozenNorm",
@@ -143,6 +148,7 @@ __all__ = [
     "debias",
     "evaluate_circuit",
     "evaluate_sae",
+    "evaluate_transcoders",
     "find_spurious_features",
     "group_nodes",
     "head_loadings",
