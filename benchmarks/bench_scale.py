@@ -123,10 +123,11 @@ def ddp_steps_per_s(root: Path, device: str, steps: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: str) -> None:
-    """One rank of the compute-only ceiling: the SAE step of ``ddp_steps_per_s`` (forward, backward,
-    clipping, Adam) on ``train_batch_size / world`` random rows with no collective in the timed steps,
-    all ranks at once; then one all-reduce of the SAE's gradient-and-bookkeeping bucket, timed alone."""
+def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: str, share: int) -> None:
+    """One rank of the compute-only ceiling: the SAE step of ``ddp_steps_per_s`` (forward with a tenth of
+    the features dead so AuxK runs, backward, clipping, Adam) on ``train_batch_size / share`` random rows
+    with no collective in the timed steps, all ranks at once; then one all-reduce of the SAE's
+    gradient-and-bookkeeping bucket, and the 7 collectives it replaced, timed alone."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
@@ -141,8 +142,8 @@ def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: 
     config = VisionSAETrainingConfig(**cfg)
     sae = build_training_sae(config, HOOKS[1], 128, {}).to(config.device)
     opt = torch.optim.Adam(sae.parameters(), lr=config.lr_for(sae.cfg.d_sae))
-    x = torch.randn(config.train_batch_size // world, 128, generator=torch.Generator().manual_seed(rank))
-    x, dead = x.to(config.device), torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=config.device)
+    x = torch.randn(config.train_batch_size // share, 128, generator=torch.Generator().manual_seed(rank))
+    x, dead = x.to(config.device), torch.arange(sae.cfg.d_sae, device=config.device) < sae.cfg.d_sae // 10
     times = []
     barrier()
     for i in range(steps + 2):
@@ -179,21 +180,22 @@ def _compute_rank(rank: int, world: int, port: int, cfg: dict, steps: int, out: 
         Path(out).write_text(json.dumps({"step": median, "mb": mb, **med}))
 
 
-def compute_ceiling(root: Path, device: str, steps: int) -> tuple[float, float, float, float, float]:
-    """Seconds per compute-only step on 1 process (full batch) and on each of 2 at once (half batch),
-    the seconds of one bucket all-reduce on 2 processes, the bucket's size in MB, and the seconds of the
-    per-step collectives before the bucket (7: one per parameter, two of bookkeeping, the stop flag)."""
+def compute_ceiling(root: Path, device: str, steps: int) -> dict[str, float]:
+    """Seconds per compute-only step on 1 process (full batch: ``one``; half: ``half``) and on each of 2
+    at once (half batch: ``two``), the seconds of one bucket all-reduce on 2 processes (``all_reduce``),
+    the bucket's size in MB (``mb``), and the seconds of the per-step collectives before the bucket
+    (``before``, 7: one per parameter, two of bookkeeping, the stop flag)."""
     from sae_vision_ext.launch import spawn_ranks
 
-    out = []
-    for world in (1, 2):
-        path = root / f"c{world}.json"
-        assert (
-            spawn_ranks(_compute_rank, world, (_config(root, "c", device, steps), steps, str(path)), 1800)
-            == [0] * world
-        )
-        out.append(json.loads(path.read_text()))
-    return out[0]["step"], out[1]["step"], out[1]["all_reduce"], out[1]["mb"], out[1]["before"]
+    out = {}
+    for name, world, share in (("one", 1, 1), ("half", 1, 2), ("two", 2, 2)):
+        path = root / f"c{name}.json"
+        args = (_config(root, "c", device, steps), steps, str(path), share)
+        assert spawn_ranks(_compute_rank, world, args, 1800) == [0] * world
+        out[name] = json.loads(path.read_text())
+    two = out["two"]
+    return {"one": out["one"]["step"], "half": out["half"]["step"], "two": two["step"], "all_reduce":
+            two["all_reduce"], "mb": two["mb"], "before": two["before"]}  # fmt: skip
 
 
 def stream_vs_cache(root: Path, device: str, steps: int) -> tuple[float, float]:
@@ -234,7 +236,11 @@ def main() -> None:
             one, two = ddp_steps_per_s(root, args.device, args.steps)
             rows.append(["data-parallel SAE training, 2 processes vs 1 (1 thread each, d_sae 4096, batch 4096)",
                          f"{two:.2f} steps/s", f"{one:.2f} steps/s", f"{two / one:.2f}x"])  # fmt: skip
-            t1, t2, reduce, mb, before = compute_ceiling(root, args.device, max(8, args.steps // 2))
+            c = compute_ceiling(root, args.device, max(8, args.steps // 2))
+            t1, t2, reduce, mb, before = c["one"], c["two"], c["all_reduce"], c["mb"], c["before"]
+            rows.append(["compute-only SAE step (no communication), 1 process on half the batch vs the whole",
+                         f"{1 / c['half']:.2f} steps/s", f"{1 / t1:.2f} steps/s",
+                         f"{t1 / c['half']:.2f}x (work per step)"])  # fmt: skip
             rows.append(["compute-only SAE step (no communication), 2 processes at once on half the batch vs 1",
                          f"{1 / t2:.2f} steps/s", f"{1 / t1:.2f} steps/s", f"{t1 / t2:.2f}x (ceiling)"])  # fmt: skip
             rows.append([f"one all-reduce of the step's bucket ({mb:.1f} MB, gloo, 2 processes)",
