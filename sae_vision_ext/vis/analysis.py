@@ -141,7 +141,7 @@ class FeatureAnalysis:
 def _check_analysis_inputs(
     model: HookedViT,
     saes: Sequence[SAE],
-    pixels: Tensor,
+    pixels: Tensor | Sequence[Tensor],
     attributes: Sequence[Attribute],
     options: tuple[float, int, int],
 ) -> None:
@@ -209,7 +209,7 @@ def _accumulators(
 def analyse_features(
     model: HookedViT,
     saes: Sequence[SAE],
-    pixels: Tensor,
+    pixels: Tensor | Sequence[Tensor],
     attributes: Sequence[Attribute],
     threshold: float = 0.9,
     *,
@@ -224,23 +224,30 @@ def analyse_features(
     with the error bound in ``FeatureAnalysis.auroc_bound``."""
     from tqdm.auto import tqdm
 
+    from ..models.naflex import take
+
     _check_analysis_inputs(model, saes, pixels, attributes, (threshold, batch_size, max_exact_bytes))
     n, n_patches = len(pixels), model.cfg.n_patches
+    device = pixels.device if isinstance(pixels, Tensor) else pixels[0].device
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
-    acc = _accumulators(saes, attributes, (n, n_patches), max_exact_bytes, pixels.device)
-    fires = {
-        h: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=pixels.device)
-        for h, sae in zip(hooks, saes, strict=True)
-    }
+    acc = _accumulators(saes, attributes, (n, n_patches), max_exact_bytes, device)
+    fires = {h: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device) for h, sae in zip(hooks, saes, strict=True)}
     np_ = model.cfg.n_prefix_tokens
     blocks = [layer_of(h) for h in hooks]
     stop = max(blocks) + 1 if all(b is not None for b in blocks) else None
     for start in tqdm(range(0, n, batch_size), desc="analyse_features", unit="batch", disable=not progress):
-        x = pixels[start : start + batch_size]
+        x = take(pixels, slice(start, start + batch_size))
         _, cache = model.run_with_cache(x, names_filter=hooks, return_cache_object=False, stop_at_layer=stop)
+        padding = ~model.token_mask[..., None]  # NaFlex images of mixed sizes: padding is never a token's score
+        if "patch" in acc[hooks[0]] and any(tuple(g) != model.cfg.grid_size for g in model.grid_sizes):
+            raise ValueError(
+                f"Patch-level attributes label {n_patches} patches per image on the {model.cfg.grid_size} grid; "
+                f"these images have grids {sorted(set(model.grid_sizes))[:4]}. Analyse patch attributes on "
+                "images of the model's size (model.preprocess), image attributes on any."
+            )
         for h, sae in zip(hooks, saes, strict=True):
             acts = sae.encode(cache[h]).float()  # [b, pos, d_sae]
-            image = acts.amax(1)
+            image = acts.masked_fill(padding, -float("inf")).amax(1) if padding.any() else acts.amax(1)
             fires[h] += (image > 0).sum(0).to(fires[h].device)
             if "image" in acc[h]:
                 acc[h]["image"].add(start, image)

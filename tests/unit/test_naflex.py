@@ -220,3 +220,33 @@ def test_traced_image_at_its_own_size_is_exact_and_graph_uses_its_grid(variant):
     labels = position_labels(graph)
     assert len(labels) == n_prefix + 10 and labels[n_prefix + 5] == "p(1,0)" and labels[-1] == "p(1,4)"
     assert [t for t in thinned_labels(graph)[n_prefix:] if t != "·"] == ["p(0,0)", "p(1,0)"]
+
+
+@torch.no_grad()
+def test_analyse_features_on_mixed_sizes_scores_images_by_their_real_tokens():
+    """Image attributes on a mixed-size list: AUROCs and firing counts equal those of the images analysed
+    one by one (padding never scores); patch attributes on mixed grids are refused, naming the grids."""
+    from helpers import make_sae
+
+    from sae_vision_ext.vis.analysis import Attribute, analyse_features
+
+    model = HookedViT.from_model(build_native("hf_siglip2_mean")).double()
+    sae = make_sae("standard", "none", True, d_in=model.cfg.d_model, d_sae=16, hook="blocks.0.hook_resid_post")
+    sizes = [(32, 32), (16, 40), (24, 8), (8, 16), (40, 16), (16, 16)]
+    images = [t.double() for t in _images(sizes)]
+    attr = Attribute("wide", torch.tensor([int(w > h) for h, w in sizes]), ["no", "yes"])
+    mixed = analyse_features(model, [sae], images, [attr], batch_size=6)["blocks.0.hook_resid_post"]
+    scores = []
+    for img in images:
+        _, cache = model.run_with_cache(img[None], names_filter="blocks.0.hook_resid_post")
+        scores.append(sae.encode(cache["blocks.0.hook_resid_post"])[0].amax(0))
+    scores = torch.stack(scores)  # [n, d_sae]: each image's own maximum
+    assert torch.equal(mixed.fires, (scores > 0).sum(0))
+    yes = torch.tensor([w > h for h, w in sizes])
+    a, b = scores[yes][:, None], scores[~yes][None]
+    expected = ((a > b).double() + 0.5 * (a == b).double()).mean((0, 1))  # the rank AUROC, ties halved
+    torch.testing.assert_close(mixed.auroc[0][:, 1].double(), expected, atol=1e-6, rtol=0)
+    rows = torch.arange(model.cfg.n_patches) // model.cfg.grid_size[1]
+    patch = Attribute("top", (rows < 2).long().expand(6, -1), ["no", "yes"], level="patch")
+    with pytest.raises(ValueError, match="these images have grids"):
+        analyse_features(model, [sae], images, [patch], batch_size=6)
