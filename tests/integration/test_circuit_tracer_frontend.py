@@ -103,6 +103,7 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
             page.wait_for_function(f"{count} > 0", timeout=30000)
             shown = page.evaluate(count)
             assert shown == shown_own and shown >= len(used_nodes) - 1
+            _hover_thinned_patches(page, out)
             # click a feature: its panel reads features/<code>.json from the served folder, not the Hub
             feature = next(n for n in out["nodes"] if n["feature_type"] == "cross layer transcoder")
             box = page.evaluate(
@@ -123,3 +124,40 @@ def test_circuit_tracers_frontend_renders_our_export(tmp_path):
         server.stop()
     assert outside == []
     assert errors == []
+
+
+def _hover_thinned_patches(page, out: dict) -> None:
+    """Nodes at a patch whose axis label is thinned to "·" still read their full ``p(r,c)`` on hover (the
+    frontend's tooltip shows the node's clerp). Embedding nodes are the exception the frontend imposes: it
+    rebuilds their clerp from ``prompt_tokens`` (``Emb: “·”``), the same string as the axis label."""
+    tokens = out["metadata"]["prompt_tokens"]
+    by_id = {n["node_id"]: n for n in out["nodes"]}
+    drawn = page.evaluate("[...document.querySelectorAll('.link-graph text.node')].map(e => e.__data__.nodeId)")
+    hovered = 0
+    for kind in ("cross layer transcoder", "mlp reconstruction error"):
+        node = next(
+            (by_id[i] for i in drawn if by_id[i]["feature_type"] == kind and tokens[by_id[i]["ctx_idx"]] == "·"), None
+        )
+        if node is None:
+            continue
+        x, y = page.evaluate(
+            "id => { const n = [...document.querySelectorAll('.link-graph text.node')]"
+            ".find(e => e.__data__.nodeId === id); const b = n.getBoundingClientRect();"
+            " return [b.x + b.width / 2, b.y + b.height / 2] }",
+            node["node_id"],
+        )
+        page.mouse.move(x - 40, y - 40)
+        page.mouse.move(x, y)
+        page.wait_for_function("!document.querySelector('.tooltip').classList.contains('tooltip-hidden')")
+        tip = page.evaluate("document.querySelector('.tooltip').textContent")
+        r, c = divmod(node["ctx_idx"] - 1, 4)  # timm_cls: CLS, then a 4 x 4 patch grid
+        assert tip == node["clerp"] and tip.endswith(f"p({r},{c})"), (tip, node["clerp"])
+        hovered += 1
+    assert hovered == 2
+    emb = next(n for n in out["nodes"] if n["feature_type"] == "embedding" and tokens[n["ctx_idx"]] == "·")
+    text = page.evaluate(
+        "id => [...document.querySelectorAll('.link-graph text.node')].find(e => e.__data__.nodeId === id)"
+        ".__data__.ppClerp",
+        emb["node_id"],
+    )
+    assert text == 'Emb: “·"' and emb["clerp"].startswith("Emb: p(")  # ours is full; the frontend's is not

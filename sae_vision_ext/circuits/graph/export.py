@@ -23,7 +23,8 @@
 ``prompt_tokens`` (the labels under circuit-tracer's graph) are thinned so that they do not overlap:
 prefix tokens and the first patch of each row keep their label (``CLS``, ``p(3,0)``), the other
 patches show ``·``; node clerps keep the full position (``L3 #73 p(3,5)``), shown on hover, and the
-feature examples keep every label.
+feature examples keep every label. (circuit-tracer 0.5.0's frontend rebuilds embedding nodes' clerps from
+``prompt_tokens``, so those alone read ``Emb: “·”`` on a thinned patch; docs/circuits.md.)
 
 Serve the folder with ``circuit_tracer.frontend.local_server.serve(data_dir=out_dir)``.
 """
