@@ -49,6 +49,12 @@ def _cmd_saes(args: argparse.Namespace) -> int:
         print(f"  sve:{folder.parent.name}/{folder.name}")
     if not embedded:
         print("  (none shipped in this build)")
+    kinds = sorted(p.parent for p in root.glob("*/transcoders/summary.json")) if root.exists() else []
+    kinds += sorted(p.parent for p in root.glob("*/clt/W_enc_0.safetensors")) if root.exists() else []
+    if kinds:
+        print("\nEmbedded transcoders (load_sae('sve:<model>/transcoders'): the per-layer list; '.../clt': a CLT):")
+        for folder in kinds:
+            print(f"  sve:{folder.parent.name}/{folder.name}")
     return 0
 
 

@@ -288,8 +288,8 @@ def _load_embedded(ref: str, rest: str, device: str) -> SAE | list[SAE] | CrossL
 
     model, _, hook = rest.partition("/")
     folder = checkpoint_dir() / "saes" / model / hook
-    if is_clt_folder(folder):  # sve:<model>/clt
-        return load_clt(folder, device=device)
+    if is_clt_folder(folder):  # sve:<model>/clt, shipped as float16
+        return load_clt(folder, device=device, dtype="float32")
     layers = sorted(folder.glob("blocks.*/cfg.json"), key=lambda p: int(p.parent.name.split(".")[1]))
     if not (folder / "cfg.json").exists() and layers:  # sve:<model>/transcoders: one per layer, in order
         return [_load_embedded(ref, f"{rest}/{p.parent.name}", device) for p in layers]  # type: ignore[misc]
