@@ -18,12 +18,17 @@ native models do; padding tokens never enter a cache, a harvest, statistics or a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .hooked_vit import HookedViT
 
 ImageSizes = Sequence[tuple[int, int]] | Tensor | None
 Pixels = Tensor | Sequence[Tensor]
@@ -166,3 +171,42 @@ def patch_maps(patch_values: Tensor, grid_sizes: Sequence[tuple[int, int]]) -> T
     tensor when every grid is the same, else a list."""
     maps = [patch_values[i, : r * c].reshape(r, c) for i, (r, c) in enumerate(grid_sizes)]
     return torch.stack(maps) if len(set(grid_sizes)) == 1 else maps
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """The (height, width) SigLIP 2's processor resizes an image to: the largest scale whose size, each side
+    rounded up to a multiple of ``patch_size`` (at least one patch), has at most ``max_patches`` patches
+    (``get_image_size_for_max_num_patches``: the same binary search)."""
+
+    def side(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    lo, hi = 1e-6, 100.0
+    while hi - lo >= 1e-5:
+        mid = (lo + hi) / 2
+        if (side(mid, height) // patch_size) * (side(mid, width) // patch_size) <= max_patches:
+            lo = mid
+        else:
+            hi = mid
+    return side(lo, height), side(lo, width)
+
+
+def preprocess_naflex(model: HookedViT, images: Sequence[object], max_patches: int | None = None) -> list[Tensor]:
+    """Each image (PIL, ``[h, w, c]`` numpy or ``[c, h, w]`` tensor) resized to its :func:`naflex_size`
+    (aspect ratio kept, at most ``max_patches`` patches; default the model's ``cfg.n_patches``) and
+    normalised by the model's own preprocessing: a list for ``model(list)`` and the harvest."""
+    from ..data.transforms import transform_from_data_config
+
+    cfg, p = model.cfg, model.cfg.patch_size
+    budget = max_patches or cfg.n_patches
+    out = []
+    for img in images:
+        if hasattr(img, "size") and not isinstance(img, Tensor) and not hasattr(img, "shape"):  # PIL
+            w, h = img.size
+        else:
+            shape = tuple(img.shape)
+            h, w = shape[-2:] if isinstance(img, Tensor) else shape[:2]
+        size = naflex_size(int(h), int(w), p, budget)
+        data = model.data_config | {"input_size": (cfg.in_chans, *size), "crop_pct": 1.0}
+        out.append(transform_from_data_config(data)(img))
+    return out

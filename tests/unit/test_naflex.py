@@ -250,3 +250,22 @@ def test_analyse_features_on_mixed_sizes_scores_images_by_their_real_tokens():
     patch = Attribute("top", (rows < 2).long().expand(6, -1), ["no", "yes"], level="patch")
     with pytest.raises(ValueError, match="these images have grids"):
         analyse_features(model, [sae], images, [patch], batch_size=6)
+
+
+def test_preprocess_naflex_keeps_aspect_ratio_within_the_patch_budget():
+    """Sizes as SigLIP 2's processor picks them; PIL images of three aspect ratios become a list the
+    model takes at their own grids."""
+    from PIL import Image
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    from sae_vision_ext.models.naflex import naflex_size, preprocess_naflex
+
+    for h, w, p, n in [(480, 640, 16, 256), (100, 1000, 16, 256), (37, 41, 8, 16), (1000, 90, 14, 196)]:
+        assert naflex_size(h, w, p, n) == get_image_size_for_max_num_patches(h, w, p, n)
+    model = HookedViT.from_model(build_native("hf_siglip2"))
+    pil = [Image.new("RGB", (w, h), (200, 30, 90)) for w, h in [(64, 64), (120, 40), (30, 90)]]
+    pixels = preprocess_naflex(model, pil)
+    assert [tuple(t.shape[1:]) for t in pixels] == [(32, 32), (16, 48), (48, 16)]  # <= 16 patches of 8 px
+    with torch.no_grad():
+        model(pixels)
+    assert model.grid_sizes == [(4, 4), (2, 6), (6, 2)]
