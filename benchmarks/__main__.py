@@ -6,7 +6,8 @@ Rows: hooked forward vs native timm ViT-B/16 (random weights); one-pass harvest 
 plain forward and vs per-layer passes; the same harvest on a NaFlex ViT-B with images of mixed sizes vs a
 fixed-size batch; cache write/read MB/s (float16); SAE training steps/s vs
 SAELens's SAETrainer on an in-memory tensor; the feature-statistics pass vs a forward with the SAEs
-spliced (sve:shapes-vit); attribution rows vs a per-target jacrev baseline; the harvest on 1 vs 2
+spliced (sve:shapes-vit); attribution rows vs a per-target jacrev baseline; transcoder rows (closed form
+vs batched VJPs, ``bench_transcoder.py``); the harvest on 1 vs 2
 processes (`sae-vision cache` through ``sae_vision_ext.launch.launch_local``, gloo). The
 scripts beside this file print the detailed tables (see docs/benchmarks.md).
 """
@@ -99,6 +100,15 @@ def attribution(quick: bool) -> list[list[object]]:
              f"{row[4]} (max edge diff {row[5]})"]]  # fmt: skip
 
 
+def transcoder_rows(quick: bool) -> list[list[object]]:
+    from benchmarks.bench_transcoder import build, sample_rows
+
+    tm, pixels = build()
+    s = sample_rows(tm, pixels, 4 if quick else 16, (6,))[6]
+    return [["transcoder rows, layer-skipping (ViT-B/16, TopK CLT, block 6)", f"{s['closed'] * 1e3:.0f} ms/row",
+             f"{s['autograd'] * 1e3:.0f} ms/row VJP", f"{s['autograd'] / s['closed']:.2f}x faster"]]  # fmt: skip
+
+
 def processes(quick: bool) -> list[list[object]]:
     from sae_vision_ext.launch import launch_local
 
@@ -126,7 +136,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
     args = p.parse_args()
     rows = []
-    for part in (hooked_forward, harvest, naflex_harvest, stats_pass, attribution, processes):
+    for part in (hooked_forward, harvest, naflex_harvest, stats_pass, attribution, transcoder_rows, processes):
         rows += part(args.quick)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}\n")  # fmt: skip

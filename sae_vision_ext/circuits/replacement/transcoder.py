@@ -196,8 +196,11 @@ class TranscoderReplacementBase(ReplacementModelBase):
             )
         if freeze and pixels.shape[0] != 1:
             raise ValueError("freeze=True intervenes on one image at a time.")
-        clean_acts = self.feature_acts(pixels) if constrained_layers else []
-        held = {layer: clean_acts[self.slot(layer)] for layer in constrained_layers}
+        rec = self.record(pixels) if freeze else None  # every norm hooked: the graph's own values
+        held: dict[int, Tensor] = {}
+        if constrained_layers:
+            acts = [rec.acts[layer][None] for layer in self.layers] if rec is not None else self.feature_acts(pixels)
+            held = {layer: acts[self.slot(layer)] for layer in constrained_layers}
 
         def edit(layer: int, acts: Tensor) -> Tensor:
             acts = held[layer].to(acts.dtype).clone() if layer in held else acts.clone()
@@ -209,7 +212,6 @@ class TranscoderReplacementBase(ReplacementModelBase):
         hooks: list = []
         errors: bool | dict[int, Tensor] = True
         if freeze:
-            rec = self.record(pixels)
             frozen = {k: v for k, v in rec.frozen.items() if not k.endswith("mlp.gate")}  # MLPs are replaced
             hooks = frozen_hooks(model, frozen)
             errors = {j: e[None] for j, e in rec.errors.items() if j in tcs.out_layers}
