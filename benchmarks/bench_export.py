@@ -1,7 +1,9 @@
 """Export against the science it exports: on ``sve:shapes-vit`` with its shipped SAEs, one image,
 the full graph (every active feature's row): ``attribute`` vs ``prune`` (circuit-tracer's pruning),
 ``to_json`` (circuit-tracer's files, feature files included) and ``render_graph_html`` (the viewer),
-each a median over interleaved repeats. Target (issue 12): export ≤ attribute.
+each a median over interleaved repeats. Target (issue 12): export ≤ attribute. Also timed, as ``sae-vision
+trace`` runs them by default: the by-feature supernodes and the attention report (head loadings of the 50
+strongest edges, QK attributions of 20 entries), which ``to_json`` and the viewer then carry.
 
     python -m benchmarks.bench_export [--repeats 3] [--image 0]
 """
@@ -24,6 +26,8 @@ def main() -> None:
     p.add_argument("--image", type=int, default=0)
     args = p.parse_args()
     import sae_vision_ext as sve
+    from sae_vision_ext.circuits.engine.attention_report import attention_report
+    from sae_vision_ext.circuits.graph.supernodes import exported_supernodes
     from sae_vision_ext.circuits.graph.viewer import render_graph_html
 
     model = sve.HookedViT.from_pretrained("sve:shapes-vit")
@@ -32,7 +36,9 @@ def main() -> None:
     )
     raw, _ = sve.make_shapes(args.image + 1, seed=0).tensors()
     x = model.preprocess(raw)[args.image : args.image + 1]
-    times: dict[str, list[float]] = {"attribute": [], "prune": [], "to_json": [], "render_graph_html": []}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("attribute", "prune", "to_json", "render_graph_html", "supernodes", "attention_report")
+    }
     out = Path(tempfile.mkdtemp())
     rrm.attribute(x)  # warm-up
     for _ in range(args.repeats):
@@ -41,11 +47,17 @@ def main() -> None:
         t1 = time.perf_counter()
         pruned = graph.prune()
         t2 = time.perf_counter()
-        exported = pruned.to_json(out / "g.json", rrm=rrm)
+        groups = exported_supernodes(pruned)
         t3 = time.perf_counter()
-        render_graph_html(pruned, out / "g.html", rrm, x)
+        attention = attention_report(rrm, x, pruned)
         t4 = time.perf_counter()
-        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        exported = pruned.to_json(out / "g.json", rrm=rrm, supernodes=groups, attention=attention)
+        t5 = time.perf_counter()
+        render_graph_html(pruned, out / "g.html", rrm, x, supernodes=groups, attention=attention)
+        t6 = time.perf_counter()
+        steps = {"attribute": t1 - t0, "prune": t2 - t1, "supernodes": t3 - t2, "attention_report": t4 - t3}
+        steps |= {"to_json": t5 - t4, "render_graph_html": t6 - t5}
+        for k, v in steps.items():
             times[k].append(v)
     med = {k: float(torch.tensor(v).median()) for k, v in times.items()}
     export = med["prune"] + med["to_json"] + med["render_graph_html"]
@@ -61,6 +73,13 @@ def main() -> None:
         ],
         ["render_graph_html", f"{med['render_graph_html']:.2f} s", f"{(out / 'g.html').stat().st_size / 1e6:.2f} MB"],
         ["export total / attribute", f"{export / med['attribute']:.2f}x", f"{size:.1f} MB written in all"],
+        ["supernodes (by feature, exported nodes)", f"{med['supernodes']:.2f} s", f"{len(groups)} groups"],
+        [
+            "attention_report (heads of 50 edges, 20 QK entries)",
+            f"{med['attention_report']:.2f} s",
+            f"{len(attention['edges'])} edges, {len(attention['entries'])} entries, "
+            f"{(out / 'g.attention.json').stat().st_size / 1e3:.0f} kB",
+        ],
     ]
     print(markdown_table(["step", "median time", "size"], rows))
 
