@@ -186,6 +186,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_clt(obj: object) -> bool:
+    from ..saes.clt import CrossLayerTranscoder
+
+    return isinstance(obj, CrossLayerTranscoder)
+
+
+def _replaces_mlps(obj: object) -> bool:
+    """A transcoder, a list of them or a CLT (``sae-vision eval`` then reports ``evaluate_transcoders``)."""
+    if isinstance(obj, list):
+        return bool(obj) and all(_replaces_mlps(o) for o in obj)
+    return _is_clt(obj) or getattr(getattr(obj, "cfg", None), "metadata", {}).get("hook_name_out") is not None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..models import HookedViT
     from ..saes.evaluate import evaluate_sae, format_eval_table
@@ -204,6 +217,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     images, labels, _ = _load_images(model, args.dataset, args.n_images, args.seed)
     for ref in refs:
         sae = load_sae(ref, hook_name=args.hook_name)
+        if _replaces_mlps(sae):  # transcoders (one, a list) or a CLT: the model with its MLPs replaced
+            from ..saes.evaluate_transcoders import evaluate_transcoders
+
+            metrics = evaluate_transcoders(
+                model, sae if isinstance(sae, list) or _is_clt(sae) else [sae], images, labels
+            )
+            layers = metrics.pop("layers")
+            metrics |= {f"fvu {out}": v["fvu"] for out, v in layers.items()}
+            print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
+            continue
         out = None if args.out is None else f"{args.out}/{sae.cfg.metadata.hook_name}.json"
         metrics = evaluate_sae(model, sae, images, labels, out_path=out, progress=True)
         print(f"\n## {ref}\n\n{format_eval_table(metrics)}")
