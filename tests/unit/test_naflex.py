@@ -269,3 +269,33 @@ def test_preprocess_naflex_keeps_aspect_ratio_within_the_patch_budget():
     with torch.no_grad():
         model(pixels)
     assert model.grid_sizes == [(4, 4), (2, 6), (6, 2)]
+
+
+def test_transcoder_graph_of_an_image_at_its_own_size_uses_its_grid():
+    """The transcoder attribution's graph also takes the traced image's (rows, cols), and its sum rule holds."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sae_vision_ext.circuits.models import TranscoderReplacementModel
+
+    model = HookedViT.from_model(build_native("timm_naflex_gap")).double()
+    tcs = []
+    for layer in range(model.cfg.n_layers):
+        meta = SAEMetadata(
+            hook_name=f"blocks.{layer}.ln2.hook_normalized", hook_name_out=f"blocks.{layer}.hook_mlp_out"
+        )
+        cfg = sae_lens.SkipTranscoderConfig(
+            d_in=32, d_sae=24, d_out=32, dtype="float64", apply_b_dec_to_input=False, metadata=meta
+        )
+        tc = sae_lens.SkipTranscoder(cfg).double()
+        g = torch.Generator().manual_seed(layer)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+        tcs.append(tc)
+    x = torch.randn(1, 3, 16, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    graph = TranscoderReplacementModel(model, tcs).attribute(x)
+    assert graph.grid == (2, 5)
+    rows = ~torch.isnan(graph.value)
+    A = graph.dense()
+    torch.testing.assert_close(A[rows].sum(1) + graph.constant[rows], graph.value[rows], atol=1e-8, rtol=1e-8)

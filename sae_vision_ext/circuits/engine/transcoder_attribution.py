@@ -143,6 +143,7 @@ class TranscoderAttributor:
         if max_feature_nodes is not None and max_feature_nodes < 0:
             raise ValueError(f"max_feature_nodes must be >= 0 or None; got {max_feature_nodes}.")
         rec = self.rrm.record(pixels)
+        grid = tuple(self.model.grid_sizes[0])  # the traced image's own (rows, cols): any size, NaFlex
         self._check_active(rec)
         targets, target_names, target_classes = resolve_targets(
             self.model.cfg.class_names, rec.clean_out, targets, target_names
@@ -206,7 +207,7 @@ class TranscoderAttributor:
             target_classes=target_classes,
             n_prefix=self.model.cfg.n_prefix_tokens,
             has_cls=self.model.cfg.has_cls_token,
-            grid=self.model.cfg.grid_size,
+            grid=grid,
             weights=weights,
             target_probs=target_probs(target_classes, len(targets), rec.clean_out),
             transcoder_list=self.tcs.hook_names(),
