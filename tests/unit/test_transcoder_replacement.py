@@ -1,6 +1,6 @@
 """The transcoder replacement model (``TranscoderReplacementModel``): exact attribution graphs with
 layer-skipping edges for every transcoder kind (SAELens Transcoder, SkipTranscoder, JumpReLU variants,
-both input hooks) and adapter family, float64 on tiny random models.
+our TopK transcoders, cross-layer transcoders; both input hooks) and adapter family, float64 on tiny random models.
 
 Checks: the sum rule ``Σ_s A[t, s] + constant = h_t``; closed-form rows equal batched-VJP rows; a frozen
 intervention with every block's features held (circuit-tracer's ``constrained_layers``) moves every
@@ -20,8 +20,16 @@ from sae_lens.saes.sae import SAEMetadata
 
 from sae_vision_ext import HookedViT
 from sae_vision_ext.circuits.models import ResidualReplacementModel, TranscoderReplacementModel
+from sae_vision_ext.saes.transcoders import (
+    TopKSkipTranscoder,
+    TopKSkipTranscoderConfig,
+    TopKTranscoder,
+    TopKTranscoderConfig,
+)
 
 KINDS = {
+    "topk_transcoder": (TopKTranscoder, TopKTranscoderConfig),
+    "topk_skip_transcoder": (TopKSkipTranscoder, TopKSkipTranscoderConfig),
     "transcoder": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
     "skip_transcoder": (sae_lens.SkipTranscoder, sae_lens.SkipTranscoderConfig),
     "jumprelu_transcoder": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig),
@@ -34,7 +42,9 @@ def make_transcoder(kind: str, layer: int, hook: str, d: int = 32, d_sae: int = 
     """A random float64 SAELens transcoder of block ``layer`` reading ``blocks.{layer}.{hook}``."""
     cls, cfg_cls = KINDS[kind]
     meta = SAEMetadata(hook_name=f"blocks.{layer}.{hook}", hook_name_out=f"blocks.{layer}.hook_mlp_out")
-    tc = cls(cfg_cls(d_in=d, d_sae=d_sae, d_out=d, dtype="float64", apply_b_dec_to_input=False, metadata=meta)).double()
+    extra = {"k": 5} if kind.startswith("topk") else {}
+    cfg = cfg_cls(d_in=d, d_sae=d_sae, d_out=d, dtype="float64", apply_b_dec_to_input=False, metadata=meta, **extra)
+    tc = cls(cfg).double()
     g = torch.Generator().manual_seed(100 + 7 * layer + seed)
     with torch.no_grad():
         for name, p in tc.named_parameters():
@@ -106,7 +116,7 @@ def check_exact(tm: TranscoderReplacementModel, x: torch.Tensor, n_sources: int 
 
 
 GRID = [(kind, hook) for kind in KINDS for hook in HOOKS]
-QUICK = ("skip_transcoder", "ln2.hook_normalized")
+QUICK = ("topk_skip_transcoder", "ln2.hook_normalized")
 
 
 @pytest.mark.parametrize(
@@ -130,6 +140,7 @@ def test_per_layer_transcoders_are_exact_with_layer_skipping_edges(kind, hook):
 def test_transcoders_are_exact_on_every_adapter_family(variant, hook):
     model = model_for(variant)
     kinds = ["skip_transcoder", "jumprelu_transcoder"]
+    kinds = kinds if hook == HOOKS[0] else ["topk_skip_transcoder", "topk_transcoder"]
     tcs = [make_transcoder(kinds[layer % 2], layer, hook, d=model.cfg.d_model) for layer in range(model.cfg.n_layers)]
     counts, _ = check_exact(TranscoderReplacementModel(model, tcs), images(1, size=model.cfg.image_size[0]).double())
     assert counts["pairs"] > 10 and counts["skipping"] > 0, counts
