@@ -36,7 +36,8 @@ def build(model_name: str, tokens: int, out_root: Path) -> dict:
         cfg = {
             "model_name": f"sve:{model_name}", "hook_names": "all_resid_post", "dataset": "sve:shapes-marker",
             "n_images": 8000, "token_selection": "all", "architecture": "topk", "expansion_factor": 4.0,
-            "k": 16, "training_tokens": tokens, "train_batch_size": 1024, "lr": 4e-4, "seed": 0,
+            "k": 16, "training_tokens": tokens, "train_batch_size": 1024, "lr": 4e-4, "decoder_init_norm": 1.0,
+            "seed": 0,  # lr and decoder norm: the shipped SAEs' recipe, pinned (the defaults changed in issue 27)
             "per_layer": {f"blocks.{layer}.hook_resid_post": {"k": k} for layer, k in PER_LAYER_K.items()},
             "output_dir": f"{tmp}/run",
         }  # fmt: skip
