@@ -179,6 +179,13 @@ def test_node_order_budget_scores_and_circuit_tracer_export(tmp_path):
     assert exported["metadata"]["transcoder_list"] == [f"blocks.{i}.hook_resid_mid" for i in range(3)]
     meta = json.loads((tmp_path / "graph-metadata.json").read_text())
     assert meta["graphs"][0]["slug"] == "g"
+    with_features = g.prune().to_json(tmp_path / "f.json", rrm=tm, pixels=x)  # feature files from tm.feature_acts
+    codes = [n["feature"] for n in with_features["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert codes and all((tmp_path / "features" / f"{c}.json").exists() for c in codes)
+    from sae_vision_ext import render_graph_html
+
+    render_graph_html(g.prune(), tmp_path / "g.html", tm, x)
+    assert (tmp_path / "g.html").stat().st_size > 10_000
 
 
 def test_spliced_keeps_the_model_and_pure_replacement_differs():
