@@ -1,10 +1,14 @@
-"""TransformerLens ``TransformerBridge`` support for HF CLIP, SigLIP and DINOv2 vision encoders.
+"""TransformerLens ``TransformerBridge`` support for HF CLIP, SigLIP, DINOv2, DINOv3, AIMv2 and SigLIP 2.
 
 TransformerLens 3.x/4.x bridges HF ``ViTModel``/DeiT only. This module adds architecture adapters
-for ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, ``Dinov2Model``
-and ``Dinov2WithRegistersModel`` so that
-``TransformerBridge.boot_transformers(name, hf_model=model)`` gives the same hook names on them
-(``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern``, ...).
+for ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, ``Dinov2Model``,
+``Dinov2WithRegistersModel``, ``DINOv3ViTModel``, ``Aimv2VisionModel`` and ``Siglip2VisionModel`` so
+that ``TransformerBridge.boot_transformers(name, hf_model=model)`` gives the same hook names on them
+(``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern``, ...). The bridge's attention and
+MLP components delegate to HF's forwards, so RoPE (DINOv3) and SigLIP 2's patch embedding run as in
+HF; the rotated queries and keys (``attn.hook_rot_q``/``hook_rot_k``) therefore have no hook.
+SwiGLU MLPs use ``GatedMLPBridge`` (``mlp.hook_pre``, ``mlp.hook_pre_linear``, ``mlp.hook_post``);
+LayerScale (DINOv2/v3) is wrapped so ``hook_attn_out``/``hook_mlp_out`` are the scaled outputs.
 
 How registration works (and why a call is needed): the package declares the adapters under
 TransformerLens's entry-point group ``transformer_lens.architectures``, which fills the adapter
@@ -27,9 +31,11 @@ from torch import Tensor
 from transformer_lens.model_bridge.generalized_components import (
     AttentionBridge,
     BlockBridge,
+    GatedMLPBridge,
     LinearBridge,
     MLPBridge,
     NormalizationBridge,
+    RMSNormalizationBridge,
 )
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
@@ -54,6 +60,34 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
 
     layers = "encoder.layers"
     ln1, ln2, attn, out_proj, final_norm = "layer_norm1", "layer_norm2", "self_attn", "out_proj", "post_layernorm"
+    mlp, fc_in, fc_out = "mlp", "fc1", "fc2"
+    norm_bridge: type[NormalizationBridge] = NormalizationBridge
+    gated = False  # SwiGLU MLP: ``gate`` (act branch), ``in`` (linear branch), ``out``
+    layer_scale = False  # ``layer_scale1``/``layer_scale2`` wrapped as ``ls1``/``ls2``
+
+    def _norm(self, name: str) -> NormalizationBridge:
+        if self.norm_bridge is RMSNormalizationBridge:
+            return RMSNormalizationBridge(name=name, config=self.cfg)
+        return NormalizationBridge(name=name, config=self.cfg, use_native_layernorm_autograd=True)
+
+    def _mlp(self) -> MLPBridge:
+        if self.gated:
+            linears = {"gate": "gate_proj", "in": "up_proj", "out": "down_proj"}
+            subs = {k: LinearBridge(name=v) for k, v in linears.items()}
+            return GatedMLPBridge(name=self.mlp, config=self.cfg, submodules=subs)
+        subs = {"in": LinearBridge(name=self.fc_in), "out": LinearBridge(name=self.fc_out)}
+        return MLPBridge(name=self.mlp, config=self.cfg, submodules=subs)
+
+    def _block_aliases(self) -> dict[str, str]:
+        aliases = {"hook_mlp_out": "mlp.out.hook_out", "hook_mlp_in": "mlp.in.hook_in"}
+        if self.layer_scale:  # the block's outputs are the LayerScaled ones (as HookedViT's)
+            aliases |= {"hook_attn_out": "ls1.hook_out", "hook_mlp_out": "ls2.hook_out"}
+        return aliases
+
+    def _layer_scales(self) -> dict[str, GeneralizedComponent]:
+        if not self.layer_scale:
+            return {}
+        return {"ls1": GeneralizedComponent(name="layer_scale1"), "ls2": GeneralizedComponent(name="layer_scale2")}
 
     def _build_component_mapping(self, prefix: str, with_classifier: bool) -> dict[str, Any]:
         p = prefix
@@ -61,10 +95,11 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
             "embed": PixelEmbeddingsBridge(name=f"{p}embeddings"),
             "blocks": BlockBridge(
                 name=f"{p}{self.layers}",
-                hook_alias_overrides={"hook_mlp_out": "mlp.out.hook_out", "hook_mlp_in": "mlp.in.hook_in"},
+                hook_alias_overrides=self._block_aliases(),
                 submodules={
-                    "ln1": NormalizationBridge(name=self.ln1, config=self.cfg, use_native_layernorm_autograd=True),
-                    "ln2": NormalizationBridge(name=self.ln2, config=self.cfg, use_native_layernorm_autograd=True),
+                    **self._layer_scales(),
+                    "ln1": self._norm(self.ln1),
+                    "ln2": self._norm(self.ln2),
                     "attn": AttentionBridge(
                         name=self.attn,
                         config=self.cfg,
@@ -75,16 +110,10 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
                             "o": LinearBridge(name=self.out_proj),
                         },
                     ),
-                    "mlp": MLPBridge(
-                        name="mlp",
-                        config=self.cfg,
-                        submodules={"in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")},
-                    ),
+                    "mlp": self._mlp(),
                 },
             ),
-            "ln_final": NormalizationBridge(
-                name=f"{p}{self.final_norm}", config=self.cfg, use_native_layernorm_autograd=True
-            ),
+            "ln_final": self._norm(f"{p}{self.final_norm}"),
         }
 
     def prepare_model(self, hf_model: Any) -> None:
@@ -103,6 +132,30 @@ class Dinov2ArchitectureAdapter(_VisionEncoderAdapter):
     """HF ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (transformers 5 attribute names)."""
 
     layers, ln1, ln2, attn, out_proj, final_norm = "encoder.layer", "norm1", "norm2", "attention", "o_proj", "layernorm"
+    layer_scale = True
+
+
+class DINOv3ViTArchitectureAdapter(Dinov2ArchitectureAdapter):
+    """HF ``DINOv3ViTModel``: RoPE is applied inside HF's attention forward (the bridge delegates to
+    it, so outputs are exact, but ``attn.hook_rot_q``/``hook_rot_k`` do not exist); GELU or SwiGLU MLP."""
+
+    layers, final_norm, fc_in, fc_out = "model.layer", "norm", "up_proj", "down_proj"
+
+    def prepare_model(self, hf_model: Any) -> None:
+        self.gated = bool(getattr(hf_model.config, "use_gated_mlp", False))
+        super().prepare_model(hf_model)
+
+
+class Aimv2VisionArchitectureAdapter(_VisionEncoderAdapter):
+    """HF ``Aimv2VisionModel``: RMSNorm, SwiGLU ``ffn``; the attention-pool head is left unhooked."""
+
+    ln1, ln2, attn, mlp, final_norm = "rms_norm1", "rms_norm2", "attention", "ffn", "rms_norm"
+    norm_bridge, gated = RMSNormalizationBridge, True
+
+
+class Siglip2VisionArchitectureAdapter(_VisionEncoderAdapter):
+    """HF ``Siglip2VisionModel``: pass ``pixel_values`` patchified with ``spatial_shapes`` and
+    ``pixel_attention_mask`` as HF takes them; the embeddings bridge forwards both."""
 
 
 BRIDGE_ADAPTERS: dict[str, type[ViTArchitectureAdapter]] = {
@@ -111,6 +164,9 @@ BRIDGE_ADAPTERS: dict[str, type[ViTArchitectureAdapter]] = {
     "SiglipVisionModel": SiglipVisionArchitectureAdapter,
     "Dinov2Model": Dinov2ArchitectureAdapter,
     "Dinov2WithRegistersModel": Dinov2ArchitectureAdapter,
+    "DINOv3ViTModel": DINOv3ViTArchitectureAdapter,
+    "Aimv2VisionModel": Aimv2VisionArchitectureAdapter,
+    "Siglip2VisionModel": Siglip2VisionArchitectureAdapter,
 }
 
 

@@ -1,4 +1,4 @@
-"""TransformerLens TransformerBridge on HF CLIP, SigLIP and DINOv2 through our architecture adapters."""
+"""TransformerLens TransformerBridge on HF CLIP, SigLIP, DINOv2, DINOv3, AIMv2, SigLIP 2 through our adapters."""
 
 from __future__ import annotations
 
@@ -6,11 +6,34 @@ import importlib.metadata
 
 import pytest
 import torch
-from helpers import build_native, images
+from helpers import PATCH, build_native, images
 
 from sae_vision_ext import HookedViT
 
-BRIDGED = ["hf_clip", "hf_clip_projection", "hf_siglip", "hf_dinov2", "hf_dinov2_registers"]
+BRIDGED = ["hf_clip", "hf_clip_projection", "hf_siglip", "hf_dinov2", "hf_dinov2_registers", "hf_dinov3",
+           "hf_dinov3_gated", "hf_aimv2", "hf_siglip2", "hf_siglip2_mean"]  # fmt: skip
+# hooks whose values the bridge and HookedViT share (ln.hook_normalized and attn.hook_attn_scores differ by
+# convention: the bridge's are the affine output and a copy of the pattern)
+SHARED = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_q",
+          "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post",
+          "mlp.hook_pre_linear"]  # fmt: skip
+
+
+def _hf_inputs(variant: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the HF model takes: pixels, or for SigLIP 2 its patchified pixels, mask and spatial shapes."""
+    if not variant.startswith("hf_siglip2"):
+        return {"pixel_values": x}
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    patches = torch.stack([convert_image_to_patches(img, PATCH) for img in x])
+    grid = [x.shape[-2] // PATCH, x.shape[-1] // PATCH]
+    mask = torch.ones(patches.shape[:2], dtype=torch.long)
+    return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([grid] * len(x))}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32, 1e-5 relative to the tensor's scale."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=0)
 
 
 @pytest.mark.parametrize("variant", BRIDGED)
@@ -19,20 +42,37 @@ def test_bridge_matches_hf_and_our_hooks(variant):
 
     hf = build_native(variant)
     x = images()
+    inputs = _hf_inputs(variant, x)
     with torch.no_grad():
-        ref = hf(pixel_values=x).last_hidden_state
+        ref = hf(**inputs).last_hidden_state
         hooked = HookedViT.from_model(hf)
-        _, ours = hooked.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_post"))
+        _, ours = hooked.run_with_cache(x)
         bridge = boot_vision_bridge(hf)
-        out, cache = bridge.run_with_cache(x)
+        out, cache = bridge.run_with_cache(inputs.pop("pixel_values"), **inputs)
     # eager (bridge) vs sdpa (reference) attention differ by kernel rounding only
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    _close(out, ref)
     n_layers, n_pos = hooked.cfg.n_layers, hooked.cfg.n_ctx
+    assert ref.shape[1] == n_pos
     for layer in range(n_layers):
         assert cache[f"blocks.{layer}.attn.hook_pattern"].shape == (2, hooked.cfg.n_heads, n_pos, n_pos)
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"], ours[f"blocks.{layer}.hook_resid_post"],
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        shared = [f"blocks.{layer}.{h}" for h in SHARED if f"blocks.{layer}.{h}" in ours]
+        assert len(shared) >= 12, shared  # 13 with a gated MLP (mlp.hook_pre_linear)
+        for name in shared:
+            _close(cache[name], ours[name])
     torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"].sum(-1), torch.ones(2, hooked.cfg.n_heads, n_pos))
+
+
+def test_bridge_hooks_missing_on_rope_are_the_rotated_ones():
+    """DINOv3's RoPE runs inside HF's attention forward, which the bridge delegates to: q/k are the
+    unrotated projections (equal to HookedViT's ``hook_q``/``hook_k``), the rotated ones have no hook."""
+    from sae_vision_ext.models.tl_bridge import boot_vision_bridge
+
+    hf = build_native("hf_dinov3")
+    with torch.no_grad():
+        _, ours = HookedViT.from_model(hf).run_with_cache(images())
+        _, cache = boot_vision_bridge(hf).run_with_cache(images())
+    assert "blocks.0.attn.hook_rot_q" in ours and "blocks.0.attn.hook_rot_q" not in cache
+    assert not torch.allclose(ours["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_q"], atol=1e-3)
 
 
 def test_registration_fills_static_table_and_entry_points_are_declared():
@@ -47,3 +87,27 @@ def test_registration_fills_static_table_and_entry_points_are_declared():
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="transformer_lens.architectures")}
     for name, cls in BRIDGE_ADAPTERS.items():
         assert eps.get(name) == f"sae_vision_ext.models.tl_bridge:{cls.__name__}", "reinstall: pip install -e ."
+
+
+def test_bridge_on_siglip2_mixed_sizes_matches_hf_on_valid_tokens():
+    """A padded NaFlex batch (grids 4x4, 2x5, 3x1) through the bridge: HF's mask reaches the attention."""
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches, pad_along_first_dim
+
+    from sae_vision_ext.models.tl_bridge import boot_vision_bridge
+
+    hf = build_native("hf_siglip2_mean")
+    g = torch.Generator().manual_seed(3)
+    imgs = [torch.randn(3, h, w, generator=g) for h, w in [(32, 32), (16, 40), (24, 8)]]
+    padded = [pad_along_first_dim(convert_image_to_patches(t, PATCH), 16) for t in imgs]
+    pixels = torch.stack([p for p, _ in padded])
+    mask = torch.stack([m for _, m in padded])
+    shapes = torch.tensor([(t.shape[1] // PATCH, t.shape[2] // PATCH) for t in imgs])
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+        out, cache = boot_vision_bridge(hf).run_with_cache(pixels, pixel_attention_mask=mask, spatial_shapes=shapes)
+    valid = mask.bool()
+    assert valid.sum(1).tolist() == [16, 10, 3]
+    _close(out[valid], ref[valid])
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert float(pattern[1, :, :, 10:].abs().max()) == 0.0 and float(pattern[2, :, :, 3:].abs().max()) == 0.0
+    torch.testing.assert_close(pattern[1, :, :10, :10].sum(-1), torch.ones(pattern.shape[1], 10))
