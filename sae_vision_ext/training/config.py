@@ -94,9 +94,10 @@ class VisionSAETrainingConfig(ConfigMixin):
     tokens in the SAE's input space, or ``zeros`` (SAELens's own default)."""
     b_dec_init_tokens: int = 16_384
     """Tokens used to initialise ``b_dec`` (they are trained on afterwards as usual)."""
-    decoder_init_norm: float | None = 0.1
-    """Norm of each decoder row at initialisation (SAELens's default, 0.1: Adam's first steps then dominate the
-    random start, so seeds agree far more, docs/benchmarks.md; 1.0 as Gao et al.; ``None`` keeps its raw init)."""
+    decoder_init_norm: float | None = 1.0
+    """Norm of each decoder row at initialisation (1.0 as Gao et al.; ``None`` keeps SAELens's raw init). SAELens's
+    0.1 makes seeds agree (Adam's first steps dominate the small start) and raises ViSAEBench's monosemanticity,
+    but leaves a third or more of the features dead on ``sve:shapes-vit`` (docs/benchmarks.md)."""
     aux_coefficient: float = 1 / 32
     """AuxK loss coefficient for ``topk`` SAEs (Gao et al. and the seed paper: 1/32; 0 turns AuxK off)."""
     k_aux: int | None = None
