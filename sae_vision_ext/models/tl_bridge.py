@@ -4,9 +4,10 @@ TransformerLens 3.x/4.x bridges HF ``ViTModel``/DeiT only. This module adds arch
 for ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, ``Dinov2Model``,
 ``Dinov2WithRegistersModel``, ``DINOv3ViTModel``, ``Aimv2VisionModel`` and ``Siglip2VisionModel`` so
 that ``TransformerBridge.boot_transformers(name, hf_model=model)`` gives the same hook names on them
-(``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern``, ...). The bridge's attention and
-MLP components delegate to HF's forwards, so RoPE (DINOv3) and SigLIP 2's patch embedding run as in
-HF; the rotated queries and keys (``attn.hook_rot_q``/``hook_rot_k``) therefore have no hook.
+(``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern``, ...). The bridge's MLP and
+attention components delegate to HF's forwards (SigLIP 2's NaFlex embeddings and mask included),
+except DINOv3's RoPE attention: :class:`PrefixRopeAttentionBridge` computes it with
+``attn.hook_rot_q``/``hook_rot_k``, leaving the CLS and register tokens unrotated.
 SwiGLU MLPs use ``GatedMLPBridge`` (``mlp.hook_pre``, ``mlp.hook_pre_linear``, ``mlp.hook_post``);
 LayerScale (DINOv2/v3) is wrapped so ``hook_attn_out``/``hook_mlp_out`` are the scaled outputs.
 
@@ -27,7 +28,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components import (
     AttentionBridge,
     BlockBridge,
@@ -38,6 +41,9 @@ from transformer_lens.model_bridge.generalized_components import (
     RMSNormalizationBridge,
 )
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+    PositionEmbeddingsAttentionBridge,
+)
 from transformer_lens.model_bridge.supported_architectures.vit import ViTArchitectureAdapter
 
 from .adapters.hf import base_prefix
@@ -55,6 +61,32 @@ class PixelEmbeddingsBridge(GeneralizedComponent):
         return super().forward(pixel_values, *args, **kwargs)
 
 
+class PrefixRopeAttentionBridge(PositionEmbeddingsAttentionBridge):
+    """Bidirectional RoPE attention whose prefix tokens (CLS, registers) are left unrotated (HF DINOv3).
+
+    TransformerLens's bridge rotates every token with Llama's rotate-half formula, which is DINOv3's;
+    the prefix tokens get ``cos = 1, sin = 0`` (an exact identity), so ``hook_rot_q``/``hook_rot_k``
+    fire on the rotated queries and keys of all tokens."""
+
+    def __init__(self, name: str, config: Any, submodules: dict[str, Any]) -> None:
+        super().__init__(name, config, submodules=submodules, requires_attention_mask=False, is_causal=False)
+        if not hasattr(self, "hook_rot_q"):  # TL adds them only for cfg.positional_embedding_type "rotary"
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        cos, sin = kwargs["position_embeddings"]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        n_prefix = hidden.shape[-2] - cos.shape[-2]
+        if cos.ndim == 2:  # [patches, d_head] -> [1, tokens, d_head] (unsqueezed to broadcast over heads)
+            cos, sin = cos[None], sin[None]
+        pad = (*cos.shape[:-2], n_prefix, cos.shape[-1])
+        kwargs["position_embeddings"] = (
+            torch.cat([cos.new_ones(pad), cos], dim=-2),
+            torch.cat([sin.new_zeros(pad), sin], dim=-2),
+        )
+        return super().forward(*args, **kwargs)
+
+
 class _VisionEncoderAdapter(ViTArchitectureAdapter):
     """Shared mapping; subclasses name the layer list, norms, attention and final norm."""
 
@@ -62,6 +94,7 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
     ln1, ln2, attn, out_proj, final_norm = "layer_norm1", "layer_norm2", "self_attn", "out_proj", "post_layernorm"
     mlp, fc_in, fc_out = "mlp", "fc1", "fc2"
     norm_bridge: type[NormalizationBridge] = NormalizationBridge
+    attn_bridge: type[AttentionBridge] = AttentionBridge
     gated = False  # SwiGLU MLP: ``gate`` (act branch), ``in`` (linear branch), ``out``
     layer_scale = False  # ``layer_scale1``/``layer_scale2`` wrapped as ``ls1``/``ls2``
 
@@ -100,7 +133,7 @@ class _VisionEncoderAdapter(ViTArchitectureAdapter):
                     **self._layer_scales(),
                     "ln1": self._norm(self.ln1),
                     "ln2": self._norm(self.ln2),
-                    "attn": AttentionBridge(
+                    "attn": self.attn_bridge(
                         name=self.attn,
                         config=self.cfg,
                         submodules={
@@ -140,6 +173,7 @@ class DINOv3ViTArchitectureAdapter(Dinov2ArchitectureAdapter):
     it, so outputs are exact, but ``attn.hook_rot_q``/``hook_rot_k`` do not exist); GELU or SwiGLU MLP."""
 
     layers, final_norm, fc_in, fc_out = "model.layer", "norm", "up_proj", "down_proj"
+    attn_bridge = PrefixRopeAttentionBridge
 
     def prepare_model(self, hf_model: Any) -> None:
         self.gated = bool(getattr(hf_model.config, "use_gated_mlp", False))

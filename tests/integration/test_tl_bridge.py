@@ -12,11 +12,11 @@ from sae_vision_ext import HookedViT
 
 BRIDGED = ["hf_clip", "hf_clip_projection", "hf_siglip", "hf_dinov2", "hf_dinov2_registers", "hf_dinov3",
            "hf_dinov3_gated", "hf_aimv2", "hf_siglip2", "hf_siglip2_mean"]  # fmt: skip
-# hooks whose values the bridge and HookedViT share (ln.hook_normalized and attn.hook_attn_scores differ by
-# convention: the bridge's are the affine output and a copy of the pattern)
+# hooks whose values the bridge and HookedViT share (ln.hook_normalized and, but for DINOv3, attn.hook_attn_scores
+# differ by convention: the bridge's are before the norm's weight and bias, and a copy of the pattern)
 SHARED = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_q",
           "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post",
-          "mlp.hook_pre_linear"]  # fmt: skip
+          "mlp.hook_pre_linear", "attn.hook_rot_q", "attn.hook_rot_k"]  # fmt: skip
 
 
 def _hf_inputs(variant: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,23 +56,35 @@ def test_bridge_matches_hf_and_our_hooks(variant):
     for layer in range(n_layers):
         assert cache[f"blocks.{layer}.attn.hook_pattern"].shape == (2, hooked.cfg.n_heads, n_pos, n_pos)
         shared = [f"blocks.{layer}.{h}" for h in SHARED if f"blocks.{layer}.{h}" in ours]
-        assert len(shared) >= 12, shared  # 13 with a gated MLP (mlp.hook_pre_linear)
+        assert len(shared) >= 12, shared  # + mlp.hook_pre_linear (gated MLP), attn.hook_rot_q/k (RoPE)
         for name in shared:
             _close(cache[name], ours[name])
+        for ln in ["ln1", "ln2"]:  # ours is after the norm's affine weights, TL's before them
+            _close(cache[f"blocks.{layer}.{ln}.hook_out"], ours[f"blocks.{layer}.{ln}.hook_normalized"])
     torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"].sum(-1), torch.ones(2, hooked.cfg.n_heads, n_pos))
 
 
-def test_bridge_hooks_missing_on_rope_are_the_rotated_ones():
-    """DINOv3's RoPE runs inside HF's attention forward, which the bridge delegates to: q/k are the
-    unrotated projections (equal to HookedViT's ``hook_q``/``hook_k``), the rotated ones have no hook."""
+@pytest.mark.parametrize("variant", ["hf_dinov3", "hf_dinov3_gated"])
+def test_bridge_rope_hooks_equal_ours(variant):
+    """DINOv3's RoPE in the bridge (PrefixRopeAttentionBridge): rotated queries/keys and pre-softmax
+    scores equal HookedViT's; the rotation is real on patch tokens and the identity on CLS/registers."""
     from sae_vision_ext.models.tl_bridge import boot_vision_bridge
 
-    hf = build_native("hf_dinov3")
+    hf = build_native(variant)
+    x = images(size=24)  # a size other than the config's: the RoPE grid follows the input
     with torch.no_grad():
-        _, ours = HookedViT.from_model(hf).run_with_cache(images())
-        _, cache = boot_vision_bridge(hf).run_with_cache(images())
-    assert "blocks.0.attn.hook_rot_q" in ours and "blocks.0.attn.hook_rot_q" not in cache
-    assert not torch.allclose(ours["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_q"], atol=1e-3)
+        ref = hf(pixel_values=x).last_hidden_state
+        hooked = HookedViT.from_model(hf)
+        _, ours = hooked.run_with_cache(x)
+        out, cache = boot_vision_bridge(hf).run_with_cache(x)
+    _close(out, ref)
+    n_prefix = 1 + hf.config.num_register_tokens
+    for layer in range(hooked.cfg.n_layers):
+        for hook in ["attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores"]:
+            _close(cache[f"blocks.{layer}.{hook}"], ours[f"blocks.{layer}.{hook}"])
+        q, rot_q = cache[f"blocks.{layer}.attn.hook_q"], cache[f"blocks.{layer}.attn.hook_rot_q"]
+        torch.testing.assert_close(rot_q[:, :n_prefix], q[:, :n_prefix], atol=0, rtol=0)
+        assert float((rot_q[:, n_prefix:] - q[:, n_prefix:]).abs().max()) > 0.1
 
 
 def test_registration_fills_static_table_and_entry_points_are_declared():
