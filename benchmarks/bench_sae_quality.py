@@ -8,7 +8,7 @@ Trainers (hook ``blocks.3.hook_resid_post``, all 65 tokens per image, width 512 
 1024, the same ``--tokens`` from the same ``sve:shapes`` images, seed 0):
 
 - ``ours``: ``VisionSAETrainingConfig`` defaults (TopK + AuxK 1/32, the learning rate scaled by width,
-  ``2e-4 * (2**14 / d_sae) ** 0.5`` = 1.13e-3 here, ``b_dec`` at the data mean, decoder rows at norm 0.1);
+  ``2e-4 * (2**14 / d_sae) ** 0.5`` = 1.13e-3 here, ``b_dec`` at the data mean, unit-norm decoder rows);
 - ``seed-paper``: ``VisionSAETrainingConfig.seed_paper`` (``layer_norm`` input, AuxK ``k_aux`` 256,
   lr 2e-4, ``b_dec`` 0) at this width, k and batch;
 - ``saelens-topk`` / ``-batchtopk`` / ``-matryoshka``: SAELens's own training classes with SAELens's
