@@ -10,21 +10,39 @@ finder that removes itself).
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
 from types import ModuleType
 from typing import Any
 
+_REGISTRARS = (
+    ("sae_vision_ext.saes.signed_topk", "ensure_registered"),
+    ("sae_vision_ext.saes.transcoders", "ensure_registered"),
+    ("sae_vision_ext.training.transcoders", "ensure_training_registered"),  # transcoder, skip_transcoder, clt, ...
+)
+"""The modules that register classes with SAELens, and their (idempotent) registering function."""
+
+
+def _initialising(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
 
 def _register() -> None:
-    from .saes import signed_topk, transcoders
-
-    signed_topk.ensure_registered()
-    transcoders.ensure_registered()
-    from .training.transcoders import ensure_training_registered  # transcoder, skip_transcoder, clt, ...
-
-    ensure_training_registered()
+    """Register every class now. A registrar whose own import is what loaded SAELens (its code is still
+    running), or whose import needs such a module, is skipped here: each registrar also registers on
+    the last line of its own module (it imported SAELens), so none is missed once it is loaded."""
+    for name, function in _REGISTRARS:
+        if _initialising(name):
+            continue
+        try:
+            module = importlib.import_module(name)
+            getattr(module, function)()
+        except (ImportError, AttributeError):
+            if not any(_initialising(m) for m in list(sys.modules) if m.startswith("sae_vision_ext.")):
+                raise  # not an import cycle of a module still loading: a real error
 
 
 class _AfterSAELensImport(importlib.abc.MetaPathFinder):

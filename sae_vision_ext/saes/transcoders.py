@@ -99,3 +99,5 @@ __all__ = [
     "TopKTranscoderConfig",
     "ensure_registered",
 ]
+
+ensure_registered()  # SAELens is loaded (imported above): register now, whichever module imported SAELens first

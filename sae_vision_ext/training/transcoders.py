@@ -188,3 +188,6 @@ def ensure_training_registered() -> None:
     for name, (sae_cls, cfg_cls) in {**TRAINING_TRANSCODERS, "clt": (CLTTrainingSAE, CLTTrainingSAEConfig)}.items():
         if name not in SAE_TRAINING_CLASS_REGISTRY:
             register_sae_training_class(name, sae_cls, cfg_cls)
+
+
+ensure_training_registered()  # SAELens is loaded (imported above): register now, whoever imported SAELens first
