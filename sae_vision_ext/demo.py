@@ -7,7 +7,9 @@ in and report explained variance, L0, dead features and accuracy with the SAE in
 Stage 3 (visualisers): streaming feature statistics over the images and an offline HTML dashboard
 (``<out>/index.html``).
 Stage 4 (circuits): the residual replacement model's faithfulness per number of spliced layers and
-one traced attribution graph, pruned, scored and exported as circuit-tracer JSON.
+one traced attribution graph, pruned, scored and exported as circuit-tracer JSON; then the same image
+traced by the three replacement models side by side (residual SAEs, per-layer transcoders, the
+cross-layer transcoder: replacement, completeness, feature nodes for 80% of influence).
 Stage 5 (debiasing): find the features carrying the marker shortcut of ``sve:shapes-vit-biased``
 and report worst-group and average accuracy before and after ablating them.
 """
@@ -64,6 +66,7 @@ def run_demo(
         print(f"{layer:>5}  {norms[layer] / n_images:>17.2f}  {cls_attn_to_self[layer] / n_images:>23.3f}")
     saes = sae_stage(model, model_id, pixels, labels)
     rrm, pruned = circuit_stage(model, saes, pixels, labels, out_dir)
+    replacement_kinds_stage(model, model_id, rrm, pixels[:1])
     dashboard_stage(model, saes, pixels, labels, out_dir, circuit=pruned)
     viewer_stage(rrm, pruned, pixels, labels, out_dir)
     debias_stage(*((768, 3000) if n_images >= 512 else (256, 256)))  # small runs: a quick version
@@ -166,6 +169,37 @@ def circuit_stage(model: HookedViT, saes: list[SAE], pixels: Tensor, labels: Ten
     print(f"circuit-tracer files: {path.parent.resolve()}")
     print(f"  open them in its frontend: {serve_command(path.parent)}, then http://localhost:8032")
     return rrm, pruned
+
+
+def replacement_kinds_stage(
+    model: HookedViT, model_id: str, rrm: ResidualReplacementModel, pixels: Tensor
+) -> list[dict[str, float]]:
+    """Stage 4b: one image traced (every feature row) by the residual SAEs, the embedded per-layer
+    transcoders and the embedded CLT (``sve:<model>/transcoders``, ``sve:<model>/clt``); a model without
+    embedded transcoders gets the residual row only."""
+    from .circuits.graph.supernodes import influence_coverage
+    from .circuits.models import TranscoderReplacementModel
+    from .saes.loading import load_sae
+
+    kinds: list[tuple[str, object]] = [("residual SAEs", rrm)]
+    for name, ref in (("per-layer transcoders", "transcoders"), ("cross-layer transcoder", "clt")):
+        try:
+            kinds.append((name, TranscoderReplacementModel(model, load_sae(f"{model_id}/{ref}"))))
+        except ValueError as e:  # no embedded transcoders for this model
+            logger.info("no %s for %s: %s", name, model_id, e)
+    print("\nThe same image, three replacement models (every feature row; pruned at 0.8 / 0.98):")
+    print("replacement model        feature nodes  replacement  completeness  (pruned)        nodes for 80%")
+    rows = []
+    for name, kind in kinds:
+        graph = kind.attribute(pixels, max_feature_nodes=None)
+        s = graph.prune().scores()
+        row = {**s, "feature_nodes": graph.node_kind.count("feature"), "nodes_80": influence_coverage(graph)}
+        rows.append(row)
+        print(
+            f"{name:<24} {row['feature_nodes']:>13,}  {s['replacement']:>11.3f}  {s['completeness']:>12.3f}  "
+            f"({s['replacement_pruned']:.3f}, {s['completeness_pruned']:.3f})  {row['nodes_80']:>13,}"
+        )
+    return rows
 
 
 def viewer_stage(

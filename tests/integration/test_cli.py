@@ -33,6 +33,14 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert "explained var" in out and (tmp_path / "dashboard" / "index.html").exists()
     assert f"Dashboard (open from disk, no server needed): {(tmp_path / 'dashboard' / 'index.html').resolve()}" in out
     assert "Residual replacement model" in out and (tmp_path / "circuit-tracer" / "shapes-demo.json").exists()
+    kinds = {
+        m[0]: [float(x) for x in m[1:]]
+        for m in re.findall(
+            r"^(residual SAEs|per-layer transcoders|cross-layer transcoder)\s+[\d,]+\s+([\d.]+)\s+([\d.]+)", out, re.M
+        )
+    }
+    assert set(kinds) == {"residual SAEs", "per-layer transcoders", "cross-layer transcoder"}, out
+    assert all(0.3 < rep <= 1 and 0.5 < comp <= 1 for rep, comp in kinds.values()), kinds
     assert (
         json.loads((tmp_path / "circuit-tracer" / "graph-metadata.json").read_text())["graphs"][0]["slug"]
         == "shapes-demo"
