@@ -41,7 +41,8 @@ SUMMARY_KEYS = ("fvu", "fvu_pooled", "l0", "loss_recovered", "kl_replaced", "kl_
 def train(model_name: str, architecture: str, tokens: int, out: Path, **extra: object) -> None:
     cfg = {
         "model_name": f"sve:{model_name}", "architecture": architecture, "transcoder_activation": "topk",
-        "transcoder_input": "ln2.hook_normalized", "dataset": "sve:shapes-marker", "n_images": 4000,
+        "transcoder_input": "ln2.hook_normalized", "transcoder_decoder_init_norm": 0.1,
+        "dataset": "sve:shapes-marker", "n_images": 4000,
         "token_selection": "all", "k": 16, "training_tokens": tokens, "train_batch_size": 1024, "lr": 1e-3,
         "seed": 0, "output_dir": str(out), "checkpoint_every_seconds": None, **extra,
     }  # fmt: skip

@@ -48,6 +48,7 @@ _CONFIG_FLAGS: dict[str, Any] = {  # every scalar config field, settable by flag
     "architecture": str,
     "transcoder_activation": str,
     "transcoder_input": str,
+    "transcoder_decoder_init_norm": float,
     "d_sae": _or_none(int),
     "expansion_factor": float,
     "k": int,

@@ -45,4 +45,5 @@ def ensure_registered() -> None:
     if "signed_topk" not in SAE_CLASS_REGISTRY:
         register_sae_class("signed_topk", SignedTopKSAE, SignedTopKSAEConfig)
 
+
 ensure_registered()  # SAELens is loaded (imported above): register now, whichever module imported SAELens first

@@ -31,6 +31,7 @@ _POSITIVE = (
 _POSITIVE_OR_NONE = (
     "lr",
     "decoder_init_norm",
+    "transcoder_decoder_init_norm",
     "d_sae",
     "k_aux",
     "checkpoint_every_tokens",
@@ -78,6 +79,10 @@ class VisionSAETrainingConfig(ConfigMixin):
     transcoder_input: TranscoderInput = "ln2.hook_normalized"
     """What transcoders and CLTs read at each layer: ``blocks.{l}.<transcoder_input>`` (``ln2.hook_normalized``,
     the MLP's own input, or ``hook_resid_mid``); they always predict ``blocks.{l}.hook_mlp_out``."""
+    transcoder_decoder_init_norm: float = 0.1
+    """Norm of each transcoder or CLT decoder row at initialisation (``decoder_init_norm`` is the SAEs'). An
+    MLP output is far smaller than a unit row per active feature, and a CLT sums every earlier block's
+    decoders: at 1.0 a short run starts (and stays) at FVU > 1; the shipped transcoders use 0.1."""
     d_sae: int | None = None
     """SAE width; ``None`` uses ``expansion_factor * d_in``."""
     expansion_factor: float = 4.0

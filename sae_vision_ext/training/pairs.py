@@ -126,7 +126,7 @@ def training_pair_saes(
         wanted: dict[str, Any] = {
             "d_in": d_in, "d_sae": d_sae * n, "d_out": d_out, "n_layers": n, "dtype": cfg.dtype, "device": cfg.device,
             "normalize_activations": cfg.normalize_activations, "metadata": SAEMetadata(**meta),
-            "decoder_init_norm": cfg.decoder_init_norm, "k": k, "activation": cfg.transcoder_activation,
+            "decoder_init_norm": cfg.transcoder_decoder_init_norm, "k": k, "activation": cfg.transcoder_activation,
             "l1_coefficient": cfg.for_hook(key, "l1_coefficient"),
             "l0_coefficient": cfg.for_hook(key, "l1_coefficient"),
             "aux_loss_coefficient": cfg.aux_coefficient, "k_aux": cfg.for_hook(key, "k_aux"),

@@ -23,6 +23,7 @@ GIVEN = {  # a valid non-default value of every flag, all together one consisten
     "architecture": ("standard", "standard"),
     "transcoder_activation": ("relu", "relu"),
     "transcoder_input": ("hook_resid_mid", "hook_resid_mid"),
+    "transcoder_decoder_init_norm": ("0.25", 0.25),
     "d_sae": ("96", 96),
     "expansion_factor": ("2.5", 2.5),
     "k": ("7", 7),
