@@ -2,6 +2,7 @@
 
     python benchmarks/bench_hooked_forward.py [--batch 8] [--repeats 10] [--models timm,open_clip,hf]
     python -m benchmarks.bench_hooked_forward --models eva02,dinov3,pe_core,hf_dinov3,hf_aimv2  # 2026 backbones
+    python -m benchmarks.bench_hooked_forward --models naflex,hf_siglip2  # NaFlex (fixed 224 px input)
 
 Contenders per model (random weights, float32, torch.no_grad, CPU threads as the machine has):
 native forward; HookedViT with no hooks; with the full residual cache (resid_pre/mid/post of every
@@ -27,6 +28,7 @@ MODELS = {
     "eva02": ("timm:eva02_base_patch16_clip_224", {}),
     "dinov3": ("timm:vit_base_patch16_dinov3", {"img_size": 224}),
     "pe_core": ("timm:vit_pe_core_base_patch16_224", {}),
+    "naflex": ("timm:naflexvit_base_patch16_gap", {}),  # NaFlex: patchifies itself, here 224 px images
 }
 _B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16)
 
@@ -36,6 +38,9 @@ def _hf_2026(kind: str) -> HookedViT:
 
     if kind == "hf_dinov3":  # ViT-B/16 with 4 registers, RoPE, LayerScale
         model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(intermediate_size=3072, num_register_tokens=4, **_B))
+    elif kind == "hf_siglip2":  # SigLIP 2 NaFlex at ViT-B/16, 196 patches (14 x 14 at 224 px)
+        cfg = {k: v for k, v in _B.items() if k != "image_size"}
+        model = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(intermediate_size=3072, num_patches=196, **cfg))
     else:  # AIMv2 at ViT-B width: RMSNorm, SwiGLU, attention-pool head
         model = tf.Aimv2VisionModel(tf.Aimv2VisionConfig(intermediate_size=2048, **_B))
     return HookedViT.from_model(model.eval(), model_name=f"hf:{kind.removeprefix('hf_')}-base")
@@ -47,7 +52,7 @@ def build(kind: str) -> HookedViT:
 
         cfg = transformers.ViTConfig(image_size=224, patch_size=16, num_labels=1000)
         return HookedViT.from_model(transformers.ViTForImageClassification(cfg).eval(), model_name="hf:vit-base")
-    if kind in ("hf_dinov3", "hf_aimv2"):
+    if kind in ("hf_dinov3", "hf_aimv2", "hf_siglip2"):
         return _hf_2026(kind)
     model_id, kwargs = MODELS[kind]
     return HookedViT.from_pretrained(model_id, pretrained=False, **kwargs)
