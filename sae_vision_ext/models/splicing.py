@@ -266,17 +266,20 @@ class SAESplicingMixin:
             )
 
 
-def warn_if_trained_on_another_model(sae: SAE, model: HookedViT) -> None:
-    """A ``UserWarning`` when the SAE's ``metadata.model_name`` names a different model than ``model``'s
-    (both known): its features are meaningless on this model's activations."""
+def warn_if_trained_on_another_model(sae: nn.Module, model: HookedViT) -> None:
+    """A ``UserWarning`` when the SAE's (or transcoder's) ``metadata.model_name``, or a cross-layer
+    transcoder's ``cfg.model_name``, names a different model than ``model``'s (both known): its features
+    are meaningless on this model's activations."""
     import warnings
 
-    theirs = getattr(sae.cfg.metadata, "model_name", None)
+    metadata = getattr(sae.cfg, "metadata", None)
+    theirs = getattr(metadata, "model_name", None) if metadata is not None else getattr(sae.cfg, "model_name", None)
     ours = getattr(model.cfg, "model_name", None)
     if not same_model(theirs, ours):
+        where = f"The SAE on {metadata.hook_name}" if metadata is not None else f"The {type(sae).__name__}"
         warnings.warn(
-            f"The SAE on {sae.cfg.metadata.hook_name} was trained on {theirs!r}, but this model is {ours!r}. "
-            "Load the model it was trained on (HookedViT.from_pretrained(sae.cfg.metadata.model_name)).",
+            f"{where} was trained on {theirs!r}, but this model is {ours!r}. Load the model it was trained on "
+            f"(HookedViT.from_pretrained({theirs!r})).",
             UserWarning,
             stacklevel=3,
         )

@@ -150,3 +150,8 @@ def test_sae_of_another_model_and_inactive_or_out_of_range_interventions_are_nam
         ResidualReplacementModel(model, [other])
     with pytest.warns(UserWarning, match="trained on 'timm:vit_base_patch16_224'"):
         sve.collect_feature_stats(model, other, x, progress=False)
+    biased = r"was trained on 'sve:shapes-vit-biased', but this model is 'sve:shapes-vit'"
+    with pytest.warns(UserWarning, match=r"The CrossLayerTranscoder " + biased):  # a CLT's cfg.model_name
+        sve.TranscoderReplacementModel(model, sve.load_sae("sve:shapes-vit-biased/clt"))
+    with pytest.warns(UserWarning, match=r"The SAE on blocks.0.ln2.hook_normalized " + biased):
+        sve.TranscoderReplacementModel(model, sve.load_sae("sve:shapes-vit-biased/transcoders")[:1])

@@ -141,6 +141,7 @@ class TranscoderSet:
             raise ValueError(
                 f"CLT hooks {cfg.hook_in!r} -> {cfg.hook_out!r}; supported: {list(INPUT_HOOKS)} -> {OUTPUT_HOOK!r}."
             )
+        warn_if_trained_on_another_model(clt, model)
 
     # ---- per-block views
     def hook_in(self, layer: int) -> str:
